@@ -1,0 +1,130 @@
+"""The Gatekeeper confidence-tuning loss.
+
+Reference: Rabanser et al., "Gatekeeper: Improving Model Cascades Through Confidence Tuning",
+arXiv:2502.19335 (NeurIPS 2025), §3 (the loss as reported; see ``shared/papers/cascades.md`` §1.3).
+
+.. math::
+
+    L = α · L_{corr} + (1 − α) · L_{incorr}
+    L_{corr}   = \\frac{1}{N} Σ_i 1[ŷ_i = y_i] · CE(p_θ(x_i), y_i)
+    L_{incorr} = \\frac{1}{N} Σ_i 1[ŷ_i ≠ y_i] · KL(p_θ(x_i) ‖ U)
+
+with ``ŷ_i = argmax p_θ(x_i)`` the model's *current* prediction (recomputed every step, no gradient) and
+``KL(p ‖ U) = Σ_c p_c log(p_c C) = log C − H(p)``: on its own mistakes the model is pushed towards maximum
+entropy. Note the direction: ``F.kl_div(log_p, U)`` computes ``KL(U ‖ p)``, which is a different loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_cascades.functional._checks import check_choice, check_finite, check_range
+
+Normalize = Literal["batch", "subset"]
+
+
+class GatekeeperLossOutput(NamedTuple):
+    """Result of :func:`gatekeeper_loss`; all fields are scalar tensors.
+
+    ``loss`` carries the gradient. ``loss_correct`` and ``loss_incorrect`` are the *unweighted*
+    components ``L_corr`` and ``L_incorr`` (so ``loss == α·loss_correct + (1−α)·loss_incorrect``);
+    ``error_rate`` is the fraction of counted positions the model currently gets wrong.
+    """
+
+    loss: Tensor
+    loss_correct: Tensor
+    loss_incorrect: Tensor
+    error_rate: Tensor
+
+
+def kl_to_uniform(log_probs: Tensor) -> Tensor:
+    """``KL(p ‖ Uniform) = log C − H(p)`` along the last dimension.
+
+    Args:
+        log_probs: ``[..., C]`` log-probabilities (e.g. ``log_softmax(logits, -1)``).
+
+    Returns:
+        ``[...]`` non-negative divergences (0 for the uniform distribution, ``log C`` for a one-hot).
+    """
+    num_classes = log_probs.shape[-1]
+    return (log_probs.exp() * (log_probs + math.log(num_classes))).sum(-1)
+
+
+def gatekeeper_loss(
+    logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.5,
+    normalize: Normalize = "batch",
+    ignore_index: int = -100,
+) -> GatekeeperLossOutput:
+    """Gatekeeper loss for classification ``[N, C]`` or token-level LM logits ``[B, T, V]``.
+
+    Args:
+        logits: ``[N, C]`` or ``[B, T, V]`` (any ``[..., C]``) unnormalised scores. For causal LMs pass
+            already-shifted logits and labels (``logits[:, :-1]``, ``labels[:, 1:]``).
+        target: ``[N]`` / ``[B, T]`` integer class ids in ``[0, C)``; positions equal to ``ignore_index``
+            (padding, prompt tokens) are excluded from both terms and from the normaliser.
+        alpha: weight ``α ∈ [0, 1]`` of the correct-example cross-entropy; ``1 − α`` weights the
+            KL-to-uniform term on mistakes. Smaller α = stronger deferral signal, lower accuracy.
+        normalize: ``"batch"`` (default, the paper's form) divides both sums by the number of counted
+            positions ``N``; ``"subset"`` divides each sum by the size of its own subset (the per-subset
+            mean used by some reimplementations; this re-weights the terms with the batch error rate).
+        ignore_index: target value marking positions to skip.
+
+    Returns:
+        :class:`GatekeeperLossOutput` with the total loss and its components.
+
+    Raises:
+        ValueError: on shape mismatch, targets outside ``[0, C)``, α outside ``[0, 1]``, non-finite
+            logits, an unknown ``normalize`` or when every position is ignored.
+    """
+    check_range("alpha", alpha, 0.0, 1.0)
+    check_choice("normalize", normalize, ("batch", "subset"))
+    if logits.ndim < 2:
+        raise ValueError(f"`logits` must have shape [N, C] or [B, T, V]; got shape {tuple(logits.shape)}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"`target` shape must equal `logits` shape without the class dim, "
+            f"expected {tuple(logits.shape[:-1])}; got {tuple(target.shape)}"
+        )
+    if target.is_floating_point():
+        raise TypeError(f"`target` must hold integer class ids; got dtype {target.dtype}")
+    num_classes = logits.shape[-1]
+    logits = logits.reshape(-1, num_classes)
+    target = target.reshape(-1)
+    valid = target != ignore_index
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise ValueError("every position of `target` equals `ignore_index`; nothing to compute the loss on")
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(
+            f"`target` values must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"got {int(bad.sum())} out-of-range values, e.g. {int(target[bad][0])}"
+        )
+    check_finite("logits", logits)
+
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    with torch.no_grad():
+        correct = (log_p.argmax(-1) == safe_target) & valid
+        incorrect = valid & ~correct
+    ce = -log_p.gather(-1, safe_target[:, None]).squeeze(-1)
+    kl = kl_to_uniform(log_p)
+
+    sum_correct = (ce * correct).sum()
+    sum_incorrect = (kl * incorrect).sum()
+    n_correct, n_incorrect = correct.sum(), incorrect.sum()
+    if normalize == "batch":
+        loss_correct = sum_correct / n_valid
+        loss_incorrect = sum_incorrect / n_valid
+    else:
+        loss_correct = sum_correct / n_correct.clamp(min=1)
+        loss_incorrect = sum_incorrect / n_incorrect.clamp(min=1)
+    loss = alpha * loss_correct + (1.0 - alpha) * loss_incorrect
+    return GatekeeperLossOutput(loss, loss_correct, loss_incorrect, n_incorrect.float() / n_valid)

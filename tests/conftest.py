@@ -1,0 +1,28 @@
+"""Test-suite wide settings: offline switches (set before transformers/wandb are imported) and seeds."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_WANDB_HOME = tempfile.mkdtemp(prefix="lit_cascades_wandb_")
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "WANDB_DIR": _WANDB_HOME,
+    "WANDB_CACHE_DIR": _WANDB_HOME,
+    "WANDB_CONFIG_DIR": _WANDB_HOME,
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
