@@ -1,5 +1,6 @@
 """Pure-torch functional core of lit_cascades (never imports Lightning)."""
 
+from lit_cascades.functional.auroc import binary_auroc, level_pair_auroc, multipartite_auroc
 from lit_cascades.functional.deferral import (
     DeferralCurve,
     DeferralReport,
@@ -15,21 +16,48 @@ from lit_cascades.functional.deferral import (
     random_deferral_curve,
 )
 from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
+from lit_cascades.functional.ranking import (
+    RankingLossOutput,
+    aggregate_labels,
+    bayes_optimal_label_aggregation,
+    bayes_optimal_loss_aggregation,
+    bipartite_pairwise_losses,
+    effective_loss_weights,
+    label_aggregation_loss,
+    loss_aggregation_loss,
+    pairwise_surrogate,
+    population_auroc,
+    population_multipartite_auroc,
+)
 
 __all__ = [
     "DeferralCurve",
     "DeferralReport",
     "GatekeeperLossOutput",
+    "RankingLossOutput",
+    "aggregate_labels",
     "area_under_deferral_curve",
+    "bayes_optimal_label_aggregation",
+    "bayes_optimal_loss_aggregation",
+    "binary_auroc",
+    "bipartite_pairwise_losses",
     "calibrate_threshold",
     "deferral_auroc",
     "deferral_curve",
     "deferral_metrics",
     "deferral_performance",
     "distributional_overlap",
+    "effective_loss_weights",
     "gatekeeper_loss",
     "ideal_deferral_curve",
     "kl_to_uniform",
+    "label_aggregation_loss",
+    "level_pair_auroc",
+    "loss_aggregation_loss",
+    "multipartite_auroc",
+    "pairwise_surrogate",
+    "population_auroc",
+    "population_multipartite_auroc",
     "quality_at_rate",
     "random_deferral_curve",
 ]

@@ -41,6 +41,7 @@ from lit_cascades.functional._checks import (
     check_range,
     check_same_length,
 )
+from lit_cascades.functional.auroc import _auroc_from_sorted, _sort_scores, _SortedScores
 
 IdealVariant = Literal["oracle", "linear", "capped"]
 IDEAL_VARIANTS: tuple[str, ...] = ("oracle", "linear", "capped")
@@ -51,12 +52,6 @@ class DeferralCurve(NamedTuple):
 
     rates: Tensor
     quality: Tensor
-
-
-class _SortedScores(NamedTuple):
-    order: Tensor  # [N] argsort of the scores, ascending (least confident first)
-    sorted_scores: Tensor  # [N]
-    group_starts: Tensor  # [G + 1] sorted positions where a new tie group starts, plus N
 
 
 def _validate(scores: Tensor, small_quality: Tensor, large_quality: Tensor | None = None) -> None:
@@ -70,16 +65,6 @@ def _validate(scores: Tensor, small_quality: Tensor, large_quality: Tensor | Non
     for name, t in tensors.items():
         check_nonempty(name, t)
         check_finite(name, t.float())
-
-
-def _sort_scores(scores: Tensor) -> _SortedScores:
-    sorted_scores, order = torch.sort(scores.double(), stable=True)
-    n = sorted_scores.shape[0]
-    change = torch.ones(n, dtype=torch.bool, device=scores.device)
-    change[1:] = sorted_scores[1:] != sorted_scores[:-1]
-    starts = torch.nonzero(change).squeeze(-1)
-    group_starts = torch.cat([starts, torch.tensor([n], device=scores.device)])
-    return _SortedScores(order, sorted_scores, group_starts)
 
 
 def _interpolate_ties(cum: Tensor, group_starts: Tensor) -> Tensor:
@@ -237,22 +222,6 @@ def calibrate_threshold(scores: Tensor, target_rate: float) -> float:
     if k >= n:
         return float("inf")
     return float(torch.sort(scores.double()).values[k])
-
-
-def _auroc_from_sorted(srt: _SortedScores, positive: Tensor) -> Tensor:
-    """Mann–Whitney AUROC of ``scores`` separating ``positive`` from the rest; ties count 1/2."""
-    pos_sorted = positive[srt.order].double()
-    n_pos = pos_sorted.sum()
-    n_neg = pos_sorted.shape[0] - n_pos
-    if float(n_pos) == 0 or float(n_neg) == 0:
-        return torch.tensor(float("nan"), dtype=torch.float64, device=positive.device)
-    # average 1-based rank of each tie group
-    starts = srt.group_starts[:-1]
-    sizes = srt.group_starts[1:] - starts
-    group_rank = starts.double() + (sizes.double() + 1.0) / 2.0
-    group_id = torch.repeat_interleave(torch.arange(sizes.shape[0], device=positive.device), sizes)
-    rank_sum = (group_rank[group_id] * pos_sorted).sum()
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
 def deferral_auroc(scores: Tensor, correct: Tensor) -> Tensor:
