@@ -93,22 +93,27 @@ def check_weights(weights: Sequence[float] | Tensor | None, num_labels: int, nam
     return w / w.sum()
 
 
-def _check_scores_labels(scores: Tensor, labels: Tensor, groups: Tensor | None) -> None:
-    for name, t in (("scores", scores), ("labels", labels)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor; got {type(t).__name__}")
+def _check_scores(scores: Tensor, groups: Tensor | None) -> None:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"`scores` must be a torch.Tensor; got {type(scores).__name__}")
     if scores.ndim != 1:
         raise ValueError(f"`scores` must be 1-D of shape [B]; got shape {tuple(scores.shape)}")
+    check_nonempty("scores", scores)
+    check_finite("scores", scores)
+    if groups is not None and (groups.ndim != 1 or groups.shape[0] != scores.shape[0]):
+        raise ValueError(f"`groups` must have shape [B] with B={scores.shape[0]}; got {tuple(groups.shape)}")
+
+
+def _check_scores_labels(scores: Tensor, labels: Tensor, groups: Tensor | None) -> None:
+    _check_scores(scores, groups)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor; got {type(labels).__name__}")
     if labels.ndim != 2 or labels.shape[0] != scores.shape[0]:
         raise ValueError(
             f"`labels` must have shape [B, K] with B={scores.shape[0]} (the length of `scores`); "
             f"got shape {tuple(labels.shape)}"
         )
-    check_nonempty("scores", scores)
-    check_finite("scores", scores)
     check_binary("labels", labels)
-    if groups is not None and (groups.ndim != 1 or groups.shape[0] != scores.shape[0]):
-        raise ValueError(f"`groups` must have shape [B] with B={scores.shape[0]}; got {tuple(groups.shape)}")
 
 
 def _check_sampling(num_pairs: int | None, pair_fraction: float | None) -> None:
@@ -301,40 +306,39 @@ def aggregate_labels(
     return y @ w.to(y.device)
 
 
-def label_aggregation_loss(
+def multipartite_pairwise_loss(
     scores: Tensor,
-    labels: Tensor,
+    levels: Tensor,
     cost: PairCost = "difference",
-    label_agg: LabelAgg = "sum",
-    weights: Sequence[float] | Tensor | None = None,
     surrogate: Surrogate = "logistic",
     groups: Tensor | None = None,
     num_pairs: int | None = None,
     pair_fraction: float | None = None,
     generator: torch.Generator | None = None,
 ) -> RankingLossOutput:
-    """Label aggregation (LaA, Lukasik et al. §4.4): a multipartite pairwise loss on ``Ȳ = agg(Y)``.
+    """Multipartite pairwise loss on a multi-level label (the second step of label aggregation).
 
     ``Σ_ij 1(Ȳ_i > Ȳ_j) c(Ȳ_i, Ȳ_j) φ(f_i − f_j) / Σ_ij 1(Ȳ_i > Ȳ_j)``, normalised by the number of ordered
     pairs (the digest's empirical form; it rescales the loss per batch and leaves the minimiser unchanged).
 
     Args:
         scores: ``[B]`` scores.
-        labels: ``[B, K]`` binary labels.
-        cost: ``"difference"`` ``c = Ȳ_i − Ȳ_j`` (Prop. 5.4: Bayes-optimal scorer ``E[Ȳ | x]``) or
-            ``"uniform"`` ``c = 1`` (Prop. 5.3: not Pareto-optimal in general).
-        label_agg: ``"sum"`` (optionally weighted by ``weights``, rescaled to mean 1) or ``"product"``.
-        weights: optional ``[K]`` label weights of the sum.
+        levels: ``[B]`` real-valued levels ``Ȳ`` (e.g. from :func:`aggregate_labels`).
+        cost: ``"difference"`` ``c = Ȳ_i − Ȳ_j`` or ``"uniform"`` ``c = 1``.
         surrogate, groups, num_pairs, pair_fraction, generator: see :func:`bipartite_pairwise_losses`.
 
     Returns:
         :class:`RankingLossOutput` with ``per_label`` and ``num_pairs`` of shape ``[1]``.
     """
-    _check_scores_labels(scores, labels, groups)
+    if not isinstance(levels, Tensor) or levels.shape != scores.shape:
+        raise ValueError(f"`levels` must be a tensor of shape {tuple(scores.shape)} like `scores`; got "
+                         f"{tuple(levels.shape) if isinstance(levels, Tensor) else type(levels).__name__}")
+    _check_scores(scores, groups)
+    check_finite("levels", levels.double())
     _check_sampling(num_pairs, pair_fraction)
     check_choice("cost", cost, PAIR_COSTS)
     check_choice("surrogate", surrogate, SURROGATES)
-    level = aggregate_labels(labels, label_agg, weights).to(scores.device)
+    level = levels.to(device=scores.device, dtype=torch.float64)
     if num_pairs is None and pair_fraction is None:
         diff = level[:, None] - level[None, :]
         ordered = diff > 0
@@ -352,6 +356,37 @@ def label_aggregation_loss(
     phi = pairwise_surrogate(scores[i] - scores[j], surrogate) * c.to(scores.dtype) * valid
     loss = phi.sum(1) / valid.sum(1).clamp(min=1)
     return RankingLossOutput(loss[0], loss, count.to(scores.dtype))
+
+
+def label_aggregation_loss(
+    scores: Tensor,
+    labels: Tensor,
+    cost: PairCost = "difference",
+    label_agg: LabelAgg = "sum",
+    weights: Sequence[float] | Tensor | None = None,
+    surrogate: Surrogate = "logistic",
+    groups: Tensor | None = None,
+    num_pairs: int | None = None,
+    pair_fraction: float | None = None,
+    generator: torch.Generator | None = None,
+) -> RankingLossOutput:
+    """Label aggregation (LaA, Lukasik et al. §4.4): :func:`multipartite_pairwise_loss` on ``Ȳ = agg(Y)``.
+
+    Args:
+        scores: ``[B]`` scores.
+        labels: ``[B, K]`` binary labels.
+        cost: ``"difference"`` ``c = Ȳ_i − Ȳ_j`` (Prop. 5.4: Bayes-optimal scorer ``E[Ȳ | x]``) or
+            ``"uniform"`` ``c = 1`` (Prop. 5.3: not Pareto-optimal in general).
+        label_agg: ``"sum"`` (optionally weighted by ``weights``, rescaled to mean 1) or ``"product"``.
+        weights: optional ``[K]`` label weights of the sum.
+        surrogate, groups, num_pairs, pair_fraction, generator: see :func:`bipartite_pairwise_losses`.
+
+    Returns:
+        :class:`RankingLossOutput` with ``per_label`` and ``num_pairs`` of shape ``[1]``.
+    """
+    _check_scores_labels(scores, labels, groups)
+    levels = aggregate_labels(labels, label_agg, weights).to(scores.device)
+    return multipartite_pairwise_loss(scores, levels, cost, surrogate, groups, num_pairs, pair_fraction, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -558,6 +593,7 @@ __all__ = [
     "label_aggregation_loss",
     "lexicographic_loa_auc",
     "loss_aggregation_loss",
+    "multipartite_pairwise_loss",
     "pairwise_surrogate",
     "population_auroc",
     "population_multipartite_auroc",

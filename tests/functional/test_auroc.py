@@ -73,3 +73,20 @@ def test_level_pair_and_multipartite_auroc_equal_brute_force(n_distinct):
     assert multipartite_auroc(scores, binary.double()).item() == pytest.approx(
         roc_auc_score(binary.numpy(), scores.numpy()), abs=1e-12
     )
+
+
+def test_difference_cost_auroc_is_prior_weighted_per_label_auroc():
+    """Sample identity behind Prop. 5.4: with Ȳ = Σ_k Y_k and the difference cost,
+    Σ_ij (Ȳ_i − Ȳ_j)₊ H_ij = ½ Σ_k P_k N_k (2 AUC_k − 1) + ¼ Σ_ij |Ȳ_i − Ȳ_j|,
+    i.e. label aggregation weighs label k's AUC by its number of pairs P_k N_k ∝ π_k (1 − π_k)."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 7, (80,), generator=g).double()  # with ties
+    labels = (torch.rand(80, 3, generator=g) < torch.tensor([0.5, 0.2, 0.1])).long()
+    levels = labels.sum(1).double()
+    ordered = float((levels[:, None] > levels[None, :]).sum())
+    lhs = multipartite_auroc(scores, levels, "difference").item() * ordered
+    p = labels.sum(0).double()
+    pn = p * (80 - p)
+    rhs = 0.5 * float((pn * (2 * binary_auroc(scores, labels) - 1)).sum())
+    rhs += 0.25 * float((levels[:, None] - levels[None, :]).abs().sum())
+    assert lhs == pytest.approx(rhs, rel=1e-12)
