@@ -141,7 +141,7 @@ class MultiLabelRanker(pl.LightningModule):
 
     def _gather(self, scores: Tensor, labels: Tensor, groups: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Concatenate the batch of every process (scores keep their gradient) under DDP."""
-        if not self.hparams.gather_distributed or self.trainer is None or self.trainer.world_size <= 1:
+        if not self.hparams.gather_distributed or self._trainer is None or self.trainer.world_size <= 1:
             return scores, labels, groups
         scores = self.all_gather(scores, sync_grads=True).reshape(-1)
         labels = self.all_gather(labels).reshape(-1, labels.shape[-1])
