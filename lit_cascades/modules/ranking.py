@@ -27,7 +27,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lit_cascades.models.vision import MLP
 from torch import Tensor, nn
 
 from lit_cascades.functional._checks import check_choice
@@ -42,6 +41,7 @@ from lit_cascades.functional.ranking import (
     loss_aggregation_loss,
     multipartite_pairwise_loss,
 )
+from lit_cascades.models.vision import MLP
 
 AGGREGATIONS = ("loss", "label")
 
