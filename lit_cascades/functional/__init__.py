@@ -1,6 +1,7 @@
 """Pure-torch functional core of lit_cascades (never imports Lightning)."""
 
 from lit_cascades.functional.auroc import binary_auroc, level_pair_auroc, multipartite_auroc
+from lit_cascades.functional.confidence import CONFIDENCE_KINDS, confidence_from_logits
 from lit_cascades.functional.deferral import (
     DeferralCurve,
     DeferralReport,
@@ -32,6 +33,7 @@ from lit_cascades.functional.ranking import (
 )
 
 __all__ = [
+    "CONFIDENCE_KINDS",
     "DeferralCurve",
     "DeferralReport",
     "GatekeeperLossOutput",
@@ -43,6 +45,7 @@ __all__ = [
     "binary_auroc",
     "bipartite_pairwise_losses",
     "calibrate_threshold",
+    "confidence_from_logits",
     "deferral_auroc",
     "deferral_curve",
     "deferral_metrics",
