@@ -4,7 +4,7 @@ Contract: the module's ``validation_step`` / ``test_step`` returns a mapping wit
 
     {"ranking": {"scores": Tensor[B],          # higher = ranked first
                  "labels": Tensor[B, K],       # binary labels
-                 "index":  Tensor[B]}}         # optional example ids (DDP padding is then counted once)
+                 "ids":    Tensor[B]}}         # optional example ids (DDP padding is then counted once)
 
 At epoch end the callback computes :class:`~lit_cascades.metrics.MultiLabelAUROC` (synced over processes)
 and logs ``rank/auc_<label>``, ``rank/auc_mean``, ``rank/auc_min`` (worst label), ``rank/auc_diff``,
@@ -159,7 +159,7 @@ class RankingAUCLogger(pl.Callback):
         if stage not in self._metrics:
             names = self._names(pl_module, batch["labels"].shape[-1])
             self._metrics[stage] = MultiLabelAUROC(names).to(pl_module.device)
-        self._metrics[stage].update(batch["scores"], batch["labels"], batch.get("index"))
+        self._metrics[stage].update(batch["scores"], batch["labels"], batch.get("ids"))
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -248,11 +248,11 @@ class RankingAUCLogger(pl.Callback):
         return csv_path, png
 
 
-def ranking_batch(scores: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, Any]:
+def ranking_batch(scores: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Build the step output consumed by :class:`RankingAUCLogger`: ``{"ranking": {...}}``."""
     out: dict[str, Any] = {"scores": scores, "labels": labels}
-    if index is not None:
-        out["index"] = index
+    if ids is not None:
+        out["ids"] = ids
     return {"ranking": out}
 
 

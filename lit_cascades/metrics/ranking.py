@@ -4,7 +4,7 @@ The per-label AUROC uses the library's one AUROC convention (:func:`~lit_cascade
 Mann–Whitney, ties ½, equal to scikit-learn's and to ``torchmetrics.classification.MultilabelAUROC`` applied to
 the score repeated for every label). States are concatenated across batches and gathered from all processes
 before the AUROCs are computed, so the values equal a single-process computation over the whole split.
-When batches carry example indices (``index=``), examples seen twice are counted once: this undoes the
+When batches carry example ids (``ids=``), examples seen twice are counted once: this undoes the
 padding of ``DistributedSampler`` (which repeats examples to even out the ranks), so 1 and 2 processes
 give identical values.
 """
@@ -23,6 +23,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lit_cascades.functional.auroc import binary_auroc, check_binary, multipartite_auroc
 from lit_cascades.functional.ranking import aggregate_labels
+from lit_cascades.metrics.deferral import _is_empty, first_occurrences
 
 
 @dataclass
@@ -89,7 +90,7 @@ class MultiLabelAUROC(Metric):
 
     scores: list[Tensor]
     labels: list[Tensor]
-    index: list[Tensor]
+    ids: list[Tensor]
 
     def __init__(self, label_names: Sequence[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -98,10 +99,11 @@ class MultiLabelAUROC(Metric):
         self.label_names = [str(n) for n in label_names]
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.add_state("ids", default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: Tensor, labels: Tensor, index: Tensor | None = None) -> None:
-        """Add a batch: ``scores [B]``, binary ``labels [B, K]`` and optional example ids ``index [B]``."""
+    def update(self, scores: Tensor, labels: Tensor, ids: Tensor | None = None) -> None:
+        """Add a batch: ``scores [B]``, binary ``labels [B, K]`` and optional integer example ``ids [B]``
+        (give them for every batch or for none)."""
         k = len(self.label_names)
         if scores.ndim != 1 or labels.shape != (scores.shape[0], k):
             raise ValueError(f"expected scores [B] and labels [B, {k}] for labels {self.label_names}; got shapes "
@@ -109,27 +111,23 @@ class MultiLabelAUROC(Metric):
         if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
             raise ValueError(f"`scores` must be finite; got {int((~torch.isfinite(scores)).sum())} NaN/inf values")
         check_binary("labels", labels)
-        if index is not None and index.shape != scores.shape:
-            raise ValueError(f"`index` must have shape {tuple(scores.shape)}; got {tuple(index.shape)}")
-        if self.scores and (index is not None) != bool(self.index):
-            raise ValueError("give `index` with every batch or with none")
+        if not _is_empty(self.scores) and (ids is None) != _is_empty(self.ids):
+            raise ValueError("`ids` must be given for every update or for none")
+        if ids is not None:
+            if ids.shape != scores.shape:
+                raise ValueError(f"`ids` must have shape {tuple(scores.shape)}; got {tuple(ids.shape)}")
+            self.ids.append(ids.detach().long())
         self.scores.append(scores.detach().double())
         self.labels.append(labels.detach().to(torch.uint8))
-        if index is not None:
-            self.index.append(index.detach().long())
 
     def compute(self) -> RankingAUCReport:
         """The report over everything seen since the last reset (all processes)."""
-        if not self.scores:
+        if _is_empty(self.scores):
             raise ValueError("MultiLabelAUROC.compute() called before any update()")
         scores, labels = dim_zero_cat(self.scores), dim_zero_cat(self.labels)
-        if self.index:
-            index = dim_zero_cat(self.index)
-            uniq, inverse = torch.unique(index, return_inverse=True)
-            first = torch.full_like(uniq, index.shape[0]).scatter_reduce(
-                0, inverse, torch.arange(index.shape[0], device=index.device), "amin"
-            )
-            scores, labels = scores[first], labels[first]
+        if not _is_empty(self.ids):
+            keep = first_occurrences(dim_zero_cat(self.ids))
+            scores, labels = scores[keep], labels[keep]
         return ranking_auc_report(scores, labels, self.label_names)
 
     def plot(self, val: RankingAUCReport | None = None, ax: Any = None) -> Any:  # type: ignore[override]

@@ -11,7 +11,7 @@ Lukasik et al., "Bipartite Ranking From Multiple Labels: On Loss Versus Label Ag
   with the ``"difference"`` cost (optimal ranking ``Σ_k w_k η_k``, prior-free) or the ``"uniform"`` cost.
 
 Batches are dicts ``{"x": [B, D], "labels": [B, K], "index": [B]}`` (optionally ``"group": [B]``: pairs only
-within a group). ``validation_step``/``test_step`` return ``{"ranking": {"scores", "labels", "index"}}``,
+within a group). ``validation_step``/``test_step`` return ``{"ranking": {"scores", "labels", "ids"}}``,
 the contract of :class:`~lit_cascades.callbacks.RankingAUCLogger`, which logs ``rank/auc_<label>``,
 ``rank/auc_min``... Under DDP the training loss gathers the scores of all processes (with gradients), so
 ``2 × B/2`` pairs exactly as ``1 × B``.
@@ -169,7 +169,7 @@ class MultiLabelRanker(pl.LightningModule):
                  batch_size=scores.shape[0])
         ranking = {"scores": scores.detach(), "labels": batch["labels"]}
         if "index" in batch:
-            ranking["index"] = batch["index"]
+            ranking["ids"] = batch["index"]
         return {"ranking": ranking}
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:

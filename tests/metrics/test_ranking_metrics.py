@@ -31,8 +31,8 @@ def test_metric_equals_sklearn_and_torchmetrics_over_batches():
     assert rep.scalars["prior_b"] == pytest.approx(labels[:, 1].float().mean().item())
 
 
-def test_duplicated_examples_are_counted_once_with_index():
-    """DistributedSampler padding repeats examples; with `index` the metric ignores the repeats."""
+def test_duplicated_examples_are_counted_once_with_ids():
+    """DistributedSampler padding repeats examples; with `ids` the metric ignores the repeats."""
     scores, labels = _data(n=101)
     index = torch.arange(101)
     ref = MultiLabelAUROC(["a", "b", "c"])

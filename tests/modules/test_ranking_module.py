@@ -31,7 +31,7 @@ def test_training_step_is_the_functional_loss(aggregation):
         ref = label_aggregation_loss(scores, batch["labels"], "uniform", weights=[0.7, 0.3]).loss
     torch.testing.assert_close(loss, ref)
     out = m.validation_step(batch, 0)["ranking"]
-    assert out["scores"].shape == (32,) and torch.equal(out["index"], batch["index"])
+    assert out["scores"].shape == (32,) and torch.equal(out["ids"], batch["index"])
 
 
 def test_custom_scorer_and_label_hook():
@@ -96,3 +96,45 @@ def test_trained_ranking_matches_the_bayes_optimal_scorer():
         other = spearmanr(scores, bayes["label" if agg == "loss" else "loss"]).statistic
         assert own > 0.95, (agg, own)
         assert own > other + 0.05, (agg, own, other)
+
+
+class _SGDRanker(MultiLabelRanker):
+    """Plain SGD, so that a wrong gradient scale under DDP would show (Adam would normalise it away)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _fit_one_step(devices: int, tmp_path) -> tuple[dict, dict]:
+    from lit_cascades.callbacks import RankingAUCLogger
+
+    # 102 examples: 19 val (odd: DistributedSampler pads one), 19 test, 64 train = one global batch
+    dm = SyntheticRankingDataModule(n=102, priors=(0.5, 0.2), val_fraction=0.19, test_fraction=0.19,
+                                    batch_size=64 // devices, eval_batch_size=4, seed=3)
+    torch.manual_seed(0)
+    m = _SGDRanker(num_features=8, aggregation="loss", weights=[0.6, 0.4], hidden=[16])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+                         callbacks=[RankingAUCLogger()])
+    trainer.fit(m, dm)
+    if devices == 1:
+        assert trainer.global_step == 1  # (under ddp_spawn the steps ran in the workers)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("rank/")}
+    assert any(not torch.equal(before[k], v) for k, v in m.state_dict().items())
+    return m.state_dict(), metrics
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """2 × 32 examples with scores gathered across processes = one batch of 64: same SGD step (weights),
+    and the validation AUROCs (19 examples, one padded duplicate) are equal on 1 and 2 processes."""
+    w1, m1 = _fit_one_step(1, tmp_path / "one")
+    w2, m2 = _fit_one_step(2, tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-5)
+    assert {"rank/auc_label0", "rank/auc_label1", "rank/auc_min", "rank/auc_mean"} <= set(m1)
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        assert m1[k] == pytest.approx(m2[k], abs=1e-6), k
