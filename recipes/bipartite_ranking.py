@@ -42,7 +42,12 @@ from lit_cascades.functional import (
     bayes_optimal_loss_aggregation,
     binary_auroc,
 )
-from lit_cascades.functional.ranking import effective_loss_weights, lexicographic_loa_auc, tied_laa_auc
+from lit_cascades.functional.ranking import (
+    cross_cell_order,
+    effective_loss_weights,
+    lexicographic_loa_auc,
+    tied_laa_auc,
+)
 from lit_cascades.modules.ranking import MultiLabelRanker
 from lit_cascades.runner import ConfigError, Run, main
 
@@ -77,19 +82,6 @@ def build_datamodule(d: DictConfig, priors: list[float] | None = None) -> MultiL
 # --------------------------------------------------------------------------------------------------------
 # one objective
 # --------------------------------------------------------------------------------------------------------
-def cross_cell_order(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """For two labels: P(score of a (1,0) instance > score of a (0,1) instance), ties ½ (NaN if a cell is empty).
-
-    1 means label 1 dictates the order of the two cells, 0 means label 2 does (Prop. 6.1).
-    """
-    cell10 = (labels[:, 0] == 1) & (labels[:, 1] == 0)
-    cell01 = (labels[:, 0] == 0) & (labels[:, 1] == 1)
-    keep = cell10 | cell01
-    if not bool(cell10.any()) or not bool(cell01.any()):
-        return float("nan")
-    return float(binary_auroc(scores[keep], cell10[keep]))
-
-
 def bayes_scorers(cfg: DictConfig, dm: MultiLabelDataModule, weights: list[float] | None) -> dict[str, torch.Tensor]:
     """The Bayes-optimal scores of both aggregations on the test split (synthetic data only)."""
     test = dm.splits["test"]
@@ -121,7 +113,7 @@ def train_and_test(r: Run, cfg: DictConfig, dm: MultiLabelDataModule, aggregatio
     with torch.no_grad():
         scores = module.eval()(test.features)
     if test.labels.shape[1] == 2:
-        result["order_10_over_01"] = cross_cell_order(scores, test.labels)
+        result["order_10_over_01"] = float(cross_cell_order(scores, test.labels))
     for name, bayes in bayes_scorers(cfg, dm, weights).items():
         result[f"spearman_bayes_{name}"] = float(spearmanr(scores.numpy(), bayes.numpy()).statistic)
     return result
@@ -162,7 +154,7 @@ def bayes_reference(dm: MultiLabelDataModule, cfg: DictConfig) -> dict[str, dict
         row = {f"auc_{n}": float(a) for n, a in zip(dm.label_names, auc)}
         row.update(auc_min=float(auc.min()), auc_mean=float(auc.mean()), auc_diff=float(auc.max() - auc.min()))
         if test.labels.shape[1] == 2:
-            row["order_10_over_01"] = cross_cell_order(scores.float(), test.labels)
+            row["order_10_over_01"] = float(cross_cell_order(scores, test.labels))
         out[f"bayes_{name}_aggregation"] = row
     if cfg.data.source == "synthetic" and cfg.data.deterministic and test.labels.shape[1] == 2 and cfg.data.correlation == 0:
         p = dm.priors()

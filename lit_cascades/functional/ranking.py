@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_cascades.functional._checks import check_choice, check_finite, check_nonempty, check_range
-from lit_cascades.functional.auroc import PAIR_COSTS, PairCost, check_binary
+from lit_cascades.functional.auroc import PAIR_COSTS, PairCost, binary_auroc, check_binary
 
 Surrogate = Literal["logistic", "hinge", "squared"]
 SURROGATES: tuple[str, ...] = ("logistic", "hinge", "squared")
@@ -555,6 +555,30 @@ def independent_level_probs(eta: Tensor, label_agg: LabelAgg = "sum") -> tuple[T
     return probs, torch.arange(e.shape[1] + 1, dtype=torch.float64)
 
 
+def cross_cell_order(scores: Tensor, labels: Tensor, first: int = 0, second: int = 1) -> Tensor:
+    """How a ranking orders the two "disagreement" cells of labels ``first`` and ``second`` (Prop. 6.1).
+
+    ``P(f(x) > f(x') | x ∈ (1, 0), x' ∈ (0, 1)) + ½ P(f(x) = f(x') | ...)``, where ``(1, 0)`` means label
+    ``first`` positive and label ``second`` negative: 1 when label ``first`` dictates the order of the two
+    cells, 0 when label ``second`` does, in between when neither does.
+
+    Args:
+        scores: ``[N]`` scores.
+        labels: ``[N, K]`` binary labels.
+        first, second: the two label columns.
+
+    Returns:
+        float64 scalar; NaN when either cell is empty.
+    """
+    _check_scores_labels(scores, labels, None)
+    a, b = labels[:, first].bool(), labels[:, second].bool()
+    cell10, cell01 = a & ~b, ~a & b
+    keep = cell10 | cell01
+    if not bool(cell10.any()) or not bool(cell01.any()):
+        return torch.tensor(float("nan"), dtype=torch.float64, device=scores.device)
+    return binary_auroc(scores[keep], cell10[keep])
+
+
 def lexicographic_loa_auc(prior_dictator: float) -> float:
     """Per-label AUC of the *dictated* label under LoA label dictatorship (Prop. 6.1), in closed form.
 
@@ -588,6 +612,7 @@ __all__ = [
     "bayes_optimal_loss_aggregation",
     "bipartite_pairwise_losses",
     "check_weights",
+    "cross_cell_order",
     "effective_loss_weights",
     "independent_level_probs",
     "label_aggregation_loss",

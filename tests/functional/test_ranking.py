@@ -284,3 +284,13 @@ def test_bipartite_losses_shapes_and_counts():
     n_pos = labels.sum(0).double()
     torch.testing.assert_close(counts, n_pos * (labels.shape[0] - n_pos))
     assert losses.shape == (3,)
+
+
+def test_cross_cell_order_hand_computed():
+    from lit_cascades.functional.ranking import cross_cell_order
+
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1], [0, 0]])
+    # (1,0) scores {3, 1}, (0,1) scores {2, 1}: pairs 3>2, 3>1, 1<2, 1=1 -> (1 + 1 + 0 + 0.5) / 4
+    scores = torch.tensor([3.0, 1.0, 2.0, 1.0, 9.0, -9.0])
+    assert cross_cell_order(scores, labels).item() == 0.625
+    assert torch.isnan(cross_cell_order(scores, torch.tensor([[1, 1]] * 3 + [[0, 0]] * 3)))
