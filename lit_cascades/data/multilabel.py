@@ -22,7 +22,7 @@ only implement :meth:`MultiLabelDataModule.load_data`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lit_cascades.data.image import EpochSeededSampler
 from lit_cascades.functional._checks import check_range
 
 DIGIT_LABELS: dict[str, list[int]] = {"even": [0, 2, 4, 6, 8], "zero": [0]}
@@ -374,8 +375,45 @@ class RankingDataset(Dataset):
         return item
 
 
+class GroupBatchSampler(Sampler[list[int]]):
+    """Batches of whole groups (e.g. all documents of a query), in an order that depends on ``(seed, epoch)``.
+
+    Groups are shuffled every epoch and packed into batches of at least ``batch_size`` examples (a group
+    larger than ``batch_size`` is a batch of its own). Single-process: under DDP Lightning cannot shard a
+    custom batch sampler, so split grouped data across processes yourself.
+    """
+
+    def __init__(self, groups: Tensor, batch_size: int, seed: int = 0) -> None:
+        self.members = [torch.nonzero(groups == g).flatten().tolist() for g in torch.unique(groups)]
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        batches, current = [], []
+        for i in torch.randperm(len(self.members), generator=g).tolist():
+            current += self.members[i]
+            if len(current) >= self.batch_size:
+                batches.append(current)
+                current = []
+        if current:
+            batches.append(current)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 class MultiLabelDataModule(pl.LightningDataModule):
     """Train/val/test splits of a multi-label ranking dataset; subclasses implement :meth:`load_data`.
+
+    Training batches are reshuffled every epoch from ``(split_seed, epoch)`` (so a resumed run sees the same
+    batches); with groups, every batch holds whole groups (:class:`GroupBatchSampler`).
 
     Args:
         batch_size: training batch size (pairs are formed within a batch).
@@ -468,13 +506,15 @@ class MultiLabelDataModule(pl.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
-        g = torch.Generator().manual_seed(self.split_seed)
+        data = self.splits[split]
+        if train and data.groups is not None:  # whole groups per batch, so that pairs exist within groups
+            return DataLoader(RankingDataset(data), num_workers=self.num_workers,
+                              batch_sampler=GroupBatchSampler(data.groups, self.batch_size, self.split_seed))
         return DataLoader(
-            RankingDataset(self.splits[split]),
+            RankingDataset(data),
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train and len(self.splits[split]) > self.batch_size,
-            generator=g if train else None,
+            sampler=EpochSeededSampler(len(data), self.split_seed) if train else None,
+            drop_last=train and len(data) > self.batch_size,
             num_workers=self.num_workers,
         )
 

@@ -124,9 +124,24 @@ def test_datamodules_split_standardize_and_batches(tmp_path):
     tab.setup()
     for s in tab.splits.values():  # groups are kept whole
         assert all(int((s.groups == g).sum()) == 2 for g in s.groups.unique())
-    assert "group" in next(iter(tab.train_dataloader()))
+    batch = next(iter(tab.train_dataloader()))
+    assert all(int((batch["group"] == g).sum()) == 2 for g in batch["group"].unique())  # whole groups
 
     with pytest.raises(NotImplementedError):
         MultiLabelDataModule().setup()
     with pytest.raises(ValueError, match="val_fraction \\+ test_fraction"):
         MultiLabelDataModule(val_fraction=0.6, test_fraction=0.5)
+
+
+def test_group_batch_sampler():
+    from lit_cascades.data.multilabel import GroupBatchSampler
+
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4])
+    sampler = GroupBatchSampler(groups, batch_size=4, seed=0)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(11))
+    for b in batches:
+        assert all(set(torch.nonzero(groups == groups[i]).flatten().tolist()) <= set(b) for i in b)
+    assert all(len(b) >= 4 for b in batches[:-1]) and len(sampler) == len(batches)
+    sampler.set_epoch(1)
+    assert [sorted(b) for b in sampler] != [sorted(b) for b in batches] or len(batches) == 1
