@@ -481,6 +481,11 @@ class MultiLabelDataModule(pl.LightningDataModule):
         for name, split in splits.items():
             if len(split) == 0:
                 raise ValueError(f"the {name} split is empty ({len(data)} examples); adjust the split fractions")
+        positives = splits["train"].labels.sum(0)
+        single = [f"{n} ({int(p)} of {len(splits['train'])} positive)" for n, p in zip(data.label_names, positives)
+                  if p == 0 or p == len(splits["train"])]
+        if single:
+            raise ValueError(f"labels with a single class in the training split cannot be ranked: {single}")
         self.splits = splits
 
     @property

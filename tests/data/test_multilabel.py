@@ -127,6 +127,9 @@ def test_datamodules_split_standardize_and_batches(tmp_path):
     batch = next(iter(tab.train_dataloader()))
     assert all(int((batch["group"] == g).sum()) == 2 for g in batch["group"].unique())  # whole groups
 
+    constant = load_digits_ranking({"even": [0, 2, 4, 6, 8], "any": list(range(10))})
+    with pytest.raises(ValueError, match=r"single class in the training split.*any \(\d+ of \d+ positive\)"):
+        MultiLabelDataModule(data=constant).setup()
     with pytest.raises(NotImplementedError):
         MultiLabelDataModule().setup()
     with pytest.raises(ValueError, match="val_fraction \\+ test_fraction"):
