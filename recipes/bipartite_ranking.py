@@ -119,19 +119,19 @@ def train_and_test(r: Run, cfg: DictConfig, dm: MultiLabelDataModule, aggregatio
     return result
 
 
-def objectives(cfg: DictConfig, k: int) -> dict[str, tuple[str, list[float] | None]]:
-    """``{name: (aggregation, weights)}`` of the objectives to compare."""
+def objectives(cfg: DictConfig, names: list[str]) -> dict[str, tuple[str, list[float] | None]]:
+    """``{name: (aggregation, weights)}`` of the objectives to compare (``<label>_only``: that label alone)."""
     aggs = ["loss", "label"] if cfg.aggregation == "both" else [cfg.aggregation]
     weights = list(cfg.weights) if cfg.weights is not None else None
     out = {f"{a}_aggregation": (a, weights) for a in aggs}
     if cfg.single_label_baselines:
-        for j in range(k):
-            out[f"label{j}_only"] = ("loss", [1.0 if i == j else 0.0 for i in range(k)])
+        for j, name in enumerate(names):
+            out[f"{name}_only"] = ("loss", [1.0 if i == j else 0.0 for i in range(len(names))])
     return out
 
 
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation over seeds of every scalar (NaN-free entries only)."""
+    """Mean and standard deviation over seeds of every scalar (a NaN in any seed gives NaN)."""
     out: dict[str, Any] = {"seeds": len(per_seed)}
     for key, value in per_seed[0].items():
         if isinstance(value, int | float):
@@ -175,7 +175,7 @@ def bayes_reference(dm: MultiLabelDataModule, cfg: DictConfig) -> dict[str, dict
 def compare(cfg: DictConfig, r: Run, dm: MultiLabelDataModule) -> dict[str, Any]:
     cb = RankingAUCLogger(output_dir=r.dir)
     summary: dict[str, Any] = {}
-    for name, (agg, weights) in objectives(cfg, dm.num_labels).items():
+    for name, (agg, weights) in objectives(cfg, dm.label_names).items():
         per_seed = [train_and_test(r, cfg, dm, agg, weights, s, f"{name}_seed{s}", cb) for s in cfg.seeds]
         summary[name] = {**summarize(per_seed), "per_seed": per_seed}
     summary.update(bayes_reference(dm, cfg))
