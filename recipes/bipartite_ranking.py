@@ -281,8 +281,11 @@ def plot_prior_sweep(rows: list[list[Any]]) -> Any:
             else f"trained, {name} aggregation"
         axes[0].plot(xs, diff, color=color, ls=ls, marker="o", ms=3, label=label)
         axes[1].plot(xs, mins, color=color, ls=ls, marker="o", ms=3, label=label)
+    ticks = sorted({r[0] for r in rows})
     for ax, title in zip(axes, ("|AUC1 − AUC2| (lower is better)", "worst-label AUROC (higher is better)")):
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel("prior of the last label")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
