@@ -1,6 +1,7 @@
 """Pure-torch functional core of lit_cascades (never imports Lightning)."""
 
 from lit_cascades.functional.confidence import CONFIDENCE_KINDS, confidence_from_logits
+from lit_cascades.functional.contrastive import ContrastiveOutput, gather_with_grad, info_nce
 from lit_cascades.functional.deferral import (
     DeferralCurve,
     DeferralReport,
@@ -16,23 +17,38 @@ from lit_cascades.functional.deferral import (
     random_deferral_curve,
 )
 from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
+from lit_cascades.functional.retrieval import (
+    Qrels,
+    chunked_topk,
+    dense_topk,
+    rerank,
+    retrieval_metrics,
+)
 
 __all__ = [
     "CONFIDENCE_KINDS",
+    "ContrastiveOutput",
     "DeferralCurve",
     "DeferralReport",
     "GatekeeperLossOutput",
+    "Qrels",
     "area_under_deferral_curve",
     "calibrate_threshold",
+    "chunked_topk",
     "confidence_from_logits",
     "deferral_auroc",
     "deferral_curve",
     "deferral_metrics",
     "deferral_performance",
+    "dense_topk",
     "distributional_overlap",
     "gatekeeper_loss",
+    "gather_with_grad",
     "ideal_deferral_curve",
+    "info_nce",
     "kl_to_uniform",
     "quality_at_rate",
     "random_deferral_curve",
+    "rerank",
+    "retrieval_metrics",
 ]
