@@ -122,7 +122,8 @@ def run_sweep(cfg: DictConfig, r: Run) -> dict[str, Any]:
     summary = summarize_runs(rows, "method", COLUMNS)
     r.save_text("sweep_table.md", summary_markdown(summary, cfg, seeds))
     x_of = {f"gatekeeper α={a}": float(a) for a in alphas}
-    fig = plot_sweep(summary, x_of, x_label="Gatekeeper α", y_keys=("s_d", "test_acc", "auroc"))
+    fig = plot_sweep(summary, x_of, x_label="Gatekeeper α", y_keys=("s_d", "test_acc", "auroc"),
+                     swept_label="gatekeeper")
     r.save_figure("sweep", fig)
     return {"seeds": seeds, "alphas": alphas, "summary": summary}
 
