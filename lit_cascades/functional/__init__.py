@@ -2,6 +2,7 @@
 
 from lit_cascades.functional.auroc import binary_auroc, level_pair_auroc, multipartite_auroc
 from lit_cascades.functional.confidence import CONFIDENCE_KINDS, confidence_from_logits
+from lit_cascades.functional.contrastive import ContrastiveOutput, gather_with_grad, info_nce
 from lit_cascades.functional.deferral import (
     DeferralCurve,
     DeferralReport,
@@ -31,12 +32,21 @@ from lit_cascades.functional.ranking import (
     population_auroc,
     population_multipartite_auroc,
 )
+from lit_cascades.functional.retrieval import (
+    Qrels,
+    chunked_topk,
+    dense_topk,
+    rerank,
+    retrieval_metrics,
+)
 
 __all__ = [
     "CONFIDENCE_KINDS",
+    "ContrastiveOutput",
     "DeferralCurve",
     "DeferralReport",
     "GatekeeperLossOutput",
+    "Qrels",
     "RankingLossOutput",
     "aggregate_labels",
     "area_under_deferral_curve",
@@ -45,15 +55,19 @@ __all__ = [
     "binary_auroc",
     "bipartite_pairwise_losses",
     "calibrate_threshold",
+    "chunked_topk",
     "confidence_from_logits",
     "deferral_auroc",
     "deferral_curve",
     "deferral_metrics",
     "deferral_performance",
+    "dense_topk",
     "distributional_overlap",
     "effective_loss_weights",
     "gatekeeper_loss",
+    "gather_with_grad",
     "ideal_deferral_curve",
+    "info_nce",
     "kl_to_uniform",
     "label_aggregation_loss",
     "level_pair_auroc",
@@ -65,4 +79,6 @@ __all__ = [
     "population_multipartite_auroc",
     "quality_at_rate",
     "random_deferral_curve",
+    "rerank",
+    "retrieval_metrics",
 ]

@@ -27,41 +27,53 @@ PAIR_COSTS: tuple[str, ...] = ("uniform", "difference")
 
 
 class _SortedScores(NamedTuple):
-    order: Tensor  # [N] argsort of the scores, ascending (least confident first)
-    sorted_scores: Tensor  # [N]
-    group_starts: Tensor  # [G + 1] sorted positions where a new tie group starts, plus N
+    order: Tensor  # [N] argsort of the scores, ascending (least confident first); tie order is irrelevant
+    lo: Tensor  # [N + 1] for each cut k: the largest tie-group boundary <= k
+    hi: Tensor  # [N + 1] for each cut k: the smallest tie-group boundary >= k
+    has_ties: bool
 
 
 def _sort_scores(scores: Tensor) -> _SortedScores:
-    sorted_scores, order = torch.sort(scores.double(), stable=True)
+    """One sort of the scores plus, for every cut ``k``, the boundaries of the tie group around it.
+
+    Ties are averaged everywhere, so an unstable sort is enough. ``lo``/``hi`` come from a running max/min
+    over the boundary positions (``O(N)``, no search).
+    """
+    sorted_scores, order = torch.sort(scores)
     n = sorted_scores.shape[0]
-    change = torch.ones(n, dtype=torch.bool, device=scores.device)
-    change[1:] = sorted_scores[1:] != sorted_scores[:-1]
-    starts = torch.nonzero(change).squeeze(-1)
-    group_starts = torch.cat([starts, torch.tensor([n], device=scores.device)])
-    return _SortedScores(order, sorted_scores, group_starts)
+    k = torch.arange(n + 1, device=scores.device)
+    boundary = torch.ones(n + 1, dtype=torch.bool, device=scores.device)
+    boundary[1:n] = sorted_scores[1:] != sorted_scores[:-1]
+    has_ties = not bool(boundary.all())
+    if not has_ties:
+        return _SortedScores(order, k, k, False)
+    lo = torch.where(boundary, k, torch.zeros_like(k)).cummax(0).values
+    hi = torch.where(boundary, k, torch.full_like(k, n)).flip(0).cummin(0).values.flip(0)
+    return _SortedScores(order, lo, hi, True)
 
 
-def _group_ids(srt: _SortedScores) -> tuple[Tensor, Tensor]:
-    """``(group_id [N], group sizes [G])`` of the sorted positions."""
-    sizes = srt.group_starts[1:] - srt.group_starts[:-1]
-    group_id = torch.repeat_interleave(torch.arange(sizes.shape[0], device=sizes.device), sizes)
-    return group_id, sizes
+def _cumsum0(x: Tensor) -> Tensor:
+    """Cumulative sums along dim 0 with a leading zero row: ``[N, ...] -> [N + 1, ...]``."""
+    return torch.cat([torch.zeros_like(x[:1]), torch.cumsum(x, 0)])
 
 
 def _auroc_from_sorted(srt: _SortedScores, positive: Tensor) -> Tensor:
     """Mann–Whitney AUROC of the sorted scores for ``positive`` ``[N]`` (scalar) or ``[N, K]`` (``[K]``).
 
-    Ties count 1/2; NaN where a column has no positive or no negative.
+    Each positive at sorted position ``i`` scores the expected number of negatives ranked below it under
+    random tie-breaking: the negatives of lower groups plus half of those in its own group. NaN where a
+    column has no positive or no negative.
     """
     pos_sorted = positive[srt.order].double()
+    n = pos_sorted.shape[0]
     n_pos = pos_sorted.sum(0)
-    n_neg = pos_sorted.shape[0] - n_pos
-    group_id, sizes = _group_ids(srt)
-    group_rank = srt.group_starts[:-1].double() + (sizes.double() + 1.0) / 2.0  # average 1-based rank
-    rank = group_rank[group_id]
-    rank_sum = (rank.reshape(-1, *([1] * (pos_sorted.ndim - 1))) * pos_sorted).sum(0)
-    auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    n_neg = n - n_pos
+    cum_neg = _cumsum0(1.0 - pos_sorted)  # negatives among the first k sorted
+    if srt.has_ties:
+        below = 0.5 * (cum_neg[srt.lo[:-1]] + cum_neg[srt.hi[1:]])
+    else:
+        below = cum_neg[:-1]
+    auc = (pos_sorted * below).sum(0) / (n_pos * n_neg)
     return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
 
 
@@ -137,9 +149,10 @@ def level_pair_auroc(scores: Tensor, levels: Tensor, num_levels: int | None = No
     if int(levels.max()) >= n_lev:
         raise ValueError(f"`levels` must be < num_levels={n_lev}; got maximum {int(levels.max())}")
     srt = _sort_scores(scores)
-    group_id, sizes = _group_ids(srt)
+    # tie group of every sorted position (a group starts where lo[i] == i)
+    group_id = torch.cumsum((srt.lo[:-1] == torch.arange(scores.shape[0], device=scores.device)).long(), 0) - 1
     one_hot = torch.nn.functional.one_hot(levels[srt.order], n_lev).double()  # [N, L]
-    tied = torch.zeros(sizes.shape[0], n_lev, dtype=torch.float64, device=scores.device)
+    tied = torch.zeros(int(group_id[-1]) + 1, n_lev, dtype=torch.float64, device=scores.device)
     tied.index_add_(0, group_id, one_hot)  # T[g, l]: members of level l in tie group g
     below = torch.cumsum(tied, 0) - tied  # C[g, l]: members of level l in lower groups
     wins = tied.T @ (below + 0.5 * tied)  # S[a, b] = Σ_g T[g, a] (C[g, b] + T[g, b] / 2)
