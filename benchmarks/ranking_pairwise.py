@@ -21,16 +21,14 @@ Writes ``benchmarks/results/ranking_pairwise.json``.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
+from benchmarks._common import best_time, peak_extra_memory_mb, write_results
 from lit_cascades.functional import label_aggregation_loss, loss_aggregation_loss
 
 PRIORS = (0.5, 0.2, 0.05)
@@ -59,16 +57,6 @@ def naive_loss(scores: list[float], labels: list[list[float]], rows: int) -> flo
     return sum(total)
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def saved_bytes(fn) -> int:
     """Bytes of the tensors autograd saves for backward during ``fn()``."""
     seen: dict[int, int] = {}
@@ -82,29 +70,11 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _memory_child(batch: int, mode: str) -> None:
-    """Peak resident-set growth of one forward + backward (Linux: VmHWM reset through clear_refs)."""
+def _fwd_bwd(batch: int, pair_fraction: float | None) -> Callable[[], None]:
+    """Inputs for one forward + backward (built before the memory baseline is read)."""
     scores, labels = make_batch(batch)
-    scores.requires_grad_(True)
-    kwargs = {"pair_fraction": 0.1} if mode == "sampled" else {}
-    loss_aggregation_loss(make_batch(64)[0].requires_grad_(True), make_batch(64)[1], **kwargs).loss.backward()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
-    before = _status_kib("VmRSS")
-    loss_aggregation_loss(scores, labels, **kwargs).loss.backward()
-    print(json.dumps({"peak_rss_growth_mib": (_status_kib("VmHWM") - before) / 1024}))
-
-
-def peak_memory(batch: int, mode: str) -> float:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.ranking_pairwise", "--memory-child", mode,
-                          "--batch", str(batch)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
+    return lambda: loss_aggregation_loss(scores.clone().requires_grad_(True), labels,
+                                         pair_fraction=pair_fraction).loss.backward()
 
 
 def main() -> None:
@@ -114,25 +84,21 @@ def main() -> None:
     parser.add_argument("--loop-rows", type=int, default=48)
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--memory-child", choices=["all", "sampled"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memory_child:
-        _memory_child(args.batch, args.memory_child)
-        return
 
     b = args.batch
     scores, labels = make_batch(b)
     n_pairs = float((labels.sum(0) * (b - labels.sum(0))).sum())
 
     # 1. speed: vectorised vs naive double loop
-    t_fwd = timeit(lambda: loss_aggregation_loss(scores, labels), args.repeats)
+    t_fwd = best_time(lambda: loss_aggregation_loss(scores, labels), args.repeats)
 
     def fwd_bwd(**kw) -> None:
         s = scores.clone().requires_grad_(True)
         loss_aggregation_loss(s, labels, **kw).loss.backward()
 
-    t_fwd_bwd = timeit(fwd_bwd, args.repeats)
+    t_fwd_bwd = best_time(fwd_bwd, args.repeats)
     s_list, y_list = scores.tolist(), labels.tolist()
     rows = min(args.loop_rows, b)
     t0 = time.perf_counter()
@@ -146,10 +112,11 @@ def main() -> None:
     assert abs(ref - naive_small) < 1e-5 * max(1.0, abs(ref)), (ref, naive_small)
 
     # LaA timing for reference
-    t_laa = timeit(lambda: label_aggregation_loss(scores, labels), args.repeats)
+    t_laa = best_time(lambda: label_aggregation_loss(scores, labels), args.repeats)
 
     # 2. memory
-    mem_all, mem_sampled = peak_memory(b, "all"), peak_memory(b, "sampled")
+    mem_all = peak_extra_memory_mb(functools.partial(_fwd_bwd, b, None), args.threads)
+    mem_sampled = peak_extra_memory_mb(functools.partial(_fwd_bwd, b, 0.1), args.threads)
     s_req = scores.clone().requires_grad_(True)
     saved_all = saved_bytes(lambda: loss_aggregation_loss(s_req, labels).loss)
     saved_sampled = saved_bytes(lambda: loss_aggregation_loss(s_req, labels, pair_fraction=0.1).loss)
@@ -167,12 +134,11 @@ def main() -> None:
         est.backward()
         rel_err.append(abs(est.item() - exact.item()) / exact.item())
         cosines.append(torch.nn.functional.cosine_similarity(s.grad, g_exact, dim=0).item())
-    t_sampled = timeit(lambda: fwd_bwd(pair_fraction=0.1), args.repeats)
+    t_sampled = best_time(lambda: fwd_bwd(pair_fraction=0.1), args.repeats)
     rel = torch.tensor(rel_err)
     cos = torch.tensor(cosines)
 
     result = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "batch": b,
         "labels": len(PRIORS),
         "priors": PRIORS,
@@ -203,9 +169,7 @@ def main() -> None:
             "gradient_cosine_min": float(cos.min()),
         },
     }
-    out = Path(__file__).resolve().parent / "results" / "ranking_pairwise.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_results("ranking_pairwise", result)
     print(f"batch {b}, {len(PRIORS)} labels, {n_pairs:.3g} positive-negative pairs")
     print(f"  vectorised forward        {t_fwd * 1e3:9.1f} ms   (forward+backward {t_fwd_bwd * 1e3:.1f} ms)")
     print(f"  naive double loop forward {t_naive * 1e3:9.1f} ms   ({rows} rows measured, extrapolated)")
