@@ -49,7 +49,7 @@ from lit_cascades.functional.ranking import (
     tied_laa_auc,
 )
 from lit_cascades.modules.ranking import MultiLabelRanker
-from lit_cascades.runner import ConfigError, Run, main
+from lit_cascades.runner import ConfigError, Run, main, summarize_runs
 
 SOURCES = ("digits", "synthetic", "csv")
 
@@ -131,13 +131,12 @@ def objectives(cfg: DictConfig, names: list[str]) -> dict[str, tuple[str, list[f
 
 
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation over seeds of every scalar (a NaN in any seed gives NaN)."""
+    """Mean and standard deviation over seeds of every scalar: ``{key: mean, key_std: std, "seeds": n}``."""
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, int | float)]
+    stats = summarize_runs([{**p, "_all": 0} for p in per_seed], "_all", keys)["0"]
     out: dict[str, Any] = {"seeds": len(per_seed)}
-    for key, value in per_seed[0].items():
-        if isinstance(value, int | float):
-            vals = torch.tensor([float(p[key]) for p in per_seed], dtype=torch.float64)
-            out[key] = float(vals.mean())
-            out[f"{key}_std"] = float(vals.std()) if len(per_seed) > 1 else 0.0
+    for key, (mean, std) in stats.items():
+        out[key], out[f"{key}_std"] = mean, std
     return out
 
 
