@@ -1,5 +1,6 @@
 """LightningDataModules: embedded offline sources plus local-file and hub sources for real runs."""
 
+from lit_cascades.data.coco import CocoCaptionsDataModule
 from lit_cascades.data.image import (
     SOURCES,
     EpochSeededSampler,
@@ -8,11 +9,17 @@ from lit_cascades.data.image import (
     load_idx_dataset,
     read_idx,
 )
+from lit_cascades.data.scenes import SceneRetrievalDataModule
+from lit_cascades.data.text_sketch import TextSketchImageDataModule, WordVocab
 
 __all__ = [
     "SOURCES",
+    "CocoCaptionsDataModule",
     "EpochSeededSampler",
     "ImageClassificationDataModule",
+    "SceneRetrievalDataModule",
+    "TextSketchImageDataModule",
+    "WordVocab",
     "load_cifar",
     "load_idx_dataset",
     "read_idx",

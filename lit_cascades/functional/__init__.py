@@ -1,5 +1,6 @@
 """Pure-torch functional core of lit_cascades (never imports Lightning)."""
 
+from lit_cascades.functional.asymmetric import asymmetric_loss
 from lit_cascades.functional.confidence import CONFIDENCE_KINDS, confidence_from_logits
 from lit_cascades.functional.contrastive import ContrastiveOutput, gather_with_grad, info_nce
 from lit_cascades.functional.deferral import (
@@ -16,6 +17,7 @@ from lit_cascades.functional.deferral import (
     quality_at_rate,
     random_deferral_curve,
 )
+from lit_cascades.functional.fusion import late_fusion
 from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
 from lit_cascades.functional.retrieval import (
     Qrels,
@@ -33,6 +35,7 @@ __all__ = [
     "GatekeeperLossOutput",
     "Qrels",
     "area_under_deferral_curve",
+    "asymmetric_loss",
     "calibrate_threshold",
     "chunked_topk",
     "confidence_from_logits",
@@ -47,6 +50,7 @@ __all__ = [
     "ideal_deferral_curve",
     "info_nce",
     "kl_to_uniform",
+    "late_fusion",
     "quality_at_rate",
     "random_deferral_curve",
     "rerank",
