@@ -36,6 +36,7 @@ def asymmetric_loss(
     clip: float = 0.05,
     eps: float = 1e-8,
     reduction: Reduction = "mean",
+    detach_focal: bool = False,
 ) -> Tensor:
     """Asymmetric multi-label loss.
 
@@ -46,9 +47,10 @@ def asymmetric_loss(
         gamma_pos: ``γ⁺ ≥ 0``, focusing exponent of positives.
         clip: probability margin ``m ∈ [0, 1)`` shifting negatives (0 disables it).
         eps: clamp of the probabilities inside the logarithms (the official implementation's ``1e-8``).
-        reduction: ``"mean"`` (default): the sum over classes, averaged over the batch, so the value does not
-            grow with the batch size; ``"sum"``: summed over batch and classes (the official ``ASL`` module
-            returns this); ``"none"``: ``[B]`` per-example sums over classes.
+        reduction: ``"mean"`` (default; the Tmq244 reimplementation): the sum over classes, averaged over the
+            batch, so the value does not grow with the batch size; ``"sum"``: summed over batch and classes (the
+            official ``AsymmetricLoss`` module, used as is by zzmshinnosuke); ``"none"``: ``[B]`` per-example sums.
+        detach_focal: treat the focusing weights as constants (the official ``disable_torch_grad_focal_loss``).
 
     Returns:
         A scalar (or ``[B]`` for ``reduction="none"``).
@@ -72,9 +74,11 @@ def asymmetric_loss(
     loss_pos = y * torch.log(p.clamp(min=eps))
     loss_neg = (1 - y) * torch.log((1 - p_neg).clamp(min=eps))
     if gamma_pos > 0:
-        loss_pos = loss_pos * (1 - p) ** gamma_pos
+        w_pos = (1 - p) ** gamma_pos
+        loss_pos = loss_pos * (w_pos.detach() if detach_focal else w_pos)
     if gamma_neg > 0:
-        loss_neg = loss_neg * p_neg**gamma_neg
+        w_neg = p_neg**gamma_neg
+        loss_neg = loss_neg * (w_neg.detach() if detach_focal else w_neg)
     per_example = -(loss_pos + loss_neg).sum(dim=1)
     if reduction == "none":
         return per_example

@@ -81,7 +81,9 @@ class TaskFormer(pl.LightningModule):
         caption_vocab: the caption decoder's words (a :class:`WordVocab`'s ``words``; ``None`` disables ``L_d``).
         decoder_context / decoder_kwargs / max_caption_length: caption decoder settings.
         w_contrastive / w_classification / w_caption: loss weights (100 / 10 / 1 from the reimplementations).
-        asl_gamma_neg / asl_gamma_pos / asl_clip: asymmetric-loss parameters.
+        asl_gamma_neg / asl_gamma_pos / asl_clip / asl_reduction: asymmetric-loss parameters
+            (:func:`~lit_cascades.functional.asymmetric.asymmetric_loss`; ``"mean"`` over the batch as in
+            Tmq244, or ``"sum"`` as the official ASL module, which makes ``L_c`` grow with the batch size).
         init_temperature / max_logit_scale: CLIP temperature init (0.07) and the clamp of ``exp(logit_scale)``.
         lr / weight_decay / warmup_steps / betas / eps: AdamW (no decay on biases, norms and the temperature),
             linear warm-up then cosine decay.
@@ -118,6 +120,7 @@ class TaskFormer(pl.LightningModule):
         asl_gamma_neg: float = 4.0,
         asl_gamma_pos: float = 1.0,
         asl_clip: float = 0.05,
+        asl_reduction: str = "mean",
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         lr: float = 1e-3,
@@ -133,6 +136,7 @@ class TaskFormer(pl.LightningModule):
         check_choice("query", query, QUERY_TYPES)
         check_choice("decoder_context", decoder_context, ("image", "image_sketch", "fused"))
         check_choice("sketch_background", sketch_background, ("black", "white"))
+        check_choice("asl_reduction", asl_reduction, ("mean", "sum"))
         check_range("p_text_only", p_text_only, 0.0, 1.0)
         check_range("p_sketch_only", p_sketch_only, 0.0, 1.0)
         if p_text_only + p_sketch_only >= 1:
@@ -288,7 +292,8 @@ class TaskFormer(pl.LightningModule):
         """Mean asymmetric loss of the classifier on the embeddings named in ``classify``."""
         hp = self.hparams
         losses = [asymmetric_loss(self.classifier(embeddings[m]), labels, gamma_neg=hp.asl_gamma_neg,
-                                  gamma_pos=hp.asl_gamma_pos, clip=hp.asl_clip) for m in self.classify]
+                                  gamma_pos=hp.asl_gamma_pos, clip=hp.asl_clip, reduction=hp.asl_reduction)
+                  for m in self.classify]
         return torch.stack(losses).mean()
 
     def caption_loss(self, embeddings: dict[str, Tensor], captions: Sequence[str]) -> Tensor:
