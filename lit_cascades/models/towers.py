@@ -2,8 +2,9 @@
 
 Vision specs (images and sketches, ``[B, 3, S, S]`` in ``[0, 1]`` → ``[B, D]``):
 
-* ``"cnn"``: :class:`~lit_cascades.models.vision.CNN` with ``pool="flatten"`` (keeps *where* things are, which
-  a sketch query needs) and a linear head of width ``D``; inputs standardised with mean/std 0.5.
+* ``"cnn"``: :class:`~lit_cascades.models.vision.CNN` with ``pool="both"`` (global average pooling for *what*
+  is there, concatenated with the flattened feature map for *where*, which a sketch query needs) and a linear
+  head of width ``D``; inputs standardised with mean/std 0.5.
 * ``"clip:<hub id or path>"``: a pretrained CLIP vision tower with its projection
   (``CLIPVisionModelWithProjection``, e.g. ``clip:openai/clip-vit-base-patch16``, the TASK-former backbone),
   CLIP's mean/std.
@@ -77,7 +78,7 @@ def build_vision_tower(spec: str, image_size: int, embed_dim: int, projection: s
     """A :class:`VisionTower` from a spec (see the module docstring); ``kwargs`` go to the backbone
     (``CNN``: ``width``, ``depth``; ``tiny-clip``: ``CLIPVisionConfig`` fields)."""
     if spec == "cnn":
-        net = CNN((3, image_size, image_size), embed_dim, pool="flatten", **kwargs)
+        net = CNN((3, image_size, image_size), embed_dim, **{"pool": "both", **kwargs})
         return VisionTower(net, nn.Identity(), (0.5,) * 3, (0.5,) * 3)
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 

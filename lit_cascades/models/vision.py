@@ -41,15 +41,16 @@ class CNN(nn.Module):
         num_classes: number of output logits.
         width: channels of the first block.
         depth: number of conv blocks.
-        pool: ``"avg"`` (global average pooling, translation invariant) or ``"flatten"`` (the final feature map
-            flattened, which keeps *where* things are: useful for sketch/layout retrieval).
+        pool: ``"avg"`` (global average pooling, translation invariant), ``"flatten"`` (the final feature map
+            flattened, which keeps *where* things are: useful for sketch/layout retrieval) or ``"both"`` (the two
+            concatenated: what is there, wherever it is, and where it is).
     """
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 32, depth: int = 3,
                  pool: str = "avg") -> None:
         super().__init__()
-        if pool not in ("avg", "flatten"):
-            raise ValueError(f"`pool` must be 'avg' or 'flatten'; got {pool!r}")
+        if pool not in ("avg", "flatten", "both"):
+            raise ValueError(f"`pool` must be 'avg', 'flatten' or 'both'; got {pool!r}")
         c, h, w = in_shape
         layers: list[nn.Module] = []
         for i in range(depth):
@@ -61,12 +62,16 @@ class CNN(nn.Module):
             c = out
         self.features = nn.Sequential(*layers)
         self.pool = pool
-        self.head = nn.Linear(c if pool == "avg" else c * h * w, num_classes)
+        self.head = nn.Linear({"avg": c, "flatten": c * h * w, "both": c + c * h * w}[pool], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, num_classes]``."""
         f = self.features(x)
-        return self.head(f.mean(dim=(2, 3)) if self.pool == "avg" else f.flatten(1))
+        if self.pool == "avg":
+            return self.head(f.mean(dim=(2, 3)))
+        if self.pool == "flatten":
+            return self.head(f.flatten(1))
+        return self.head(torch.cat([f.mean(dim=(2, 3)), f.flatten(1)], dim=1))
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
