@@ -98,7 +98,7 @@ def load_glyphs(sources: tuple[str, ...] | list[str], split: str, fashion_root: 
             tr_x, tr_y, te_x, te_y = _fashion(fashion_root or FASHION_MNIST_DEBIAN_DIR)
             half = len(te_y) // 2
             x, ys = {"train": (tr_x, tr_y), "val": (te_x[:half], te_y[:half]), "test": (te_x[half:], te_y[half:])}[split]
-            images = torch.from_numpy(np.asarray(x[:max_per_source] if max_per_source else x)).float() / 255.0
+            images = torch.from_numpy(np.array(x[:max_per_source] if max_per_source else x)).float() / 255.0
             ys = ys[: len(images)]
             class_names = FASHION_NAMES
         else:

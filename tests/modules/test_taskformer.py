@@ -168,7 +168,7 @@ def test_gallery_smaller_than_k_is_an_error(scenes):
 def test_short_fit_learns_to_retrieve(scenes):
     pl.seed_everything(0)
     m = tiny(num_classes=scenes.num_classes, caption_vocab=scenes.vocab.words, lr=3e-3)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=8, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=15, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     before = trainer.validate(m, scenes, verbose=False)[0]
     trainer.fit(m, scenes)
