@@ -85,7 +85,8 @@ class TaskFormer(pl.LightningModule):
             (:func:`~lit_cascades.functional.asymmetric.asymmetric_loss`; ``"mean"`` over the batch as in
             Tmq244, or ``"sum"`` as the official ASL module, which makes ``L_c`` grow with the batch size).
         init_temperature / max_logit_scale: CLIP temperature init (0.07) and the clamp of ``exp(logit_scale)``.
-        lr / weight_decay / warmup_steps / betas / eps: AdamW (no decay on biases, norms and the temperature),
+        lr / text_lr / weight_decay / warmup_steps / betas / eps: AdamW (no decay on biases, norms and the
+            temperature; ``text_lr`` for the text tower, e.g. lower for a pretrained one; ``None``: ``lr``),
             linear warm-up then cosine decay.
         recall_ks: Recall@k cut-offs; eval_chunk_size: gallery rows scored at once.
         sketch_background: ``"black"`` feeds sketches as white strokes on black, ``"white"`` as black strokes on
@@ -124,6 +125,7 @@ class TaskFormer(pl.LightningModule):
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         lr: float = 1e-3,
+        text_lr: float | None = None,
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
         betas: Sequence[float] = (0.9, 0.98),
@@ -416,13 +418,16 @@ class TaskFormer(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        decay, no_decay = [], []
+        text_ids = {id(p) for p in self.text_tower.parameters()} if self.text_tower is not None else set()
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
+            if p.requires_grad:
+                no_decay = p.ndim < 2 or "logit_scale" in name
+                groups.setdefault((id(p) in text_ids, no_decay), []).append(p)
+        text_lr = hp.text_lr if hp.text_lr is not None else hp.lr
+        opt = torch.optim.AdamW([{"params": ps, "lr": text_lr if is_text else hp.lr,
+                                  "weight_decay": 0.0 if no_decay else hp.weight_decay}
+                                 for (is_text, no_decay), ps in groups.items()], lr=hp.lr, betas=tuple(hp.betas),
                                 eps=hp.eps)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warm = min(hp.warmup_steps, total // 2)

@@ -175,3 +175,20 @@ def test_short_fit_learns_to_retrieve(scenes):
     after = trainer.validate(m, scenes, verbose=False)[0]
     key = "val/retrieval/text+sketch/recall@5"
     assert after[key] > max(before[key] + 0.2, 2 * 5 / 36), (before[key], after[key])  # chance: 5/36
+
+
+def test_optimizer_groups_text_lr_and_no_decay():
+    from types import SimpleNamespace
+
+    m = tiny(lr=1e-3, text_lr=1e-5, weight_decay=0.1)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = m.configure_optimizers()["optimizer"]
+    text = {id(p) for p in m.text_tower.parameters()}
+    seen = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            seen += 1
+            assert g["initial_lr"] == (1e-5 if id(p) in text else 1e-3)  # before the warm-up factor
+            assert g["weight_decay"] == (0.0 if p.ndim < 2 else 0.1)
+    assert seen == len(list(m.parameters()))
+    assert any(p is m.logit_scale for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"])
