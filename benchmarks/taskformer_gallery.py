@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--chunk-size", type=int, default=16384)
+    ap.add_argument("--chunk-size", type=int, default=1024)  # TaskFormer's eval_chunk_size
     ap.add_argument("--encode", type=int, default=8192)
     ap.add_argument("--eval-batch", type=int, default=512)
     ap.add_argument("--rank-only", choices=("chunked", "full_matrix"), default=None, help=argparse.SUPPRESS)

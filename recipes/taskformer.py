@@ -1,6 +1,6 @@
 """TASK-former: image retrieval from text plus sketch (Sangkloy et al., ECCV 2022).
 
-    python -m recipes.taskformer                        # constructed scenes, offline, minutes on 2 CPU cores
+    python -m recipes.taskformer                        # constructed scenes, offline, 4-7 min on 2 CPU cores
     python -m recipes.taskformer query=text             # text-only baseline, same budget (query=sketch likewise)
     python -m recipes.taskformer model.w_caption=0      # remove an auxiliary loss (model.w_classification=0)
     python -m recipes.taskformer data=coco data.root=/path/to/coco       # COCO with the default small towers

@@ -131,7 +131,7 @@ class TaskFormer(pl.LightningModule):
         betas: Sequence[float] = (0.9, 0.98),
         eps: float = 1e-6,
         recall_ks: Sequence[int] = (1, 5, 10),
-        eval_chunk_size: int = 16384,
+        eval_chunk_size: int = 1024,
         sketch_background: str = "black",
     ) -> None:
         super().__init__()
