@@ -5,9 +5,10 @@
   evaluation batches; images/s and the implied time for the 100k gallery;
 * ranking: ``--queries`` queries of each type against ``--gallery`` embeddings (``D = --dim``; random unit
   vectors, the cost does not depend on their values), top-``k``: :func:`~lit_cascades.functional.retrieval.
-  chunked_topk` vs ``torch.topk`` on the full ``[Q, N]`` score matrix. Each method runs in a fresh process
-  (freed memory stays in a process, so one method would reuse the other's); time and peak extra memory (Linux
-  ``VmHWM`` after the embeddings are built), and whether both return the same lists.
+  chunked_topk` vs ``torch.topk`` on the full ``[Q, N]`` score matrix. Each method runs once in a fresh process
+  (freed memory stays in a process, so one method would reuse the other's, and a warm-up call would let the
+  chunked search reuse its own freed chunks); time and peak extra memory (Linux ``VmHWM`` reset after the
+  embeddings are built), and whether both return the same lists.
 
     python -m benchmarks.taskformer_gallery [--gallery 100000 --queries 1000 --dim 64 --encode 8192]
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._common import write_results
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.functional.retrieval import chunked_topk
 from lit_cascades.modules.taskformer import TaskFormer
@@ -116,10 +118,7 @@ def main() -> None:
                                            if rank["full_matrix"]["peak_extra_mib"] else None),
         "identical_top_k_fraction": same,
     }
-    out = Path(__file__).parent / "results" / "taskformer_gallery.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_results("taskformer_gallery", result)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from benchmarks._common import RESULTS, write_results
+from lit_cascades.runner import summarize_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name: recipe overrides
@@ -58,28 +60,21 @@ def main() -> None:
     jobs = [(name, seed) for name in args.configs for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda j: _run(*j, args.extra, out_root), jobs))
-    table: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for (name, _seed), m in zip(jobs, results):
-        for qt, vals in m["test"].items():
-            for k, v in vals.items():
-                table.setdefault(name, {}).setdefault(qt, {}).setdefault(k, []).append(v)
     ks = ("recall@1", "recall@5", "recall@10")
+    rows = [{"model": name, "query": qt, **{k: 100 * vals[k] for k in ks}}
+            for (name, _seed), m in zip(jobs, results) for qt, vals in m["test"].items()]
     lines = ["| model | query | R@1 | R@5 | R@10 |", "|---|---|---:|---:|---:|"]
-    for name, per_q in table.items():
+    table = {}
+    for name in args.configs:
+        per_query = summarize_runs([r for r in rows if r["model"] == name], "query", ks)
+        table[name] = per_query
         for qt in ("text+sketch", "text", "sketch"):
-            if qt in per_q:
-                cells = []
-                for k in ks:
-                    v = [100 * x for x in per_q[qt][k]]
-                    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                    cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}")
-                lines.append(f"| {name} | {qt} | {' | '.join(cells)} |")
+            if qt in per_query:
+                cells = " | ".join(f"{mean:.1f} ± {sd:.1f}" for mean, sd in (per_query[qt][k] for k in ks))
+                lines.append(f"| {name} | {qt} | {cells} |")
     md = "\n".join(lines)
-    res_dir = ROOT / "benchmarks" / "results"
-    res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / "taskformer_results.json").write_text(json.dumps({"seeds": args.seeds, "extra": args.extra,
-                                                                  "table": table}, indent=2))
-    (res_dir / "taskformer_results.md").write_text(md + "\n")
+    write_results("taskformer_results", {"seeds": args.seeds, "extra": args.extra, "table": table})
+    (RESULTS / "taskformer_results.md").write_text(md + "\n")
     print(f"seeds {args.seeds}, mean ± std over seeds, test gallery of {results[0]['data']['n_test']} images\n")
     print(md)
 

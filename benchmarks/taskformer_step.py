@@ -13,13 +13,12 @@ Writes benchmarks/results/taskformer_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks._common import write_results
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.modules.taskformer import TaskFormer
 
@@ -70,10 +69,7 @@ def main() -> None:
         "target_ratio": 1.3,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()},
     }
-    out = Path(__file__).parent / "results" / "taskformer_step.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_results("taskformer_step", result)
     print(f"full TASK-former step / contrastive-only step = {full / base:.3f} (target <= 1.3)")
 
 

@@ -9,18 +9,36 @@ from lit_cascades.data.image import (
     load_idx_dataset,
     read_idx,
 )
+from lit_cascades.data.multilabel import (
+    DigitsRankingDataModule,
+    MultiLabelDataModule,
+    RankingData,
+    SyntheticRankingDataModule,
+    TabularRankingDataModule,
+    load_digits_ranking,
+    load_table,
+    make_synthetic_ranking,
+)
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.data.text_sketch import TextSketchImageDataModule, WordVocab
 
 __all__ = [
     "SOURCES",
     "CocoCaptionsDataModule",
+    "DigitsRankingDataModule",
     "EpochSeededSampler",
     "ImageClassificationDataModule",
+    "MultiLabelDataModule",
+    "RankingData",
     "SceneRetrievalDataModule",
+    "SyntheticRankingDataModule",
+    "TabularRankingDataModule",
     "TextSketchImageDataModule",
     "WordVocab",
     "load_cifar",
+    "load_digits_ranking",
     "load_idx_dataset",
+    "load_table",
+    "make_synthetic_ranking",
     "read_idx",
 ]
