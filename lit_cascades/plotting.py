@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from torch import Tensor
 
     from lit_cascades.functional.deferral import DeferralReport
 
@@ -100,3 +103,60 @@ def plot_sweep(
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_retrieval_examples(
+    gallery: Tensor,
+    ranked: Tensor,
+    targets: Tensor | None = None,
+    captions: Sequence[str] | None = None,
+    sketches: Tensor | None = None,
+    row_titles: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Image-retrieval examples: one row per query with its sketch and caption, then its top-``k`` images.
+
+    Args:
+        gallery: ``[N, 3, H, W]`` gallery images in ``[0, 1]``.
+        ranked: ``[Q, k]`` gallery rows retrieved for each query, best first.
+        targets: optional ``[Q]`` gallery row of each query's relevant image (framed green when retrieved).
+        captions: optional ``Q`` query captions; sketches: optional ``[Q, 1, H, W]`` query sketch ink.
+        row_titles: optional ``Q`` labels shown left of each row (e.g. the query type).
+        title: figure title.
+    """
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    q, k = ranked.shape
+    cols = k + 1
+    fig, axes = plt.subplots(q, cols, figsize=(1.6 * cols, 1.9 * q), squeeze=False)
+    for i in range(q):
+        ax = axes[i, 0]
+        if sketches is not None:
+            ax.imshow(1.0 - sketches[i, 0].cpu().float().numpy(), cmap="gray", vmin=0, vmax=1)
+        else:  # a text-only query: blank paper
+            ax.imshow(np.ones((gallery.shape[2], gallery.shape[3], 3)))
+        label = "\n".join(textwrap.wrap(captions[i], 24)) if captions is not None else ""
+        ax.set_title(label, fontsize=6)
+        if row_titles is not None:
+            ax.set_ylabel(row_titles[i], fontsize=7)
+        for j in range(k):
+            ax = axes[i, j + 1]
+            row = int(ranked[i, j])
+            ax.imshow(gallery[row].permute(1, 2, 0).cpu().float().clamp(0, 1).numpy())
+            hit = targets is not None and row == int(targets[i])
+            for side in ax.spines.values():
+                side.set_color("tab:green" if hit else "lightgray")
+                side.set_linewidth(3 if hit else 1)
+            ax.set_title(f"#{j + 1}", fontsize=6, color="tab:green" if hit else "black")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+

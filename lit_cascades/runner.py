@@ -6,7 +6,9 @@ A recipe is a function ``run(cfg, r: Run) -> dict`` plus ``main("<name>", run)``
 1. loads ``configs/_base.yaml`` (keys every recipe has), ``configs/<name>/default.yaml`` and the chosen
    preset (which lists only what it changes), then the command-line ``key=value`` overrides. Unknown keys
    are rejected with the valid ones listed; ``+key=value`` adds a new key on purpose. A value whose type
-   differs from the default's (``model.alpha=abc`` for a float) is rejected too;
+   differs from the default's (``model.alpha=abc`` for a float) is rejected too. Config groups: a section
+   ``<group>`` with a folder ``configs/<name>/<group>/`` is chosen by name (``data=coco`` on the command line,
+   ``data: coco`` in a config file), which replaces the whole section by ``<group>/coco.yaml``;
 2. creates the run directory (``output_dir``, default ``runs/<name>/<preset>-<time>``), seeds everything,
    and starts the loggers (CSV always; an offline-by-default W&B run when ``logger.wandb=true``);
 3. calls the recipe, then writes ``config.yaml`` and ``metrics.json`` atomically. A recipe that raises leaves
@@ -30,7 +32,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 FINAL_CKPT = "final.ckpt"
@@ -98,6 +100,33 @@ def _merge_strict(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig
         ) from None
 
 
+def _group_options(config_dir: Path, name: str, group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir / name / group).glob("*.yaml"))
+
+
+def _is_group(config_dir: Path, name: str, key: str) -> bool:
+    return "." not in key and (config_dir / name / key).is_dir()
+
+
+def _select_group(cfg: DictConfig, config_dir: Path, name: str, group: str, option: Any) -> DictConfig:
+    """Replace section ``group`` of ``cfg`` by ``configs/<name>/<group>/<option>.yaml``."""
+    options = _group_options(config_dir, name, group)
+    if not isinstance(option, str) or option not in options:
+        raise ConfigError(f"unknown option {option!r} for config group '{group}'; available: {', '.join(options)}")
+    with open_dict(cfg):
+        cfg[group] = OmegaConf.load(config_dir / name / group / f"{option}.yaml")
+    return cfg
+
+
+def _merge_layer(cfg: DictConfig, layer: DictConfig, config_dir: Path, name: str, source: str,
+                 strict: bool = True) -> DictConfig:
+    """Merge a config file: its group selections (``group: option``) first, then the rest of its keys."""
+    for key in [k for k in layer.keys() if _is_group(config_dir, name, str(k)) and isinstance(layer[k], str)]:
+        cfg = _select_group(cfg, config_dir, name, str(key), layer[key])
+        del layer[key]
+    return _merge_strict(cfg, layer, source) if strict else OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+
+
 def load_config(name: str, argv: Sequence[str], config_dir: str | Path) -> tuple[DictConfig, str]:
     """Compose the configuration of recipe ``name`` from its files and ``argv`` (``key=value`` items).
 
@@ -108,7 +137,7 @@ def load_config(name: str, argv: Sequence[str], config_dir: str | Path) -> tuple
     presets = available_presets(config_dir, name)
     if "default" not in presets:
         raise ConfigError(f"recipe '{name}' has no configs/{name}/default.yaml in {config_dir}")
-    preset, items, additions = "default", [], []
+    preset, items, additions, groups = "default", [], [], []
     for item in argv:
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r} (try --help)")
@@ -117,16 +146,22 @@ def load_config(name: str, argv: Sequence[str], config_dir: str | Path) -> tuple
             preset = value
         elif key.startswith("+"):
             additions.append((key[1:], value))
+        elif _is_group(config_dir, name, key):
+            groups.append((key, value))
         else:
             items.append(item)
     if preset not in presets:
         raise ConfigError(f"unknown preset {preset!r} for recipe '{name}'; available presets: {', '.join(presets)}")
     base_file = config_dir / "_base.yaml"
     cfg = OmegaConf.load(base_file) if base_file.exists() else OmegaConf.create()
-    cfg = OmegaConf.merge(cfg, OmegaConf.load(config_dir / name / "default.yaml"))
+    cfg = _merge_layer(cfg, OmegaConf.load(config_dir / name / "default.yaml"), config_dir, name, "default.yaml",
+                       strict=False)
     OmegaConf.set_struct(cfg, True)
     if preset != "default":
-        cfg = _merge_strict(cfg, OmegaConf.load(config_dir / name / f"{preset}.yaml"), f"preset '{preset}'")
+        cfg = _merge_layer(cfg, OmegaConf.load(config_dir / name / f"{preset}.yaml"), config_dir, name,
+                           f"preset '{preset}'")
+    for key, value in groups:
+        cfg = _select_group(cfg, config_dir, name, key, value)
     if items:
         cfg = _merge_strict(cfg, OmegaConf.from_dotlist(items), "the command line")
     for key, value in additions:
@@ -367,12 +402,12 @@ def _default_config_dir(run_fn: Callable[..., Any]) -> Path:
 
 
 def _usage(name: str, config_dir: Path) -> str:
-    base = config_dir / "_base.yaml"
-    cfg = OmegaConf.load(base) if base.exists() else OmegaConf.create()
-    cfg = OmegaConf.merge(cfg, OmegaConf.load(config_dir / name / "default.yaml"))
+    cfg, _ = load_config(name, [], config_dir)
+    groups = sorted(p.name for p in (config_dir / name).iterdir() if p.is_dir())
+    group_lines = "".join(f"{g}={'|'.join(_group_options(config_dir, name, g))}  (config group)\n" for g in groups)
     return (
         f"usage: python -m recipes.{name} [preset=<preset>] [key=value ...] [+new.key=value ...]\n\n"
-        f"presets: {', '.join(available_presets(config_dir, name))}\n\n"
+        f"presets: {', '.join(available_presets(config_dir, name))}\n{group_lines}\n"
         f"default configuration (configs/_base.yaml + configs/{name}/default.yaml):\n\n{OmegaConf.to_yaml(cfg)}"
     )
 

@@ -1,5 +1,6 @@
 """LightningDataModules: embedded offline sources plus local-file and hub sources for real runs."""
 
+from lit_cascades.data.coco import CocoCaptionsDataModule
 from lit_cascades.data.image import (
     SOURCES,
     EpochSeededSampler,
@@ -18,16 +19,22 @@ from lit_cascades.data.multilabel import (
     load_table,
     make_synthetic_ranking,
 )
+from lit_cascades.data.scenes import SceneRetrievalDataModule
+from lit_cascades.data.text_sketch import TextSketchImageDataModule, WordVocab
 
 __all__ = [
     "SOURCES",
+    "CocoCaptionsDataModule",
     "DigitsRankingDataModule",
     "EpochSeededSampler",
     "ImageClassificationDataModule",
     "MultiLabelDataModule",
     "RankingData",
+    "SceneRetrievalDataModule",
     "SyntheticRankingDataModule",
     "TabularRankingDataModule",
+    "TextSketchImageDataModule",
+    "WordVocab",
     "load_cifar",
     "load_digits_ranking",
     "load_idx_dataset",

@@ -1,5 +1,6 @@
 """Pure-torch functional core of lit_cascades (never imports Lightning)."""
 
+from lit_cascades.functional.asymmetric import asymmetric_loss
 from lit_cascades.functional.auroc import binary_auroc, level_pair_auroc, multipartite_auroc
 from lit_cascades.functional.confidence import CONFIDENCE_KINDS, confidence_from_logits
 from lit_cascades.functional.contrastive import ContrastiveOutput, gather_with_grad, info_nce
@@ -17,6 +18,7 @@ from lit_cascades.functional.deferral import (
     quality_at_rate,
     random_deferral_curve,
 )
+from lit_cascades.functional.fusion import late_fusion
 from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
 from lit_cascades.functional.ranking import (
     RankingLossOutput,
@@ -50,6 +52,7 @@ __all__ = [
     "RankingLossOutput",
     "aggregate_labels",
     "area_under_deferral_curve",
+    "asymmetric_loss",
     "bayes_optimal_label_aggregation",
     "bayes_optimal_loss_aggregation",
     "binary_auroc",
@@ -70,6 +73,7 @@ __all__ = [
     "info_nce",
     "kl_to_uniform",
     "label_aggregation_loss",
+    "late_fusion",
     "level_pair_auroc",
     "loss_aggregation_loss",
     "multipartite_auroc",

@@ -227,6 +227,25 @@ class Qrels:
         return cls(torch.tensor(qi, dtype=torch.long), torch.tensor(di, dtype=torch.long),
                    torch.tensor(rel, dtype=torch.float), num_queries=len(query_ids))
 
+    @classmethod
+    def from_targets(cls, targets: Tensor, num_docs: int | None = None) -> Qrels:
+        """One relevant document per query (e.g. text/sketch → image galleries): query ``i`` ↔ ``targets[i]``.
+
+        Then ``recall@k`` is the hit rate of the target within the top ``k`` (the usual image-retrieval R@K).
+
+        Args:
+            targets: ``[Q]`` corpus row of each query's single relevant document.
+            num_docs: corpus size, to check the targets against (optional).
+        """
+        if targets.ndim != 1:
+            raise ValueError(f"`targets` must be [Q]; got shape {tuple(targets.shape)}")
+        targets = targets.long().cpu()
+        if num_docs is not None and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_docs):
+            raise ValueError(f"`targets` must be corpus rows in [0, {num_docs}); got range "
+                             f"[{int(targets.min())}, {int(targets.max())}]")
+        q = targets.numel()
+        return cls(torch.arange(q), targets, torch.ones(q), num_queries=q)
+
     def gains(self, ranked_ids: Tensor, query_index: Tensor | None = None) -> Tensor:
         """Gains ``[Q, K]`` of the ranked documents ``ranked_ids [Q, K]`` of queries ``query_index [Q]``.
 

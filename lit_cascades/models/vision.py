@@ -33,33 +33,45 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """``depth`` blocks of (3×3 conv, BatchNorm, ReLU, 2×2 max-pool while the map is ≥ 4 px), global average
-    pooling and a linear head. Width doubles every block.
+    """``depth`` blocks of (3×3 conv, BatchNorm, ReLU, 2×2 max-pool while the map is ≥ 4 px), pooling and a
+    linear head. Width doubles every block.
 
     Args:
         in_shape: ``(C, H, W)`` of the inputs.
         num_classes: number of output logits.
         width: channels of the first block.
         depth: number of conv blocks.
+        pool: ``"avg"`` (global average pooling, translation invariant), ``"flatten"`` (the final feature map
+            flattened, which keeps *where* things are: useful for sketch/layout retrieval) or ``"both"`` (the two
+            concatenated: what is there, wherever it is, and where it is).
     """
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 32, depth: int = 3) -> None:
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 32, depth: int = 3,
+                 pool: str = "avg") -> None:
         super().__init__()
-        c, h, _ = in_shape
+        if pool not in ("avg", "flatten", "both"):
+            raise ValueError(f"`pool` must be 'avg', 'flatten' or 'both'; got {pool!r}")
+        c, h, w = in_shape
         layers: list[nn.Module] = []
         for i in range(depth):
             out = width * 2**i
             layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
             if h >= 4:
                 layers.append(nn.MaxPool2d(2))
-                h //= 2
+                h, w = h // 2, w // 2
             c = out
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c, num_classes)
+        self.pool = pool
+        self.head = nn.Linear({"avg": c, "flatten": c * h * w, "both": c + c * h * w}[pool], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, num_classes]``."""
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        f = self.features(x)
+        if self.pool == "avg":
+            return self.head(f.mean(dim=(2, 3)))
+        if self.pool == "flatten":
+            return self.head(f.flatten(1))
+        return self.head(torch.cat([f.mean(dim=(2, 3)), f.flatten(1)], dim=1))
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
