@@ -64,6 +64,9 @@ def _validate(logprobs: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Te
             f"{empty.numel()} row(s) of `mask` have no valid token (all padding), e.g. rows {rows}; "
             "every sequence needs at least one token to be scored"
         )
+    # fast path: the masked sum is finite iff every valid value is (NaN/inf propagate)
+    if bool(torch.isfinite(torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum())):
+        return logprobs, mask, lengths
     bad = mask & ~torch.isfinite(logprobs)
     if bool(bad.any()):
         rows = torch.nonzero(bad.any(-1)).squeeze(-1)[:5].tolist()
@@ -156,3 +159,27 @@ def quantile_features(
     logprobs, mask, lengths = _validate(logprobs, mask)
     q = _as_levels(alphas, logprobs.device)
     return _masked_quantiles(logprobs, mask, lengths, q)
+
+
+def sequence_scores(
+    logprobs: Tensor, mask: Tensor | None = None, alphas: Sequence[float] | Tensor = DEFAULT_QUANTILES
+) -> dict[str, Tensor]:
+    """Chow-Sum, Chow-Average and Chow-Quantile at every level of ``alphas`` from one validation and one sort.
+
+    Args:
+        logprobs: ``[B, T]`` per-token log-probabilities.
+        mask: ``[B, T]`` bool/0-1 validity mask; ``None`` = all valid.
+        alphas: ``K`` quantile levels.
+
+    Returns:
+        ``{"chow_sum": [B], "chow_average": [B], "quantiles": [B, K], "lengths": [B]}``.
+    """
+    logprobs, mask, lengths = _validate(logprobs, mask)
+    total = torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum(-1)
+    q = _as_levels(alphas, logprobs.device)
+    return {
+        "chow_sum": total,
+        "chow_average": total / lengths.to(logprobs.dtype),
+        "quantiles": _masked_quantiles(logprobs, mask, lengths, q),
+        "lengths": lengths,
+    }

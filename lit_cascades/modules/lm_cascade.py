@@ -28,13 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lit_cascades.data.lm import newline_token_ids
-from lit_cascades.functional.sequence_scores import (
-    DEFAULT_QUANTILES,
-    chow_average,
-    chow_quantile,
-    chow_sum,
-    quantile_features,
-)
+from lit_cascades.functional.sequence_scores import DEFAULT_QUANTILES, quantile_features, sequence_scores
 from lit_cascades.functional.text import QUALITY_FUNCTIONS, text_quality
 from lit_cascades.models.generation import greedy_generate, output_hidden_states
 from lit_cascades.models.lm_pair import check_same_vocab
@@ -222,10 +216,11 @@ class LMCascade(L.LightningModule):
         Chow-Sum, Chow-Average and Chow-Quantile(α) on the small model's per-token log-probs, and each
         registered post-hoc rule. Override to add rules (call ``super()`` to keep these).
         """
-        lp, mask = records["small_logprobs"], records["small_mask"]
-        scores = {"chow_sum": chow_sum(lp, mask), "chow_average": chow_average(lp, mask)}
-        for alpha in self.hparams.chow_alphas:
-            scores[f"chow_quantile_{alpha:g}"] = chow_quantile(lp, mask, alpha)
+        alphas = list(self.hparams.chow_alphas)
+        seq = sequence_scores(records["small_logprobs"], records["small_mask"], alphas)
+        scores = {"chow_sum": seq["chow_sum"], "chow_average": seq["chow_average"]}
+        for k, alpha in enumerate(alphas):
+            scores[f"chow_quantile_{alpha:g}"] = seq["quantiles"][:, k]
         for name, rule in self.post_hoc.items():
             scores[name] = rule.deferral_score(post_hoc_features(records, rule.hparams.features, rule.hparams.alphas))
         return scores

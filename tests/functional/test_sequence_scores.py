@@ -14,6 +14,7 @@ from lit_cascades.functional.sequence_scores import (
     chow_sum,
     quantile_features,
     sequence_lengths,
+    sequence_scores,
 )
 
 # three sequences of lengths 3, 1, 4 padded to T = 4 (padding holds garbage, even NaN)
@@ -116,3 +117,11 @@ def test_bad_alpha():
         quantile_features(LOGPROBS, MASK, [0.1, -0.2])
     with pytest.raises(ValueError, match="empty"):
         quantile_features(LOGPROBS, MASK, [])
+
+
+def test_sequence_scores_bundle_equals_the_single_scores():
+    out = sequence_scores(LOGPROBS, MASK, (0.0, 0.5))
+    torch.testing.assert_close(out["chow_sum"], chow_sum(LOGPROBS, MASK))
+    torch.testing.assert_close(out["chow_average"], chow_average(LOGPROBS, MASK))
+    torch.testing.assert_close(out["quantiles"][:, 1], chow_quantile(LOGPROBS, MASK, 0.5))
+    assert out["lengths"].tolist() == [3, 1, 4]
