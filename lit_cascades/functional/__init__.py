@@ -1,5 +1,6 @@
 """Pure-torch functional core of lit_cascades (never imports Lightning)."""
 
+from lit_cascades.functional.confidence import CONFIDENCE_KINDS, confidence_from_logits
 from lit_cascades.functional.deferral import (
     DeferralCurve,
     DeferralReport,
@@ -17,11 +18,13 @@ from lit_cascades.functional.deferral import (
 from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
 
 __all__ = [
+    "CONFIDENCE_KINDS",
     "DeferralCurve",
     "DeferralReport",
     "GatekeeperLossOutput",
     "area_under_deferral_curve",
     "calibrate_threshold",
+    "confidence_from_logits",
     "deferral_auroc",
     "deferral_curve",
     "deferral_metrics",

@@ -210,7 +210,7 @@ def quality_at_rate(curve: DeferralCurve, rate: float) -> Tensor:
     check_range("rate", rate, 0.0, 1.0)
     n = curve.rates.shape[0] - 1
     pos = rate * n
-    lo = min(int(math.floor(pos)), n)
+    lo = min(math.floor(pos), n)
     hi = min(lo + 1, n)
     frac = pos - lo
     return curve.quality[lo] + frac * (curve.quality[hi] - curve.quality[lo])
@@ -233,7 +233,7 @@ def calibrate_threshold(scores: Tensor, target_rate: float) -> float:
     check_nonempty("scores", scores)
     check_finite("scores", scores.float())
     n = scores.shape[0]
-    k = int(math.floor(target_rate * n + 1e-9))
+    k = math.floor(target_rate * n + 1e-9)
     if k >= n:
         return float("inf")
     return float(torch.sort(scores.double()).values[k])
@@ -330,7 +330,7 @@ def distributional_overlap(
         hist = torch.zeros(grid_size, dtype=torch.float64, device=x.device)
         hist.index_add_(0, left, 1.0 - w_right)
         hist.index_add_(0, left + 1, w_right)
-        half = int(math.ceil(4 * h / dx))
+        half = math.ceil(4 * h / dx)
         offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=x.device) * dx
         kernel = torch.exp(-0.5 * (offsets / h) ** 2)
         dens = F.conv1d(hist[None, None], kernel[None, None], padding=half)[0, 0]

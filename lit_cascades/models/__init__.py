@@ -1,1 +1,15 @@
-"""models"""
+"""Backbones: plain-torch vision classifiers and offline-safe Hugging Face loading."""
+
+from lit_cascades.models.hf import hub_offline, load_pretrained, resolve_pretrained
+from lit_cascades.models.vision import ARCHITECTURES, CNN, MLP, build_classifier, count_parameters
+
+__all__ = [
+    "ARCHITECTURES",
+    "CNN",
+    "MLP",
+    "build_classifier",
+    "count_parameters",
+    "hub_offline",
+    "load_pretrained",
+    "resolve_pretrained",
+]

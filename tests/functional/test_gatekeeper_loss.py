@@ -10,10 +10,10 @@ from lit_cascades.functional import gatekeeper_loss, kl_to_uniform
 def _hand_loss(logits, target, alpha, normalize="batch", ignore_index=-100):
     """Gatekeeper loss written out example by example from the paper's formula."""
     n_classes = logits.shape[-1]
-    rows = [(l, t) for l, t in zip(logits.reshape(-1, n_classes), target.reshape(-1)) if int(t) != ignore_index]
+    rows = [(z, t) for z, t in zip(logits.reshape(-1, n_classes), target.reshape(-1)) if int(t) != ignore_index]
     corr_terms, incorr_terms = [], []
-    for l, t in rows:
-        p = torch.softmax(l.double(), -1)
+    for z, t in rows:
+        p = torch.softmax(z.double(), -1)
         if int(torch.argmax(p)) == int(t):
             corr_terms.append(-math.log(float(p[t])))
         else:
