@@ -29,7 +29,7 @@ from lit_cascades.modules.causal_lm import CausalLM, GatekeeperLM
 from lit_cascades.modules.lm_cascade import LMCascade, merge_records
 from lit_cascades.runner import Run, main
 from recipes.lm_cascade import REPORTED, evaluate_rules, generate_records, task_datamodule
-from recipes.lm_pair import load_or_build_pair
+from recipes.lm_pair import load_or_build_pair, set_threads
 
 
 def finetune(r: Run, cfg: DictConfig, stage: str, module: CausalLM, dm) -> dict[str, float]:
@@ -46,6 +46,7 @@ def finetune(r: Run, cfg: DictConfig, stage: str, module: CausalLM, dm) -> dict[
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
+    set_threads(cfg.threads)
     pair = load_or_build_pair(cfg.pair, r)
     dm = task_datamodule(cfg, pair)
     dm.hparams.block_size, dm.hparams.batch_size = cfg.finetune.block_size, cfg.finetune.batch_size

@@ -38,7 +38,7 @@ from lit_cascades.modules.lm_cascade import (
     post_hoc_dataset,
 )
 from lit_cascades.runner import Run, main
-from recipes.lm_pair import corpus_datamodule, load_or_build_pair
+from recipes.lm_pair import corpus_datamodule, load_or_build_pair, set_threads
 
 REPORTED = ("auc_df", "auc_gain", "s_d", "auroc", "quality_at_rate")
 
@@ -112,6 +112,7 @@ def evaluate_rules(r: Run, cfg: DictConfig, cascade: LMCascade, records: dict[st
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
+    set_threads(cfg.threads)
     pair = load_or_build_pair(cfg.pair, r)
     dm = task_datamodule(cfg, pair)
     task = cfg.task

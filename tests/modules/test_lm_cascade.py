@@ -21,7 +21,7 @@ from lit_cascades.modules.lm_cascade import (
     post_hoc_dataset,
     post_hoc_features,
 )
-from tests.lm_helpers import tiny_datamodule
+from tests.lm_helpers import single_thread, tiny_datamodule
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,8 @@ def test_post_hoc_learner_beats_a_constant_on_a_known_signal(tmp_path):
     rule.fit_normalizer(data.records["features"])
     trainer = L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(rule, DataLoader(data, batch_size=100, shuffle=True))
+    with single_thread():
+        trainer.fit(rule, DataLoader(data, batch_size=100, shuffle=True))
     rule.eval()
     with torch.no_grad():
         score = rule.deferral_score(post_hoc_features(test, "quantile"))
