@@ -105,7 +105,11 @@ def merge_records(*records: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RecordsDataset(Dataset):
-    """Per-example view of cascade records (tensor fields only), for ``test_step``/post-hoc training."""
+    """Per-example view of cascade records (tensor fields only), for ``test_step``/post-hoc training.
+
+    Each item also carries ``"id"`` (its position), which :class:`DeferralCurveLogger` uses to drop the
+    duplicates a ``DistributedSampler`` pads in under DDP.
+    """
 
     def __init__(self, records: Mapping[str, Any], keys: Sequence[str] | None = None) -> None:
         self.records = {k: v for k, v in records.items() if isinstance(v, Tensor) and (keys is None or k in keys)}
@@ -120,7 +124,7 @@ class RecordsDataset(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {k: v[i] for k, v in self.records.items()}
+        return {"id": torch.tensor(i), **{k: v[i] for k, v in self.records.items()}}
 
 
 class LMCascade(L.LightningModule):
@@ -228,8 +232,11 @@ class LMCascade(L.LightningModule):
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int = 0) -> dict[str, Any]:
         """Scores of every rule on a batch of records, for :class:`DeferralCurveLogger`."""
         q = self.hparams.quality
-        return {"deferral": {"scores": self.deferral_scores(batch), "small_quality": batch[f"small_{q}"],
-                             "large_quality": batch[f"large_{q}"]}}
+        out = {"scores": self.deferral_scores(batch), "small_quality": batch[f"small_{q}"],
+               "large_quality": batch[f"large_{q}"]}
+        if "id" in batch:
+            out["ids"] = batch["id"]
+        return {"deferral": out}
 
 
 class PostHocDeferral(L.LightningModule):
@@ -321,8 +328,10 @@ class PostHocDeferral(L.LightningModule):
 
     def _eval(self, batch: Mapping[str, Tensor], stage: str) -> dict[str, Any]:
         _, pred = self._step(batch, stage)
-        return {"deferral": {"scores": -pred, "small_quality": batch["small_quality"],
-                             "large_quality": batch["large_quality"]}}
+        out = {"scores": -pred, "small_quality": batch["small_quality"], "large_quality": batch["large_quality"]}
+        if "id" in batch:
+            out["ids"] = batch["id"]
+        return {"deferral": out}
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
         return self._eval(batch, "val")

@@ -173,3 +173,29 @@ def test_post_hoc_bad_config():
     rule = PostHocDeferral(3)
     with pytest.raises(ValueError, match=r"`features` must be \[B, 3\]"):
         rule(torch.zeros(2, 4))
+
+
+def _cascade_test(devices: int, tmp_path) -> dict:
+    from lit_cascades.callbacks import DeferralCurveLogger
+    from lit_cascades.data.lm import train_bpe_tokenizer
+    from lit_cascades.modules.lm_cascade import RecordsDataset
+
+    tok = train_bpe_tokenizer(["def f(x):\n    return x\n" * 10], vocab_size=270)
+    models = [build_causal_lm(gpt2_config(len(tok), n_layer=1, n_embd=8, n_head=2)) for _ in range(2)]
+    cascade = LMCascade(*models, tok)
+    records = synthetic_records(101, 3)  # odd: the DistributedSampler pads one duplicate
+    records["large_exact_match"] = (torch.rand(101, generator=torch.Generator().manual_seed(4)) < 0.7).float()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        logger=False, callbacks=[DeferralCurveLogger(output_dir=tmp_path)],
+                        enable_progress_bar=False, enable_model_summary=False)
+    return trainer.test(cascade, DataLoader(RecordsDataset(records), batch_size=16), verbose=False)[0]
+
+
+@pytest.mark.slow
+def test_cascade_rules_under_ddp_spawn_equal_single_process(tmp_path):
+    single = _cascade_test(1, tmp_path / "one")
+    double = _cascade_test(2, tmp_path / "two")
+    for rule in ("chow_sum", "chow_average", "chow_quantile_0"):
+        for metric in ("auc_df", "s_d", "auroc", "small_quality"):
+            key = f"defer/{rule}/{metric}"
+            assert single[key] == pytest.approx(double[key], abs=1e-6), key
