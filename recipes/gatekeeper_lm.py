@@ -48,8 +48,7 @@ def finetune(r: Run, cfg: DictConfig, stage: str, module: CausalLM, dm) -> dict[
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
     set_threads(cfg.threads)
     pair = load_or_build_pair(cfg.pair, r)
-    dm = task_datamodule(cfg, pair)
-    dm.hparams.block_size, dm.hparams.batch_size = cfg.finetune.block_size, cfg.finetune.batch_size
+    dm = task_datamodule(cfg, pair, block_size=cfg.finetune.block_size, batch_size=cfg.finetune.batch_size)
     dm.setup()
     ft, task = cfg.finetune, cfg.task
 

@@ -43,12 +43,12 @@ from recipes.lm_pair import corpus_datamodule, load_or_build_pair, set_threads
 REPORTED = ("auc_df", "auc_gain", "s_d", "auroc", "quality_at_rate")
 
 
-def task_datamodule(cfg: DictConfig, pair) -> Any:
+def task_datamodule(cfg: DictConfig, pair, **overrides: Any) -> Any:
     """The corpus of the pair (from its ``pair.json`` unless ``cfg.data`` is given) with its tokenizer."""
     data = cfg.data if cfg.data is not None else pair.meta.get("corpus")
     if data is None:
         raise ValueError("this pair has no recorded corpus (a hub pair?): set data.source=stdlib (or another source)")
-    return corpus_datamodule(data, tokenizer=ensure_pad_token(pair.tokenizer))
+    return corpus_datamodule(data, tokenizer=ensure_pad_token(pair.tokenizer), **overrides)
 
 
 def generate_records(r: Run, cascade: LMCascade, dm, split: str, num_examples: int, task: DictConfig,
