@@ -16,7 +16,7 @@ the rest to train (at least one each). A single long file can first be cut into 
 The tokenizer (:func:`train_bpe_tokenizer`) is byte-level BPE trained on the training split only. Its
 pre-tokenizer ends a piece after every ``"\\n"``, so a newline is always its own token and a prompt that ends
 at a line boundary tokenizes exactly as it does inside the training text — which makes next-line completion
-well posed: generation stops at the newline token.
+well posed.
 
 :class:`NextLineDataset` is the generative evaluation task shared by the LM recipes: given the preceding lines
 of a held-out file (left-truncated to ``context_tokens`` tokens), greedily generate the next line; quality is
@@ -276,14 +276,36 @@ def ensure_pad_token(tokenizer) -> Any:
     return tokenizer
 
 
-def newline_token_ids(tokenizer) -> list[int]:
-    """Ids of every token whose decoded text contains ``"\\n"`` (the stop tokens of next-line completion)."""
+def newline_counts(tokenizer, vocab_size: int | None = None, eos_stops: bool = True) -> Tensor:
+    """``[V]`` float: how many ``"\\n"`` each token decodes to (the stop counts of next-line completion).
+
+    With ``eos_stops`` the eos token counts as a full stop (an output never continues past it). ``vocab_size``
+    pads the vector to a model's (possibly larger) output size.
+    """
     size = len(tokenizer)
     texts = tokenizer.batch_decode([[i] for i in range(size)])
-    ids = [i for i, t in enumerate(texts) if "\n" in t]
-    if not ids:
+    counts = torch.zeros(max(size, vocab_size or 0))
+    counts[:size] = torch.tensor([float(t.count("\n")) for t in texts])
+    if not bool((counts > 0).any()):
         raise ValueError("the tokenizer has no token that decodes to a newline; next-line completion needs one")
-    return ids
+    if eos_stops and tokenizer.eos_token_id is not None:
+        counts[tokenizer.eos_token_id] = 1e6
+    return counts
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Ids of every token whose decoded text contains ``"\\n"``."""
+    return [i for i, c in enumerate(newline_counts(tokenizer, eos_stops=False).tolist()) if c > 0]
+
+
+def next_line(generated: str) -> str:
+    """The completed line in a next-line generation: the text between its first and second newline.
+
+    Prompts end before the newline that closes their last line, so a generation reads
+    ``[rest of that line]\\n<the next line>\\n...``; no newline at all means no next line (``""``).
+    """
+    parts = generated.split("\n")
+    return parts[1] if len(parts) > 1 else ""
 
 
 def tokenize_stream(texts: Sequence[str], tokenizer, batch: int = 256) -> Tensor:
@@ -333,9 +355,12 @@ class NextLineDataset(Dataset):
     """Next-line completion on held-out documents (the generative evaluation task of the LM recipes).
 
     Candidate targets are non-blank lines with at least ``min_context_lines`` lines before them whose
-    tokenization (plus the newline) fits in ``max_target_tokens``; ``num_examples`` of them are drawn with
-    ``seed`` (without replacement, documents in name order). The prompt is the preceding lines, each ending
-    in ``"\\n"``, tokenized and left-truncated to ``context_tokens`` tokens.
+    tokenization as ``"\\n" + line + "\\n"`` (what the model must generate) fits in ``max_target_tokens``;
+    ``num_examples`` of them are drawn with ``seed`` (without replacement, documents in name order). The
+    prompt is the preceding lines joined by newlines **without** the final newline (tokenizers that merge a
+    newline with the next line's indentation then see the text as it was tokenized in training), tokenized
+    and left-truncated to ``context_tokens`` tokens. Generation stops at the second newline and the
+    completed line is :func:`next_line` of the output.
 
     Items are :class:`NextLineExample`; batch them with :func:`collate_prompts`.
     """
@@ -385,9 +410,9 @@ class NextLineDataset(Dataset):
                 while first > 0 and i - first < context_tokens and chars < 6 * context_tokens:
                     first -= 1
                     chars += len(lines[first]) + 1
-                prompts.append("".join(line + "\n" for line in lines[first:i]))
+                prompts.append("\n".join(lines[first:i]))
                 targets.append(lines[i])
-            target_ids = tokenizer([t + "\n" for t in targets], add_special_tokens=False)["input_ids"]
+            target_ids = tokenizer(["\n" + t + "\n" for t in targets], add_special_tokens=False)["input_ids"]
             prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
             for (d, i), t, tid, pid in zip(chunk, targets, target_ids, prompt_ids):
                 if len(tid) <= max_target_tokens and len(pid) > 0:

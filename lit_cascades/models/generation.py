@@ -1,22 +1,28 @@
 """Batched greedy generation with per-token log-probabilities and hidden-state features.
 
-Wraps Hugging Face ``generate`` (greedy, left-padded batches, a set of stop tokens) and returns, per row, the
-generated tokens padded to ``max_new_tokens``, the model's log-probability of each generated token (from the
-raw logits, before any logits processor) and a mask that covers the tokens up to **and including** the first
-stop token (the model's decision to end the output is part of its uncertainty; drop it with
-``include_stop=False``).
+Wraps Hugging Face ``generate`` (greedy, left-padded batches) and returns, per row, the generated tokens padded
+to ``max_new_tokens``, the model's log-probability of each generated token (from the raw logits, before any
+logits processor) and a mask that covers the tokens up to **and including** the stop token (the model's
+decision to end the output is part of its uncertainty; drop it with ``include_stop=False``).
+
+Stopping is counted, so that "the next line" works for every tokenizer: ``stop_counts[v]`` says how many stop
+events token ``v`` carries (e.g. how many newlines it decodes to) and a row stops once its generated tokens
+have carried ``num_stops`` of them. Next-line completion prompts end *before* the last newline (tokenizers
+such as GPT-2's or SmolLM2's merge a newline with the next line's indentation, so a prompt ending in a bare
+newline would not tokenize as the text does) and stop at the second newline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_cascades.models.lm_pair import context_length
+from lit_cascades.models.lm_pair import context_length, model_vocab_size
 
 
 @dataclass
@@ -47,14 +53,42 @@ def check_fits_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -
         )
 
 
+def as_stop_counts(stop: Tensor | Sequence[int], vocab_size: int) -> Tensor:
+    """A ``[V]`` float stop-count vector from itself or from a list of stop token ids (count 1 each)."""
+    if isinstance(stop, Tensor) and stop.is_floating_point():
+        if stop.ndim != 1 or stop.shape[0] < vocab_size:
+            raise ValueError(f"`stop_counts` must have shape [V >= {vocab_size}]; got {tuple(stop.shape)}")
+        return stop
+    ids = torch.as_tensor(list(stop) if not isinstance(stop, Tensor) else stop, dtype=torch.long).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError("`stop_counts` is empty; give at least one stop token id")
+    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+        raise ValueError(f"stop token ids must be in [0, {vocab_size}); got {ids.tolist()}")
+    counts = torch.zeros(vocab_size)
+    counts[ids] = 1.0
+    return counts
+
+
+class StopAfterCount:
+    """HF stopping criterion: a row is done once its generated tokens carry ``num_stops`` stop counts."""
+
+    def __init__(self, stop_counts: Tensor, num_stops: int, prompt_len: int) -> None:
+        self.stop_counts, self.num_stops, self.prompt_len = stop_counts, num_stops, prompt_len
+
+    def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
+        counts = self.stop_counts.to(input_ids.device)[input_ids[:, self.prompt_len:]]
+        return counts.sum(-1) >= self.num_stops
+
+
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     max_new_tokens: int,
-    stop_token_ids: Sequence[int],
+    stop_counts: Tensor | Sequence[int],
     pad_token_id: int,
+    num_stops: int = 1,
     include_stop: bool = True,
 ) -> Generation:
     """Greedy decoding of a left-padded batch with HF ``generate``; see :class:`Generation`.
@@ -64,11 +98,13 @@ def greedy_generate(
         input_ids: ``[B, L]`` left-padded prompts.
         attention_mask: ``[B, L]`` 1 on prompt tokens.
         max_new_tokens: generation budget ``M``.
-        stop_token_ids: ids that end an output (e.g. every token holding a newline).
+        stop_counts: ``[V]`` stop events per token (e.g. :func:`~lit_cascades.data.lm.newline_counts`), or a
+            list of stop token ids (one event each).
         pad_token_id: id written after a row has stopped.
+        num_stops: stop events that end an output (2 = the second newline for next-line completion).
         include_stop: whether the stop token counts as part of the output in ``mask``.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     if input_ids.ndim != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
@@ -77,22 +113,25 @@ def greedy_generate(
         )
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1; got {max_new_tokens}")
+    if num_stops < 1:
+        raise ValueError(f"`num_stops` must be >= 1; got {num_stops}")
     if bool((attention_mask.sum(-1) == 0).any()):
         raise ValueError("every prompt needs at least one token; got an empty (all-padding) prompt")
     check_fits_context(model, input_ids.shape[1], max_new_tokens)
-    stops = list(stop_token_ids)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops,
-        pad_token_id=pad_token_id, return_dict_in_generate=True, output_logits=True,
-    )
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    counts = as_stop_counts(stop_counts, model_vocab_size(model)).to(input_ids.device)
     prompt_len = input_ids.shape[1]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_token_id,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         stopping_criteria=StoppingCriteriaList([StopAfterCount(counts, num_stops, prompt_len)]))
     new = out.sequences[:, prompt_len:]
     logits = torch.stack(out.logits, dim=1).float()  # [B, M', V]
     logprobs = F.log_softmax(logits, dim=-1).gather(-1, new[..., None]).squeeze(-1)
-    is_stop = torch.isin(new, torch.tensor(stops, device=new.device))
-    before = is_stop.long().cumsum(-1) - is_stop.long()  # number of stop tokens strictly before t
-    mask = before == 0
+    cum = counts[new].cumsum(-1)
+    is_stop = (cum >= num_stops) & (cum - counts[new] < num_stops)  # the token that reaches num_stops
+    mask = (cum - counts[new]) < num_stops  # nothing stopped the row before this token
     if not include_stop:
         mask = mask & ~is_stop
     stopped = is_stop.any(-1)
@@ -101,6 +140,8 @@ def greedy_generate(
         new = F.pad(new, (0, pad), value=pad_token_id)
         logprobs = F.pad(logprobs, (0, pad))
         mask = F.pad(mask, (0, pad), value=False)
+    past_stop = (counts[new].cumsum(-1) - counts[new]) >= num_stops
+    new = new.masked_fill(past_stop, pad_token_id)
     logprobs = logprobs.masked_fill(~mask, 0.0)
     return Generation(new, logprobs, mask, stopped)
 

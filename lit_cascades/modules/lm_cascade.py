@@ -27,20 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from lit_cascades.data.lm import newline_token_ids
+from lit_cascades.data.lm import newline_counts, next_line
 from lit_cascades.functional.sequence_scores import DEFAULT_QUANTILES, quantile_features, sequence_scores
 from lit_cascades.functional.text import QUALITY_FUNCTIONS, text_quality
 from lit_cascades.models.generation import greedy_generate, output_hidden_states
-from lit_cascades.models.lm_pair import check_same_vocab
+from lit_cascades.models.lm_pair import check_same_vocab, model_vocab_size
 
 FEATURE_SETS: tuple[str, ...] = ("quantile", "embed1", "embed1+2")
 LABELS: tuple[str, ...] = ("large_better", "gain")
 ROLES: tuple[str, ...] = ("small", "large")
-
-
-def first_line(text: str) -> str:
-    """The text before the first newline (the completed line)."""
-    return text.split("\n", 1)[0]
 
 
 def golden_deferral_label(small_quality: Tensor, large_quality: Tensor, label: str = "large_better") -> Tensor:
@@ -134,7 +129,9 @@ class LMCascade(L.LightningModule):
         small, large: HF causal LMs (same vocabulary; checked here, before any compute).
         tokenizer: their shared tokenizer (decodes outputs for the quality metric).
         max_new_tokens: generation budget per prompt.
-        stop_token_ids: ids ending an output; default: every token that decodes to text with a newline.
+        stop_counts: ``[V]`` stop events per token; default :func:`~lit_cascades.data.lm.newline_counts`.
+        num_stops: stop events that end an output (2: next-line prompts end before the newline that closes
+            their last line, so the output is ``...\\n<line>\\n``).
         quality: per-example quality used for the deferral curve, ``"exact_match"`` or ``"token_f1"``
             (both are always recorded).
         chow_alphas: the α of the Chow-Quantile rules reported by :meth:`deferral_scores`.
@@ -151,7 +148,8 @@ class LMCascade(L.LightningModule):
         large: nn.Module,
         tokenizer: Any,
         max_new_tokens: int = 32,
-        stop_token_ids: Sequence[int] | None = None,
+        stop_counts: Tensor | None = None,
+        num_stops: int = 2,
         quality: str = "exact_match",
         chow_alphas: Sequence[float] = (0.0, 0.25, 0.5),
         large_layer: int | None = None,
@@ -169,12 +167,12 @@ class LMCascade(L.LightningModule):
         self.small, self.large, self.tokenizer = small.eval(), large.eval(), tokenizer
         if large_layer is None:
             large_layer = int(large.config.num_hidden_layers) // 2
-        self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else newline_token_ids(tokenizer)
+        self.stop_counts = stop_counts if stop_counts is not None else newline_counts(tokenizer, model_vocab_size(small))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer needs a pad or eos token for batched generation")
         self.pad_token_id = int(pad)
-        self.save_hyperparameters(ignore=["small", "large", "tokenizer", "stop_token_ids"])
+        self.save_hyperparameters(ignore=["small", "large", "tokenizer", "stop_counts"])
         self.hparams.large_layer = large_layer
         self.post_hoc = nn.ModuleDict()
 
@@ -186,8 +184,8 @@ class LMCascade(L.LightningModule):
     def _generate_role(self, role: str, batch: Mapping[str, Any]) -> dict[str, Any]:
         model = self.small if role == "small" else self.large
         gen = greedy_generate(model, batch["input_ids"], batch["attention_mask"], self.hparams.max_new_tokens,
-                              self.stop_token_ids, self.pad_token_id, self.hparams.include_stop)
-        texts = [first_line(t) for t in self.tokenizer.batch_decode(
+                              self.stop_counts, self.pad_token_id, self.hparams.num_stops, self.hparams.include_stop)
+        texts = [next_line(t) for t in self.tokenizer.batch_decode(
             [row[m].tolist() for row, m in zip(gen.tokens, gen.mask)], skip_special_tokens=True)]
         rec: dict[str, Any] = {
             f"{role}_tokens": gen.tokens.cpu(), f"{role}_logprobs": gen.logprobs.cpu(),

@@ -14,7 +14,9 @@ from lit_cascades.data.lm import (
     NextLineDataset,
     collate_prompts,
     load_corpus,
+    newline_counts,
     newline_token_ids,
+    next_line,
     split_documents,
     stdlib_files,
     stdlib_root,
@@ -130,6 +132,16 @@ def test_tokenizer_newline_is_its_own_token_and_roundtrips(tokenizer):
     nl = newline_token_ids(tokenizer)
     assert len(nl) == 1 and tokenizer.decode(nl) == "\n"
     assert ids.count(nl[0]) == text.count("\n")
+    counts = newline_counts(tokenizer, vocab_size=400)
+    assert counts.shape == (400,) and counts[nl[0]] == 1 and counts[tokenizer.eos_token_id] >= 1e6
+    assert counts.sum() - counts[tokenizer.eos_token_id] == 1
+
+
+def test_next_line_of_a_generation():
+    assert next_line("\n    return x\n") == "    return x"
+    assert next_line("  # rest of the prompt line\nx = 1\ny = 2") == "x = 1"
+    assert next_line("\n\n") == "" and next_line("no newline at all") == ""
+    assert next_line("\n    unfinished") == "    unfinished"
 
 
 def test_prefix_at_line_boundary_tokenizes_like_the_full_text(tokenizer):
@@ -150,8 +162,10 @@ def test_next_line_dataset_targets_and_prompts(tokenizer):
         assert ex.target == lines[ex.line] and ex.target.strip()
         assert ex.input_ids.numel() <= 40
         prompt = tokenizer.decode(ex.input_ids.tolist())
-        preceding = "".join(line + "\n" for line in lines[: ex.line])
-        assert prompt.endswith("\n") and preceding.endswith(prompt)
+        preceding = "\n".join(lines[: ex.line])  # the prompt stops before the newline closing its last line
+        assert preceding.endswith(prompt)
+        # the model is asked for exactly what follows in the file
+        assert CODE[CODE.index(preceding) + len(preceding):].startswith("\n" + ex.target + "\n")
     again = NextLineDataset(docs, tokenizer, num_examples=12, context_tokens=40, max_target_tokens=30, seed=3)
     assert [(e.doc, e.line) for e in again] == [(e.doc, e.line) for e in ds]
     other = NextLineDataset(docs, tokenizer, num_examples=12, context_tokens=40, max_target_tokens=30, seed=4)
@@ -160,9 +174,9 @@ def test_next_line_dataset_targets_and_prompts(tokenizer):
 
 def test_next_line_target_length_filter(tokenizer):
     docs = [("m.py", CODE)]
-    ds = NextLineDataset(docs, tokenizer, num_examples=100, context_tokens=64, max_target_tokens=4)
+    ds = NextLineDataset(docs, tokenizer, num_examples=100, context_tokens=64, max_target_tokens=6)
     for ex in ds:
-        assert len(tokenizer(ex.target + "\n", add_special_tokens=False)["input_ids"]) <= 4
+        assert len(tokenizer("\n" + ex.target + "\n", add_special_tokens=False)["input_ids"]) <= 6
     with pytest.raises(ValueError, match="no next-line candidates"):
         NextLineDataset([("e.py", "a\n\n\n")], tokenizer, min_context_lines=3)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lit_cascades.data.lm import NextLineDataset, collate_prompts, newline_token_ids
+from lit_cascades.data.lm import NextLineDataset, collate_prompts, newline_counts, newline_token_ids
 from lit_cascades.functional import deferral_metrics
 from lit_cascades.functional.sequence_scores import chow_average, chow_quantile, chow_sum
 from lit_cascades.models.generation import greedy_generate, output_hidden_states
@@ -38,23 +38,23 @@ def prompts(pair):
 
 
 def test_batched_greedy_generation_equals_hf_generate_prompt_by_prompt(pair, prompts):
-    stops = newline_token_ids(pair.tokenizer)
-    gen = greedy_generate(pair.small, prompts["input_ids"], prompts["attention_mask"], 12, stops,
-                          pair.tokenizer.pad_token_id)
+    """Stop at the second newline: the output equals HF greedy ``generate`` on each unpadded prompt, cut where
+    its running newline count reaches 2; log-probs equal a teacher-forced forward."""
+    counts = newline_counts(pair.tokenizer)
+    gen = greedy_generate(pair.small, prompts["input_ids"], prompts["attention_mask"], 12, counts,
+                          pair.tokenizer.pad_token_id, num_stops=2)
     assert gen.tokens.shape == gen.logprobs.shape == gen.mask.shape == (6, 12)
     for i in range(6):
         ids = prompts["input_ids"][i][prompts["attention_mask"][i] == 1][None]
-        ref = pair.small.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stops,
+        ref = pair.small.generate(ids, max_new_tokens=12, do_sample=False,
                                   pad_token_id=pair.tokenizer.pad_token_id)[0, ids.shape[1]:]
+        running = counts[ref].cumsum(0)
+        reached = torch.nonzero(running >= 2)
+        n_expected = int(reached[0]) + 1 if reached.numel() else 12
         n = int(gen.mask[i].sum())
-        # the output runs up to and including the first stop token
+        assert n == n_expected and bool(gen.stopped[i]) == bool(reached.numel())
         assert torch.equal(gen.tokens[i, :n], ref[:n])
-        if bool(gen.stopped[i]):
-            assert int(gen.tokens[i, n - 1]) in stops
-            assert not any(int(t) in stops for t in gen.tokens[i, : n - 1])
-        else:
-            assert n == 12
-        # log-probs equal a teacher-forced forward on the unpadded sequence
+        assert (gen.tokens[i, n:] == pair.tokenizer.pad_token_id).all()
         full = torch.cat([ids[0], gen.tokens[i, :n]])[None]
         with torch.no_grad():
             logp = pair.small(full).logits.log_softmax(-1)[0, ids.shape[1] - 1: -1]
@@ -63,10 +63,29 @@ def test_batched_greedy_generation_equals_hf_generate_prompt_by_prompt(pair, pro
         assert (gen.logprobs[i, n:] == 0).all()
 
 
+def test_stop_token_ids_behave_like_hf_eos(pair, prompts):
+    """A list of stop ids with one stop event is HF's own eos stopping (the oracle)."""
+    stops = newline_token_ids(pair.tokenizer)
+    pad = pair.tokenizer.pad_token_id
+    gen = greedy_generate(pair.large, prompts["input_ids"], prompts["attention_mask"], 10, stops, pad)
+    ref = pair.large.generate(prompts["input_ids"], attention_mask=prompts["attention_mask"], max_new_tokens=10,
+                              do_sample=False, eos_token_id=stops, pad_token_id=pad)[:, prompts["input_ids"].shape[1]:]
+    ref = torch.nn.functional.pad(ref, (0, 10 - ref.shape[1]), value=pad)
+    torch.testing.assert_close(gen.tokens, ref)
+    for i in range(6):
+        n = int(gen.mask[i].sum())
+        assert n == 10 or int(gen.tokens[i, n - 1]) in stops
+    without = greedy_generate(pair.large, prompts["input_ids"], prompts["attention_mask"], 10, stops, pad,
+                              include_stop=False)
+    assert torch.equal(without.mask.sum(-1), gen.mask.sum(-1) - gen.stopped.long())
+
+
 def test_records_hold_qualities_scores_and_embeddings(pair, prompts):
     cascade = LMCascade(pair.small, pair.large, pair.tokenizer, max_new_tokens=12, large_layer=1)
     rec = cascade.predict_step(prompts)
     for role in ("small", "large"):
+        raw = pair.tokenizer.batch_decode([t[m].tolist() for t, m in zip(rec[f"{role}_tokens"], rec[f"{role}_mask"])])
+        assert rec[f"{role}_text"] == [r.split("\n")[1] if "\n" in r else "" for r in raw]
         exact = torch.tensor([float(p.rstrip() == t.rstrip()) for p, t in zip(rec[f"{role}_text"], rec["target"])])
         assert torch.equal(rec[f"{role}_exact_match"], exact)
         assert ((rec[f"{role}_token_f1"] >= 0) & (rec[f"{role}_token_f1"] <= 1)).all()
