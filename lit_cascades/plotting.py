@@ -38,13 +38,14 @@ def plot_deferral_curves(
     if not reports:
         raise ValueError("`reports` is empty; expected at least one named DeferralReport")
     fig, ax = new_axes(ax)
-    first = next(iter(reports.values()))
+    first_name, first = next(iter(reports.items()))
     rates = first.curve.rates.cpu().numpy()
     qs, ql = first.scalars["small_quality"], first.scalars["large_quality"]
-    ax.axhline(qs, color="tab:gray", ls=":", lw=1, label=f"small only ({qs:.3f})")
+    ref = f", {first_name}" if len(reports) > 1 else ""  # small-model references belong to the first score
+    ax.axhline(qs, color="tab:gray", ls=":", lw=1, label=f"small only ({qs:.3f}{ref})")
     ax.axhline(ql, color="black", ls=":", lw=1, label=f"large only ({ql:.3f})")
-    ax.plot(rates, first.random.cpu().numpy(), color="tab:gray", ls="--", lw=1, label="random")
-    ax.plot(rates, first.ideal.cpu().numpy(), color="tab:green", ls="--", lw=1, label="ideal")
+    ax.plot(rates, first.random.cpu().numpy(), color="tab:gray", ls="--", lw=1, label=f"random{ref}")
+    ax.plot(rates, first.ideal.cpu().numpy(), color="tab:green", ls="--", lw=1, label=f"ideal{ref}")
     for name, rep in reports.items():
         label = f"{name} (s_d={rep.scalars['s_d']:.3f})" if len(reports) > 1 else f"realised (s_d={rep.scalars['s_d']:.3f})"
         ax.plot(rep.curve.rates.cpu().numpy(), rep.curve.quality.cpu().numpy(), lw=1.5, label=label)
@@ -57,3 +58,45 @@ def plot_deferral_curves(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig, ax
+
+
+def plot_sweep(
+    summary: dict[str, dict[str, tuple[float, float]]],
+    x_of: dict[str, float],
+    x_label: str,
+    y_keys: tuple[str, ...],
+    swept_label: str = "swept",
+) -> Figure:
+    """One panel per metric: methods in ``x_of`` as a line with ±std error bars against their x value, the
+    other methods as horizontal reference lines (mean) with a ±std band.
+
+    Args:
+        summary: ``{method: {metric: (mean, std)}}`` (see :func:`lit_cascades.runner.summarize_runs`).
+        x_of: ``{method: x}`` for the swept methods.
+        x_label: label of the swept parameter.
+        y_keys: metrics to plot, one panel each.
+        swept_label: legend label of the swept line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(y_keys), figsize=(4.2 * len(y_keys), 3.4), squeeze=False)
+    swept = sorted((x, m) for m, x in x_of.items() if m in summary)
+    for ax, key in zip(axes[0], y_keys):
+        xs = [x for x, _ in swept]
+        means = [summary[m][key][0] for _, m in swept]
+        stds = [summary[m][key][1] for _, m in swept]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=swept_label)
+        for i, (method, stats) in enumerate((m, v) for m, v in summary.items() if m not in x_of):
+            color = f"C{i + 1}"
+            mean, std = stats[key]
+            ax.axhline(mean, color=color, ls="--", lw=1, label=method)
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
+        ax.set_xlabel(x_label)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

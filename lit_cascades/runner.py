@@ -162,6 +162,26 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def summarize_runs(rows: Sequence[dict[str, Any]], group_key: str, value_keys: Sequence[str]
+                   ) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean and sample standard deviation of ``value_keys`` per group (e.g. per method over seeds).
+
+    Returns ``{group: {key: (mean, std)}}`` in first-seen group order; std is 0 for a single run.
+    """
+    import statistics
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row[group_key]), []).append(row)
+    out = {}
+    for group, members in groups.items():
+        out[group] = {}
+        for key in value_keys:
+            values = [float(m[key]) for m in members]
+            out[group][key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
 def flatten(d: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
     """Flatten nested dicts: ``{"a": {"b": 1}} -> {"a/b": 1}``."""
     out: dict[str, Any] = {}
@@ -291,6 +311,10 @@ class Run:
     def save_json(self, name: str, obj: Any) -> Path:
         """Write ``<dir>/<name>.json`` atomically."""
         return atomic_write_text(self.dir / f"{name}.json", json.dumps(_jsonable(obj), indent=2))
+
+    def save_text(self, filename: str, text: str) -> Path:
+        """Write ``<dir>/<filename>`` atomically."""
+        return atomic_write_text(self.dir / filename, text)
 
     def save_figure(self, name: str, fig: Any) -> Path:
         """Save a matplotlib figure as ``<dir>/<name>.png`` (atomically) and log it to W&B."""

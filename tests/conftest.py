@@ -16,6 +16,8 @@ for key, value in {
     "WANDB_CACHE_DIR": _WANDB_HOME,
     "WANDB_CONFIG_DIR": _WANDB_HOME,
     "TOKENIZERS_PARALLELISM": "false",
+    # tiny models: one intra-op thread per process avoids oversubscription (DDP tests run 2 processes)
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(key, value)
 

@@ -6,5 +6,15 @@ from lit_cascades.callbacks.deferral import (
     deferral_table,
     save_deferral_curves,
 )
+from lit_cascades.callbacks.ranking import RankingAUCLogger, pareto_mask, plot_auc_pareto, ranking_batch
 
-__all__ = ["DeferralCurveLogger", "deferral_batch", "deferral_table", "save_deferral_curves"]
+__all__ = [
+    "DeferralCurveLogger",
+    "RankingAUCLogger",
+    "deferral_batch",
+    "deferral_table",
+    "pareto_mask",
+    "plot_auc_pareto",
+    "ranking_batch",
+    "save_deferral_curves",
+]

@@ -172,7 +172,7 @@ class DeferralCurveLogger(pl.Callback):
 
     def _write(self, trainer: pl.Trainer, stage: str, reports: dict[str, DeferralReport]) -> None:
         out = self.output_dir or Path(trainer.default_root_dir)
-        stem = f"deferral_{self.tag + '_' if self.tag else ''}{stage}"
+        stem = f"deferral_{self.tag + '_' if self.tag else ''}{stage}".replace("/", "_")
         csv_path, png_path = save_deferral_curves(reports, out, stem, title=f"{self.tag or 'cascade'} ({stage})")
         self.files[stage] = (csv_path, png_path)
         key = f"{self.prefix}/{self.tag + '_' if self.tag else ''}{stage}"

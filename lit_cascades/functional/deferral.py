@@ -41,6 +41,7 @@ from lit_cascades.functional._checks import (
     check_range,
     check_same_length,
 )
+from lit_cascades.functional.auroc import _auroc_from_sorted, _sort_scores, _SortedScores
 
 IdealVariant = Literal["oracle", "linear", "capped"]
 IDEAL_VARIANTS: tuple[str, ...] = ("oracle", "linear", "capped")
@@ -53,12 +54,6 @@ class DeferralCurve(NamedTuple):
     quality: Tensor
 
 
-class _SortedScores(NamedTuple):
-    order: Tensor  # [N] argsort of the scores, ascending (least confident first)
-    sorted_scores: Tensor  # [N]
-    group_starts: Tensor  # [G + 1] sorted positions where a new tie group starts, plus N
-
-
 def _validate(scores: Tensor, small_quality: Tensor, large_quality: Tensor | None = None) -> None:
     tensors = {"scores": scores, "small_quality": small_quality}
     if large_quality is not None:
@@ -69,40 +64,40 @@ def _validate(scores: Tensor, small_quality: Tensor, large_quality: Tensor | Non
     check_same_length(**tensors)
     for name, t in tensors.items():
         check_nonempty(name, t)
-        check_finite(name, t.float())
+        check_finite(name, t if t.is_floating_point() else t.float())
 
 
-def _sort_scores(scores: Tensor) -> _SortedScores:
-    sorted_scores, order = torch.sort(scores.double(), stable=True)
-    n = sorted_scores.shape[0]
-    change = torch.ones(n, dtype=torch.bool, device=scores.device)
-    change[1:] = sorted_scores[1:] != sorted_scores[:-1]
-    starts = torch.nonzero(change).squeeze(-1)
-    group_starts = torch.cat([starts, torch.tensor([n], device=scores.device)])
-    return _SortedScores(order, sorted_scores, group_starts)
-
-
-def _interpolate_ties(cum: Tensor, group_starts: Tensor) -> Tensor:
+def _interpolate_ties(cum: Tensor, srt: _SortedScores) -> Tensor:
     """Replace ``cum[k]`` inside each tie group by the interpolation between the group's boundaries."""
-    n = cum.shape[0] - 1
-    k = torch.arange(n + 1, device=cum.device)
-    hi_idx = torch.searchsorted(group_starts, k, right=False)  # first boundary >= k
-    lo_idx = torch.searchsorted(group_starts, k, right=True) - 1  # last boundary <= k
-    lo = group_starts[lo_idx.clamp(min=0)]
-    hi = group_starts[hi_idx.clamp(max=group_starts.shape[0] - 1)]
-    width = (hi - lo).clamp(min=1).to(cum.dtype)
-    frac = (k - lo).to(cum.dtype) / width
-    return cum[lo] + frac * (cum[hi] - cum[lo])
+    if not srt.has_ties:
+        return cum
+    k = torch.arange(cum.shape[0], device=cum.device)
+    width = (srt.hi - srt.lo).clamp(min=1).to(cum.dtype)
+    frac = (k - srt.lo).to(cum.dtype) / width
+    return cum[srt.lo] + frac * (cum[srt.hi] - cum[srt.lo])
 
 
-def _curve_from_sorted(srt: _SortedScores, small_quality: Tensor, large_quality: Tensor) -> DeferralCurve:
-    n = small_quality.shape[0]
-    gain = (large_quality.double() - small_quality.double())[srt.order]
-    cum = F.pad(torch.cumsum(gain, 0), (1, 0))
-    cum = _interpolate_ties(cum, srt.group_starts)
-    quality = (small_quality.double().sum() + cum) / n
-    rates = torch.arange(n + 1, dtype=torch.float64, device=small_quality.device) / n
-    return DeferralCurve(rates, quality)
+def _cumsum0(x: Tensor) -> Tensor:
+    """``[0, x0, x0+x1, ...]`` (length ``N + 1``) without an extra padding copy."""
+    out = torch.empty(x.shape[0] + 1, dtype=x.dtype, device=x.device)
+    out[0] = 0
+    torch.cumsum(x, 0, out=out[1:])
+    return out
+
+
+def _rates(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n + 1, dtype=torch.float64, device=device) / n
+
+
+def _curve_from_sorted(srt: _SortedScores, gain: Tensor, small_sum: Tensor) -> DeferralCurve:
+    """Curve from the per-example gains ``large − small`` (float64) and ``Σ small_quality``."""
+    n = gain.shape[0]
+    cum = _interpolate_ties(_cumsum0(gain[srt.order]), srt)
+    return DeferralCurve(_rates(n, gain.device), cum.add_(small_sum).div_(n))
+
+
+def _gain(small_quality: Tensor, large_quality: Tensor) -> Tensor:
+    return large_quality.double() - small_quality.double()
 
 
 def deferral_curve(scores: Tensor, small_quality: Tensor, large_quality: Tensor) -> DeferralCurve:
@@ -118,7 +113,8 @@ def deferral_curve(scores: Tensor, small_quality: Tensor, large_quality: Tensor)
         ``scores`` are averaged (see module docstring).
     """
     _validate(scores, small_quality, large_quality)
-    return _curve_from_sorted(_sort_scores(scores), small_quality, large_quality)
+    return _curve_from_sorted(_sort_scores(scores), _gain(small_quality, large_quality),
+                              small_quality.double().sum())
 
 
 def random_deferral_curve(rates: Tensor, small_quality: Tensor, large_quality: Tensor) -> Tensor:
@@ -161,15 +157,17 @@ def ideal_deferral_curve(
         ``[K]`` float64 qualities.
     """
     check_choice("variant", variant, IDEAL_VARIANTS)
-    qs, ql = small_quality.double().mean(), large_quality.double().mean()
-    rates = rates.double()
+    n = small_quality.shape[0]
+    if variant == "oracle" and rates.shape[0] != n + 1:
+        raise ValueError(f"`rates` must be the [N + 1] grid k/N for variant='oracle'; got {rates.shape[0]} "
+                         f"rates for N={n}")
+    return _ideal(rates.double(), small_quality.double().mean(), large_quality.double().mean(), variant,
+                  _gain(small_quality, large_quality))
+
+
+def _ideal(rates: Tensor, qs: Tensor, ql: Tensor, variant: str, gain: Tensor) -> Tensor:
     if variant == "oracle":
-        n = small_quality.shape[0]
-        if rates.shape[0] != n + 1:
-            raise ValueError(f"`rates` must be the [N + 1] grid k/N for variant='oracle'; got {rates.shape[0]} "
-                             f"rates for N={n}")
-        gain = torch.sort(large_quality.double() - small_quality.double(), descending=True).values
-        return qs + F.pad(torch.cumsum(gain, 0), (1, 0)) / n
+        return _cumsum0(_gains_descending(gain)).div_(gain.shape[0]).add_(qs)
     if variant == "linear":
         err = 1.0 - qs
         if float(err) <= 0.0:
@@ -178,8 +176,26 @@ def ideal_deferral_curve(
     return torch.minimum(qs + rates, ql)
 
 
+def _gains_descending(gain: Tensor) -> Tensor:
+    """``gain`` sorted descending; counted instead of sorted when every gain is -1, 0 or 1 (0/1 qualities)."""
+    n_up, n_down = int((gain == 1).sum()), int((gain == -1).sum())
+    if n_up + n_down + int((gain == 0).sum()) != gain.shape[0]:
+        return torch.sort(gain, descending=True).values
+    out = torch.zeros_like(gain)
+    out[:n_up] = 1.0
+    if n_down:
+        out[-n_down:] = -1.0
+    return out
+
+
 def _trapz(y: Tensor, x: Tensor) -> Tensor:
     return torch.trapezoid(y, x)
+
+
+def _area_on_grid(y: Tensor) -> Tensor:
+    """Trapezoidal area of ``y`` sampled on the uniform grid ``k/N``, ``k = 0..N``."""
+    n = y.shape[0] - 1
+    return (y.sum() - 0.5 * (y[0] + y[-1])) / n
 
 
 def area_under_deferral_curve(curve: DeferralCurve) -> Tensor:
@@ -198,11 +214,15 @@ def deferral_performance(
     """
     rand = random_deferral_curve(curve.rates, small_quality, large_quality)
     best = ideal_deferral_curve(curve.rates, small_quality, large_quality, ideal)
-    num = _trapz(curve.quality - rand, curve.rates)
-    den = _trapz(best - rand, curve.rates)
+    return _s_d(_trapz(curve.quality, curve.rates), _trapz(rand, curve.rates), _trapz(best, curve.rates))
+
+
+def _s_d(auc: Tensor, auc_random: Tensor, auc_ideal: Tensor) -> Tensor:
+    """``(AUC − AUC_rand) / (AUC_ideal − AUC_rand)``; NaN when the ideal curve equals the random line."""
+    den = auc_ideal - auc_random
     if float(den.abs()) < 1e-12:
-        return torch.tensor(float("nan"), dtype=torch.float64, device=curve.rates.device)
-    return num / den
+        return torch.tensor(float("nan"), dtype=torch.float64, device=auc.device)
+    return (auc - auc_random) / den
 
 
 def quality_at_rate(curve: DeferralCurve, rate: float) -> Tensor:
@@ -239,22 +259,6 @@ def calibrate_threshold(scores: Tensor, target_rate: float) -> float:
     return float(torch.sort(scores.double()).values[k])
 
 
-def _auroc_from_sorted(srt: _SortedScores, positive: Tensor) -> Tensor:
-    """Mann–Whitney AUROC of ``scores`` separating ``positive`` from the rest; ties count 1/2."""
-    pos_sorted = positive[srt.order].double()
-    n_pos = pos_sorted.sum()
-    n_neg = pos_sorted.shape[0] - n_pos
-    if float(n_pos) == 0 or float(n_neg) == 0:
-        return torch.tensor(float("nan"), dtype=torch.float64, device=positive.device)
-    # average 1-based rank of each tie group
-    starts = srt.group_starts[:-1]
-    sizes = srt.group_starts[1:] - starts
-    group_rank = starts.double() + (sizes.double() + 1.0) / 2.0
-    group_id = torch.repeat_interleave(torch.arange(sizes.shape[0], device=positive.device), sizes)
-    rank_sum = (group_rank[group_id] * pos_sorted).sum()
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
 def deferral_auroc(scores: Tensor, correct: Tensor) -> Tensor:
     """AUROC of the score for telling the small model's correct answers (positive) from its mistakes.
 
@@ -275,6 +279,37 @@ def _score_range(scores: Tensor) -> tuple[float, float]:
     if hi - lo < 1e-12:
         return lo - 0.5, hi + 0.5
     return lo, hi
+
+
+def _class_histograms(bin_idx: Tensor, correct: Tensor, n_bins: int, weights: Tensor | None = None) -> Tensor:
+    """``[2, n_bins]`` histograms of the correct (row 0) and incorrect (row 1) examples in one bincount."""
+    idx = torch.where(correct, bin_idx, bin_idx + n_bins)
+    return torch.bincount(idx, weights=weights, minlength=2 * n_bins).double().view(2, n_bins)
+
+
+def _overlap_hist(x: Tensor, correct: Tensor, lo: float, hi: float, bins: int) -> Tensor:
+    idx = ((x - lo) / (hi - lo) * bins).floor().long().clamp(0, bins - 1)
+    hist = _class_histograms(idx, correct, bins)
+    p = hist / hist.sum(1, keepdim=True)
+    return torch.minimum(p[0], p[1]).sum()
+
+
+def _overlap_kde(x: Tensor, correct: Tensor, lo: float, hi: float, bandwidth: float, grid_size: int) -> Tensor:
+    h = bandwidth * (hi - lo)
+    g_lo, g_hi = lo - 3 * h, hi + 3 * h
+    dx = (g_hi - g_lo) / (grid_size - 1)
+    pos = (x - g_lo) / dx
+    left = pos.floor().clamp(0, grid_size - 2)
+    w_right = (pos - left).clamp(0, 1)
+    left = left.long()
+    hist = _class_histograms(left, correct, grid_size, 1.0 - w_right)  # linear binning onto the grid
+    hist += _class_histograms(left + 1, correct, grid_size, w_right)
+    half = math.ceil(4 * h / dx)
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=x.device) * dx
+    kernel = torch.exp(-0.5 * (offsets / h) ** 2)
+    dens = F.conv1d(hist[:, None], kernel[None, None], padding=half)[:, 0]
+    dens = dens / (dens.sum(1, keepdim=True) * dx)
+    return torch.minimum(dens[0], dens[1]).sum() * dx
 
 
 def distributional_overlap(
@@ -307,36 +342,18 @@ def distributional_overlap(
     """
     check_choice("method", method, ("kde", "hist"))
     _validate(scores, correct.float())
-    correct = correct.bool()
-    if bool(correct.all()) or not bool(correct.any()):
+    return _overlap(scores, correct.bool(), method, bins, bandwidth, grid_size)
+
+
+def _overlap(scores: Tensor, correct: Tensor, method: str, bins: int, bandwidth: float, grid_size: int) -> Tensor:
+    n_correct = int(correct.sum())
+    if n_correct in (0, correct.shape[0]):
         return torch.tensor(float("nan"), dtype=torch.float64, device=scores.device)
     lo, hi = _score_range(scores)
-    x = scores.double()
+    x = scores if scores.dtype in (torch.float32, torch.float64) else scores.double()
     if method == "hist":
-        edges_span = hi - lo
-        idx = ((x - lo) / edges_span * bins).floor().long().clamp(0, bins - 1)
-        p_c = torch.bincount(idx[correct], minlength=bins).double() / correct.sum()
-        p_i = torch.bincount(idx[~correct], minlength=bins).double() / (~correct).sum()
-        return torch.minimum(p_c, p_i).sum()
-    h = bandwidth * (hi - lo)
-    g_lo, g_hi = lo - 3 * h, hi + 3 * h
-    dx = (g_hi - g_lo) / (grid_size - 1)
-    densities = []
-    for mask in (correct, ~correct):
-        pos = (x[mask] - g_lo) / dx
-        left = pos.floor().clamp(0, grid_size - 2)
-        w_right = (pos - left).clamp(0, 1)
-        left = left.long()
-        hist = torch.zeros(grid_size, dtype=torch.float64, device=x.device)
-        hist.index_add_(0, left, 1.0 - w_right)
-        hist.index_add_(0, left + 1, w_right)
-        half = math.ceil(4 * h / dx)
-        offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=x.device) * dx
-        kernel = torch.exp(-0.5 * (offsets / h) ** 2)
-        dens = F.conv1d(hist[None, None], kernel[None, None], padding=half)[0, 0]
-        dens = dens / (dens.sum() * dx)
-        densities.append(dens)
-    return torch.minimum(densities[0], densities[1]).sum() * dx
+        return _overlap_hist(x, correct, lo, hi, bins)
+    return _overlap_kde(x, correct, lo, hi, bandwidth, grid_size)
 
 
 @dataclass
@@ -383,26 +400,26 @@ def deferral_metrics(
     _validate(scores, small_quality, large_quality)
     check_choice("ideal", ideal, IDEAL_VARIANTS)
     check_range("rate", rate, 0.0, 1.0)
+    small, large = small_quality.double(), large_quality.double()
+    qs, ql = small.mean(), large.mean()
+    gain = large - small
     srt = _sort_scores(scores)
-    curve = _curve_from_sorted(srt, small_quality, large_quality)
-    rand = random_deferral_curve(curve.rates, small_quality, large_quality)
-    best = ideal_deferral_curve(curve.rates, small_quality, large_quality, ideal)
-    auc = _trapz(curve.quality, curve.rates)
-    auc_rand = _trapz(rand, curve.rates)
-    auc_ideal = _trapz(best, curve.rates)
-    den = auc_ideal - auc_rand
-    s_d = (auc - auc_rand) / den if float(den.abs()) > 1e-12 else torch.tensor(float("nan"))
-    correct = small_quality.double() >= correct_threshold
+    curve = _curve_from_sorted(srt, gain, qs * small.shape[0])
+    rand = qs + curve.rates * (ql - qs)
+    best = _ideal(curve.rates, qs, ql, ideal, gain)
+    auc, auc_ideal = _area_on_grid(curve.quality), _area_on_grid(best)
+    auc_rand = (qs + ql) / 2
+    correct = small >= correct_threshold
     scalars = {
-        "small_quality": float(small_quality.double().mean()),
-        "large_quality": float(large_quality.double().mean()),
+        "small_quality": float(qs),
+        "large_quality": float(ql),
         "auc_df": float(auc),
         "auc_random": float(auc_rand),
         "auc_ideal": float(auc_ideal),
         "auc_gain": float((auc - auc_rand) / auc_rand) if float(auc_rand) != 0 else float("nan"),
-        "s_d": float(s_d),
-        "s_o": float(distributional_overlap(scores, correct, "kde", bandwidth=overlap_bandwidth)),
-        "s_o_hist": float(distributional_overlap(scores, correct, "hist", bins=overlap_bins)),
+        "s_d": float(_s_d(auc, auc_rand, auc_ideal)),
+        "s_o": float(_overlap(scores, correct, "kde", overlap_bins, overlap_bandwidth, 1000)),
+        "s_o_hist": float(_overlap(scores, correct, "hist", overlap_bins, overlap_bandwidth, 1000)),
         "auroc": float(_auroc_from_sorted(srt, correct)),
         "quality_at_rate": float(quality_at_rate(curve, rate)),
         "rate": float(rate),

@@ -98,19 +98,22 @@ def gatekeeper_loss(
     logits = logits.reshape(-1, num_classes)
     target = target.reshape(-1)
     valid = target != ignore_index
-    n_valid = int(valid.sum())
+    bad = valid & ((target < 0) | (target >= num_classes))
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    # one host sync for all three checks
+    n_valid, n_bad, n_nonfinite = torch.stack(
+        [valid.sum(), bad.sum(), (~torch.isfinite(log_p.detach().sum())).long()]).tolist()
     if n_valid == 0:
         raise ValueError("every position of `target` equals `ignore_index`; nothing to compute the loss on")
-    bad = valid & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
+    if n_bad:
         raise ValueError(
             f"`target` values must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-            f"got {int(bad.sum())} out-of-range values, e.g. {int(target[bad][0])}"
+            f"got {n_bad} out-of-range values, e.g. {int(target[bad][0])}"
         )
-    check_finite("logits", logits)
+    if n_nonfinite:
+        check_finite("logits", logits)
 
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    safe_target = target.masked_fill(~valid, 0)
     with torch.no_grad():
         correct = (log_p.argmax(-1) == safe_target) & valid
         incorrect = valid & ~correct
@@ -119,12 +122,12 @@ def gatekeeper_loss(
 
     sum_correct = (ce * correct).sum()
     sum_incorrect = (kl * incorrect).sum()
-    n_correct, n_incorrect = correct.sum(), incorrect.sum()
+    n_incorrect = incorrect.sum()
     if normalize == "batch":
         loss_correct = sum_correct / n_valid
         loss_incorrect = sum_incorrect / n_valid
     else:
-        loss_correct = sum_correct / n_correct.clamp(min=1)
+        loss_correct = sum_correct / (n_valid - n_incorrect).clamp(min=1)
         loss_incorrect = sum_incorrect / n_incorrect.clamp(min=1)
     loss = alpha * loss_correct + (1.0 - alpha) * loss_incorrect
     return GatekeeperLossOutput(loss, loss_correct, loss_incorrect, n_incorrect.float() / n_valid)

@@ -1,5 +1,10 @@
 """LightningModules, one file per paper; thin wrappers over :mod:`lit_cascades.functional`."""
 
 from lit_cascades.modules.gatekeeper import Classifier, GatekeeperClassifier
+from lit_cascades.modules.ranking import MultiLabelRanker
 
-__all__ = ["Classifier", "GatekeeperClassifier"]
+__all__ = [
+    "Classifier",
+    "GatekeeperClassifier",
+    "MultiLabelRanker",
+]

@@ -48,3 +48,23 @@ def test_bad_key_fails_fast_without_outputs(tmp_path):
     assert proc.returncode == 2
     assert "valid keys under 'gatekeeper': alpha" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_sweep_smoke_writes_the_seed_table(tmp_path):
+    from lit_cascades.runner import run_recipe
+    from recipes.gatekeeper import run
+
+    out = tmp_path / "sweep"
+    _, metrics = run_recipe("gatekeeper", run, ["preset=sweep_smoke", f"output_dir={out}"])
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    methods = ["cross-entropy", "gatekeeper α=0.1", "gatekeeper α=0.9", "cross-entropy fine-tune"]
+    assert [(r["method"], int(r["seed"])) for r in rows] == [(m, s) for s in (0, 1) for m in methods]
+    for method in methods:
+        values = [float(r["s_d"]) for r in rows if r["method"] == method]
+        mean, std = metrics["summary"][method]["s_d"]
+        assert mean == pytest.approx(sum(values) / 2)
+        assert std == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    table = (out / "sweep_table.md").read_text()
+    assert "| gatekeeper α=0.9 |" in table and "seeds [0, 1]" in table
+    assert (out / "sweep.png").stat().st_size > 5000
