@@ -28,3 +28,11 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny trained LM pair saved once per session (see tests/lm_helpers.py); load it with ``load_pair``."""
+    from tests.lm_helpers import build_tiny_pair
+
+    return build_tiny_pair(tmp_path_factory.mktemp("lm_pair") / "pair")

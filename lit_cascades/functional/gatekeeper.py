@@ -20,7 +20,6 @@ import math
 from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_cascades.functional._checks import check_choice, check_finite, check_range
@@ -53,6 +52,37 @@ def kl_to_uniform(log_probs: Tensor) -> Tensor:
     """
     num_classes = log_probs.shape[-1]
     return (log_probs.exp() * (log_probs + math.log(num_classes))).sum(-1)
+
+
+class _CrossEntropyAndKL(torch.autograd.Function):
+    """Per-row ``CE(p, y)``, ``KL(p ‖ U)`` and ``argmax p`` of logits ``z [N, C]`` with a fused backward.
+
+    With ``p = softmax(z)`` and ``lse = logsumexp(z) = z_k − log p_k`` (``k`` = argmax, where ``p_k ≥ 1/C``):
+    ``CE = lse − z_y`` and ``KL = Σ p log p + log C = p·z − lse + log C``. The gradient of
+    ``g_ce·CE + g_kl·KL`` is ``p ⊙ (g_ce + g_kl (z − p·z)) − g_ce e_y``. One softmax, one argmax and one
+    batched dot product forward, two passes backward: about the cost of cross-entropy, where autograd through
+    ``log_softmax``, ``exp`` and the products took twice as long at LM vocabulary sizes. Saves ``z`` and ``p``
+    (cross-entropy saves its input copy and ``log p``).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        p = torch.softmax(z, dim=-1)
+        pred = z.argmax(-1)
+        ctx.mark_non_differentiable(pred)
+        lse = z.gather(-1, pred[:, None]).squeeze(-1) - p.gather(-1, pred[:, None]).squeeze(-1).log()
+        pz = torch.bmm(p[:, None, :], z[:, :, None]).reshape(-1)
+        ce = lse - z.gather(-1, y[:, None]).squeeze(-1)
+        kl = pz - lse + math.log(z.shape[-1])
+        ctx.save_for_backward(z, y, p, pz)
+        return ce, kl, pred
+
+    @staticmethod
+    def backward(ctx, g_ce: Tensor, g_kl: Tensor, _g_pred: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        z, y, p, pz = ctx.saved_tensors
+        grad = torch.addcmul((g_ce - g_kl * pz)[:, None], g_kl[:, None], z).mul_(p)
+        grad.scatter_add_(-1, y[:, None], -g_ce[:, None])
+        return grad, None
 
 
 def gatekeeper_loss(
@@ -99,10 +129,12 @@ def gatekeeper_loss(
     target = target.reshape(-1)
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    # one host sync for all three checks
+    safe_target = target.masked_fill(~valid | bad, 0)  # out-of-range targets are reported below
+    z = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least (bf16/fp16 logits)
+    ce, kl, pred = _CrossEntropyAndKL.apply(z, safe_target)
+    # one host sync for all three checks (a NaN/inf logit makes a CE or KL value non-finite)
     n_valid, n_bad, n_nonfinite = torch.stack(
-        [valid.sum(), bad.sum(), (~torch.isfinite(log_p.detach().sum())).long()]).tolist()
+        [valid.sum(), bad.sum(), (~torch.isfinite((ce + kl).detach().sum())).long()]).tolist()
     if n_valid == 0:
         raise ValueError("every position of `target` equals `ignore_index`; nothing to compute the loss on")
     if n_bad:
@@ -113,12 +145,8 @@ def gatekeeper_loss(
     if n_nonfinite:
         check_finite("logits", logits)
 
-    safe_target = target.masked_fill(~valid, 0)
-    with torch.no_grad():
-        correct = (log_p.argmax(-1) == safe_target) & valid
-        incorrect = valid & ~correct
-    ce = -log_p.gather(-1, safe_target[:, None]).squeeze(-1)
-    kl = kl_to_uniform(log_p)
+    correct = (pred == safe_target) & valid
+    incorrect = valid & ~correct
 
     sum_correct = (ce * correct).sum()
     sum_incorrect = (kl * incorrect).sum()

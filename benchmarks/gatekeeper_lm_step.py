@@ -1,0 +1,72 @@
+"""Token-level Gatekeeper training step / plain next-token training step, same causal LM and batch.
+
+    python -m benchmarks.gatekeeper_lm_step [--threads 1]
+
+Target: ratio <= 1.05. One step = forward, loss, backward and AdamW update of a GPT-2-config causal LM on a
+``[16, 128]`` batch, through the modules' own ``compute_loss`` (``CausalLM`` vs ``GatekeeperLM``). Two settings:
+the small LM of the default pair (1 layer, 128-d, vocabulary 4096: the loss over the vocabulary is a large part
+of the step, the worst case) and its large LM (4 layers, 256-d). Best of 10 steps each, the two losses
+timed in alternation (machine load hits both alike).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks._common import write_results
+from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
+from lit_cascades.modules.causal_lm import CausalLM, GatekeeperLM, shifted_logits_and_labels
+
+
+def make_step(module: CausalLM, batch: dict[str, torch.Tensor]):
+    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        logits, labels = shifted_logits_and_labels(module.model, batch)
+        loss, _ = module.compute_loss(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def interleaved_best_times(fns: dict[str, object], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Best time of each function, timed in alternation so a change of machine load hits all of them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: min(v) for k, v in times.items()}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=4096)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = {"small_1x128": (1, 128), "large_4x256": (4, 256)}
+    batch = {"input_ids": torch.randint(0, args.vocab, (16, 128), generator=torch.Generator().manual_seed(0))}
+    results = {}
+    for name, (layers, dim) in settings.items():
+        torch.manual_seed(0)
+        model = build_causal_lm(gpt2_config(args.vocab, n_layer=layers, n_embd=dim, n_head=4))
+        best = interleaved_best_times({"ntp": make_step(CausalLM(model), batch),
+                                       "gk": make_step(GatekeeperLM(model, alpha=0.5), batch)})
+        ntp, gk = best["ntp"], best["gk"]
+        results[name] = {"next_token_step_s": ntp, "gatekeeper_step_s": gk, "ratio": gk / ntp, "target": 1.05}
+    write_results("gatekeeper_lm_step", {"batch": [16, 128], "vocab": args.vocab, "results": results})
+
+
+if __name__ == "__main__":
+    main()
