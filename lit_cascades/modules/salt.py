@@ -19,7 +19,6 @@ Under DDP/FSDP every process holds its own full copy of the (small) teacher; onl
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from lit_cascades.data.selection import model_fingerprint
 from lit_cascades.functional._checks import check_choice, check_range
 from lit_cascades.functional.distillation import SCHEDULES, kd_weight_at, salt_loss
 from lit_cascades.models.lm_pair import check_same_vocab
@@ -58,15 +58,6 @@ def full_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if mask is not None:
         kwargs = {"attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
     return model(input_ids=batch["input_ids"], **kwargs).logits
-
-
-def parameter_fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's parameter values (identifies a teacher in caches and checkpoints)."""
-    h = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class SALT(CausalLM):
@@ -136,7 +127,7 @@ class SALT(CausalLM):
                                           "large_model"])
         # kept out of the module tree: never in the optimizer, the state dict or the checkpoint
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False) if teacher is not None else None
-        self._teacher_fingerprint = parameter_fingerprint(teacher) if teacher is not None else None
+        self._teacher_fingerprint = model_fingerprint(teacher) if teacher is not None else None
         self.val_nll = MeanMetric()
 
     @property
