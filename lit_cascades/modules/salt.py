@@ -31,7 +31,6 @@ from lit_cascades.data.selection import model_fingerprint
 from lit_cascades.functional._checks import check_choice, check_range
 from lit_cascades.functional.distillation import SCHEDULES, kd_weight_at, salt_loss
 from lit_cascades.models.lm_pair import check_same_vocab
-from lit_cascades.models.vision import count_parameters
 from lit_cascades.modules.causal_lm import CausalLM, position_ids_from_mask
 
 
@@ -58,6 +57,10 @@ def full_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if mask is not None:
         kwargs = {"attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
     return model(input_ids=batch["input_ids"], **kwargs).logits
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 class SALT(CausalLM):
@@ -113,7 +116,7 @@ class SALT(CausalLM):
             raise ValueError(f"`kd_steps`={kd_steps} with `kd_weight`={kd_weight} needs a `teacher`; got None")
         if teacher is not None:
             check_same_vocab(teacher, student, teacher_tokenizer, student_tokenizer, names=("teacher", "student"))
-            n_t, n_s = count_parameters(teacher), count_parameters(student)
+            n_t, n_s = _numel(teacher), _numel(student)
             if n_t >= n_s:
                 warnings.warn(
                     f"the teacher has {n_t:,} parameters and the student {n_s:,}: a teacher at least as large as "
@@ -180,8 +183,8 @@ class SALT(CausalLM):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
         self.log("train/ntp", out.ntp, batch_size=n)
         self.log("train/ppl", out.ntp.detach().exp(), batch_size=n)
-        if teacher_logits is not None:
-            self.log("train/kd", out.kd, batch_size=n)
+        # stage 2 runs no teacher: log NaN, not the last stage-1 value Lightning would otherwise repeat
+        self.log("train/kd", out.kd if teacher_logits is not None else float("nan"), batch_size=n)
         self.log("train/kd_weight", weight, batch_size=n)
         self.log("train/stage", float(stage), batch_size=n)
         self.log("train/selected_fraction", h.selected_fraction if stage == 1 else 1.0, batch_size=n)
