@@ -74,7 +74,7 @@ class SequenceSelector:
     name = "topk_median"
 
     def __init__(self, fraction: float = 0.5, k: int = 10, highest: bool = True, batch_size: int = 32,
-                 chunk_size: int = 256) -> None:
+                 chunk_size: int | None = None) -> None:
         check_range("fraction", fraction, 0.0, 1.0, low_open=True)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int; got {k!r}")

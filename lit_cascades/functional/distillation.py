@@ -81,6 +81,19 @@ def kd_weight_at(step: int, kd_steps: int, kd_weight: float, schedule: Schedule 
     return float(kd_weight) * (1.0 - step / kd_steps)
 
 
+CHUNK_ELEMENTS = 1 << 20  # automatic chunk: about 2^20 logits (4 MiB in fp32) per buffer
+
+
+def auto_chunk_size(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Positions per chunk: ``chunk_size`` if given, else ``max(1, 2^20 // vocab_size)`` (256 at V = 4096,
+    21 at V = 49,152), so each fp32 chunk buffer stays near 4 MiB whatever the vocabulary."""
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}")
+    return chunk_size
+
+
 def _chunks(shape: torch.Size, chunk_size: int) -> Iterator[tuple[int, slice]]:
     """``(row, positions)`` pieces of a ``[B, T, V]`` tensor: at most ``chunk_size`` positions of one row."""
     batch, length = shape[0], shape[1]
@@ -159,7 +172,7 @@ class _ChunkedSALTLoss(torch.autograd.Function):
 
 
 def _validate(student_logits: Tensor, teacher_logits: Tensor | None, target: Tensor, temperature: float,
-              chunk_size: int) -> None:
+              chunk_size: int | None) -> None:
     if student_logits.ndim != 3:
         raise ValueError(f"`student_logits` must have shape [B, T, V]; got {tuple(student_logits.shape)}")
     if not student_logits.is_floating_point():
@@ -175,8 +188,7 @@ def _validate(student_logits: Tensor, teacher_logits: Tensor | None, target: Ten
     if target.is_floating_point():
         raise TypeError(f"`target` must hold integer token ids; got dtype {target.dtype}")
     check_range("temperature", temperature, 0.0, float("inf"), low_open=True)
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}")
+    auto_chunk_size(student_logits.shape[-1], chunk_size)
 
 
 def salt_loss(
@@ -186,7 +198,7 @@ def salt_loss(
     kd_weight: float = 0.5,
     temperature: float = 1.0,
     ignore_index: int = -100,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> SALTLossOutput:
     """``(1 − ω)·NTP + ω·τ²·KL(teacher ‖ student)`` over the counted positions, chunked (module docstring).
 
@@ -200,7 +212,8 @@ def salt_loss(
         kd_weight: ω ∈ [0, 1].
         temperature: τ > 0, applied to both distributions of the KD term.
         ignore_index: target value of positions to skip.
-        chunk_size: positions per chunk (memory ∝ ``chunk_size · V`` fp32 values).
+        chunk_size: positions per chunk (memory ∝ ``chunk_size · V`` fp32 values); ``None``:
+            :func:`auto_chunk_size` (about 2^20 values per chunk).
 
     Returns:
         :class:`SALTLossOutput`.
@@ -224,7 +237,7 @@ def salt_loss(
     safe = target.masked_fill(~valid, 0)
     teacher = None if teacher_logits is None else teacher_logits.detach()
     ce_sum, kd_sum = _ChunkedSALTLoss.apply(student_logits, teacher, safe, valid, float(temperature),
-                                            int(chunk_size))
+                                            auto_chunk_size(vocab, chunk_size))
     ntp, kd = ce_sum / n_valid, kd_sum / n_valid
     loss = ntp if kd_weight == 0 else (1.0 - kd_weight) * ntp + kd_weight * kd
     return SALTLossOutput(loss, ntp, kd, valid.sum())
@@ -237,7 +250,7 @@ def kd_loss(
     mask: Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Mean ``τ²·KL(softmax(a/τ) ‖ softmax(z/τ))`` over the counted positions, chunked (module docstring).
 
@@ -297,7 +310,7 @@ def naive_salt_loss(
 # SALT_DS: scoring training sequences with the small model
 # ----------------------------------------------------------------------------------------------------------
 def learnable_token_losses(
-    logits: Tensor, target: Tensor, k: int = 10, ignore_index: int = -100, chunk_size: int = 256
+    logits: Tensor, target: Tensor, k: int = 10, ignore_index: int = -100, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Per-token losses of a (small) model and which tokens are "learnable" (true token in its top-k).
 
@@ -324,7 +337,7 @@ def learnable_token_losses(
     dtype = _compute_dtype(logits)
     losses = torch.zeros(target.shape, dtype=dtype, device=logits.device)
     kept = torch.zeros(target.shape, dtype=torch.bool, device=logits.device)
-    for b, t in _chunks(logits.shape, chunk_size):
+    for b, t in _chunks(logits.shape, auto_chunk_size(logits.shape[-1], chunk_size)):
         z = logits[b, t].to(dtype)
         y = safe[b, t]
         z_y = z.gather(-1, y[:, None])
@@ -334,7 +347,7 @@ def learnable_token_losses(
 
 
 def topk_median_score(
-    logits: Tensor, target: Tensor, k: int = 10, ignore_index: int = -100, chunk_size: int = 256
+    logits: Tensor, target: Tensor, k: int = 10, ignore_index: int = -100, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """SALT_DS sequence score: median of the learnable tokens' losses (:func:`learnable_token_losses`).
 

@@ -74,7 +74,7 @@ class SALT(CausalLM):
         kd_weight: ω ∈ [0, 1] (UNVERIFIED in the paper; default 0.5).
         schedule: ``"constant"`` (ω until ``kd_steps``) or ``"linear_decay"`` (ω → 0 at ``kd_steps``).
         temperature: τ > 0 of the KD term (UNVERIFIED; default 1.0).
-        chunk_size: positions per chunk of the fused loss.
+        chunk_size: positions per chunk of the fused loss (``None``: about 2^20 logits per chunk).
         selected_fraction: the SALT_DS selection fraction used by the data (logged as
             ``train/selected_fraction`` during stage 1; 1.0 = no selection).
         teacher_path: where the teacher comes from (recorded in the checkpoint instead of its weights).
@@ -97,7 +97,7 @@ class SALT(CausalLM):
         kd_weight: float = 0.5,
         schedule: str = "constant",
         temperature: float = 1.0,
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
         selected_fraction: float = 1.0,
         teacher_path: str | None = None,
         student_tokenizer: Any = None,
@@ -110,8 +110,8 @@ class SALT(CausalLM):
         check_range("temperature", temperature, 0.0, float("inf"), low_open=True)
         check_range("selected_fraction", selected_fraction, 0.0, 1.0, low_open=True)
         check_choice("schedule", schedule, SCHEDULES)
-        if chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be >= 1; got {chunk_size}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}")
         if teacher is None and kd_steps > 0 and kd_weight > 0:
             raise ValueError(f"`kd_steps`={kd_steps} with `kd_weight`={kd_weight} needs a `teacher`; got None")
         if teacher is not None:
