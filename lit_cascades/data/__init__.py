@@ -20,6 +20,12 @@ from lit_cascades.data.multilabel import (
     make_synthetic_ranking,
 )
 from lit_cascades.data.scenes import SceneRetrievalDataModule
+from lit_cascades.data.selection import (
+    SALTDataModule,
+    SequenceSelector,
+    StagedBatchSampler,
+    model_fingerprint,
+)
 from lit_cascades.data.text_sketch import TextSketchImageDataModule, WordVocab
 
 __all__ = [
@@ -30,7 +36,10 @@ __all__ = [
     "ImageClassificationDataModule",
     "MultiLabelDataModule",
     "RankingData",
+    "SALTDataModule",
     "SceneRetrievalDataModule",
+    "SequenceSelector",
+    "StagedBatchSampler",
     "SyntheticRankingDataModule",
     "TabularRankingDataModule",
     "TextSketchImageDataModule",
@@ -40,5 +49,6 @@ __all__ = [
     "load_idx_dataset",
     "load_table",
     "make_synthetic_ranking",
+    "model_fingerprint",
     "read_idx",
 ]

@@ -18,6 +18,17 @@ from lit_cascades.functional.deferral import (
     quality_at_rate,
     random_deferral_curve,
 )
+from lit_cascades.functional.distillation import (
+    SALTLossOutput,
+    kd_loss,
+    kd_weight_at,
+    learnable_token_losses,
+    naive_kd_loss,
+    naive_salt_loss,
+    salt_loss,
+    select_top_fraction,
+    topk_median_score,
+)
 from lit_cascades.functional.fusion import late_fusion
 from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
 from lit_cascades.functional.ranking import (
@@ -50,6 +61,7 @@ __all__ = [
     "GatekeeperLossOutput",
     "Qrels",
     "RankingLossOutput",
+    "SALTLossOutput",
     "aggregate_labels",
     "area_under_deferral_curve",
     "asymmetric_loss",
@@ -71,13 +83,18 @@ __all__ = [
     "gather_with_grad",
     "ideal_deferral_curve",
     "info_nce",
+    "kd_loss",
+    "kd_weight_at",
     "kl_to_uniform",
     "label_aggregation_loss",
     "late_fusion",
+    "learnable_token_losses",
     "level_pair_auroc",
     "loss_aggregation_loss",
     "multipartite_auroc",
     "multipartite_pairwise_loss",
+    "naive_kd_loss",
+    "naive_salt_loss",
     "pairwise_surrogate",
     "population_auroc",
     "population_multipartite_auroc",
@@ -85,4 +102,7 @@ __all__ = [
     "random_deferral_curve",
     "rerank",
     "retrieval_metrics",
+    "salt_loss",
+    "select_top_fraction",
+    "topk_median_score",
 ]

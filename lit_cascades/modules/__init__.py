@@ -2,9 +2,11 @@
 
 from lit_cascades.modules.gatekeeper import Classifier, GatekeeperClassifier
 from lit_cascades.modules.ranking import MultiLabelRanker
+from lit_cascades.modules.salt import SALT
 from lit_cascades.modules.taskformer import TaskFormer
 
 __all__ = [
+    "SALT",
     "Classifier",
     "GatekeeperClassifier",
     "MultiLabelRanker",
