@@ -306,6 +306,8 @@ class USTAD(RetrievalModule):
         ce_head: ``"cls_linear"`` | ``"mean_linear"`` | ``"dual_pool"``.
         lambda_de / lambda_ce: loss weights (1 / 1: not retrieved from the paper).
         ce_batch_negatives: positives of other queries added to each CE candidate list.
+        dropout: train with the encoder's dropout. Default ``False``: the encoder stays in eval mode (as
+            ``transformers`` loads pretrained weights and Lightning keeps it), i.e. no dropout while fine-tuning.
         lr / head_lr / weight_decay / warmup_steps: AdamW on the encoder(s) / the CE head; linear warm-up,
             linear decay.
         recall_ks: Recall@k cut-offs; rerank_depth: DE candidates reranked by CE at evaluation (0: none);
@@ -328,6 +330,7 @@ class USTAD(RetrievalModule):
         lambda_de: float = 1.0,
         lambda_ce: float = 1.0,
         ce_batch_negatives: int = 0,
+        dropout: bool = False,
         lr: float = 5e-5,
         head_lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -352,6 +355,8 @@ class USTAD(RetrievalModule):
         self.recall_ks = tuple(recall_ks)
         self.encoder = build_encoder(encoder, max(max_pair_length, max_doc_length), **(encoder_kwargs or {}))
         self.ce_encoder = copy.deepcopy(self.encoder) if model == "separate" else self.encoder
+        self.encoder.train(dropout)
+        self.ce_encoder.train(dropout)
         width = self.encoder.width
         self.ce_head = nn.Linear(width, 1) if ce_head != "dual_pool" else None
         self._init_eval()
@@ -527,6 +532,7 @@ class USTADStudent(RetrievalModule):
                              "projection=True to learn a linear map to the teacher's space")
         if freeze_embeddings:
             self.query_encoder.model.embeddings.requires_grad_(False)
+        self.query_encoder.train(bool(th.dropout))
         # asymmetric: the teacher's document tower, frozen, is part of the student (documents are indexed with it)
         self.doc_encoder = (copy.deepcopy(teacher.encoder).requires_grad_(False) if student == "asymmetric"
                             else self.query_encoder)
