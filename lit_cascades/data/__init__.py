@@ -19,6 +19,14 @@ from lit_cascades.data.multilabel import (
     load_table,
     make_synthetic_ranking,
 )
+from lit_cascades.data.retrieval import (
+    RetrievalDataModule,
+    RetrievalSplit,
+    TripleDataset,
+    build_code_search_splits,
+    extract_code_search_pairs,
+    load_msmarco_split,
+)
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.data.text_sketch import TextSketchImageDataModule, WordVocab
 
@@ -30,14 +38,20 @@ __all__ = [
     "ImageClassificationDataModule",
     "MultiLabelDataModule",
     "RankingData",
+    "RetrievalDataModule",
+    "RetrievalSplit",
     "SceneRetrievalDataModule",
     "SyntheticRankingDataModule",
     "TabularRankingDataModule",
     "TextSketchImageDataModule",
+    "TripleDataset",
     "WordVocab",
+    "build_code_search_splits",
+    "extract_code_search_pairs",
     "load_cifar",
     "load_digits_ranking",
     "load_idx_dataset",
+    "load_msmarco_split",
     "load_table",
     "make_synthetic_ranking",
     "read_idx",

@@ -18,6 +18,12 @@ from lit_cascades.functional.deferral import (
     quality_at_rate,
     random_deferral_curve,
 )
+from lit_cascades.functional.distillation import (
+    embedding_matching_loss,
+    listwise_softmax_loss,
+    score_distillation_loss,
+    segment_mean_pool,
+)
 from lit_cascades.functional.fusion import late_fusion
 from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
 from lit_cascades.functional.ranking import (
@@ -67,6 +73,7 @@ __all__ = [
     "dense_topk",
     "distributional_overlap",
     "effective_loss_weights",
+    "embedding_matching_loss",
     "gatekeeper_loss",
     "gather_with_grad",
     "ideal_deferral_curve",
@@ -75,6 +82,7 @@ __all__ = [
     "label_aggregation_loss",
     "late_fusion",
     "level_pair_auroc",
+    "listwise_softmax_loss",
     "loss_aggregation_loss",
     "multipartite_auroc",
     "multipartite_pairwise_loss",
@@ -85,4 +93,6 @@ __all__ = [
     "random_deferral_curve",
     "rerank",
     "retrieval_metrics",
+    "score_distillation_loss",
+    "segment_mean_pool",
 ]

@@ -3,10 +3,13 @@
 from lit_cascades.modules.gatekeeper import Classifier, GatekeeperClassifier
 from lit_cascades.modules.ranking import MultiLabelRanker
 from lit_cascades.modules.taskformer import TaskFormer
+from lit_cascades.modules.ustad import USTAD, USTADStudent
 
 __all__ = [
+    "USTAD",
     "Classifier",
     "GatekeeperClassifier",
     "MultiLabelRanker",
     "TaskFormer",
+    "USTADStudent",
 ]
