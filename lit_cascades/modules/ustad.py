@@ -51,7 +51,7 @@ The corpus and qrels come from the datamodule's ``eval_corpus(split)``
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -115,11 +115,13 @@ class TextEncoder(nn.Module):
         enc = self.tokenizer(*args, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def embed(self, texts: Sequence[str], max_length: int, normalize: bool = True, kind: str = "text") -> Tensor:
-        """``B`` texts → ``[B, D]`` mean-pooled (then projected; L2-normalised when ``normalize``)."""
+    def embed(self, texts: Sequence[str], max_length: int, normalize: bool = True, kind: str = "text",
+              pool: Callable[[Tensor, Tensor], Tensor] = mean_pool) -> Tensor:
+        """``B`` texts → ``[B, D]``: ``pool(hidden [B, L, H], attention_mask [B, L])`` (default mean pooling),
+        then the projection; L2-normalised when ``normalize``."""
         enc = self.tokenize(texts, max_length, kind=kind)
         h = self.model(**enc).last_hidden_state
-        e = self.proj(mean_pool(h, enc["attention_mask"]))
+        e = self.proj(pool(h, enc["attention_mask"]))
         return F.normalize(e, dim=-1) if normalize else e
 
     def joint(self, queries: Sequence[str], docs: Sequence[str], max_length: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -362,15 +364,19 @@ class USTAD(RetrievalModule):
         self._init_eval()
 
     # -- scores ------------------------------------------------------------------------------------------
+    def pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """DE pooling of ``hidden [B, L, H]`` → ``[B, H]``: mean over attended tokens (override to change it)."""
+        return mean_pool(hidden, attention_mask)
+
     def embed_queries(self, queries: Sequence[str]) -> Tensor:
         """Queries → ``[B, D]`` DE embeddings."""
         hp = self.hparams
-        return self.encoder.embed(queries, hp.max_query_length, hp.normalize, kind="query")
+        return self.encoder.embed(queries, hp.max_query_length, hp.normalize, kind="query", pool=self.pool)
 
     def embed_docs(self, docs: Sequence[str]) -> Tensor:
         """Documents → ``[N, D]`` DE embeddings."""
         hp = self.hparams
-        return self.encoder.embed(docs, hp.max_doc_length, hp.normalize, kind="doc")
+        return self.encoder.embed(docs, hp.max_doc_length, hp.normalize, kind="doc", pool=self.pool)
 
     def de_score(self, query_emb: Tensor, doc_emb: Tensor) -> Tensor:
         """``⟨e_q, e_d⟩ / τ`` of rows ``[B, D] × [B, D] → [B]``."""
