@@ -187,3 +187,16 @@ def test_student_without_teacher_is_the_label_loss_and_dims_must_match():
     st = USTADStudent(teacher, student_encoder="tiny-bert", projection=True,
                       student_encoder_kwargs={"hidden": 16, "layers": 1, "heads": 2})
     assert st.embed_queries(QUERIES).shape == (4, 32)
+
+
+@pytest.mark.slow
+def test_minilm_from_the_package_embeds_like_sentence_transformers():
+    st = pytest.importorskip("sentence_transformers")
+    from lit_cascades.models.towers import minilm_path
+
+    texts = ["Split a pathname into a directory and a file name.", "def f(x):\n    return x + 1", "short"]
+    m = USTAD(encoder="minilm", max_query_length=256, rerank_depth=0)
+    ref = st.SentenceTransformer(minilm_path(), device="cpu").encode(texts, convert_to_tensor=True,
+                                                                      normalize_embeddings=True)
+    with torch.no_grad():
+        torch.testing.assert_close(m.embed_queries(texts), ref.float(), rtol=1e-4, atol=1e-5)
