@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_cascades.data.retrieval import RetrievalDataModule
 from lit_cascades.functional.retrieval import metric_names
-from lit_cascades.modules.ustad import USTAD, USTADStudent, describe_parameters
+from lit_cascades.modules.ustad import USTAD, USTADStudent, describe_parameters, load_teacher_state
 from lit_cascades.runner import ConfigError, Run, main
 
 
@@ -52,7 +52,7 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
     teacher = USTAD(model=cfg.model, recall_ks=recall_ks, **_section(cfg.teacher))
     ckpt = cfg.distill.teacher_checkpoint if cfg.stage == "distill" else None
     if ckpt:
-        teacher.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+        load_teacher_state(teacher, torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
         print(f"[ustad] teacher loaded from {ckpt}")
     else:
         r.fit("teacher", teacher, dm, max_epochs=cfg.train.epochs)

@@ -86,6 +86,8 @@ class TextEncoder(nn.Module):
     def __init__(self, tower: TextTower) -> None:
         super().__init__()
         self.model, self.tokenizer, self.proj = tower.model, tower.tokenizer, tower.proj
+        if getattr(self.model, "pooler", None) is not None:  # unused by both scores; DDP rejects unused parameters
+            self.model.pooler = None
         self.truncated: dict[str, int] = {}
         self.seen: dict[str, int] = {}
 
@@ -138,6 +140,12 @@ def build_encoder(spec: str, max_length: int = 512, **kwargs: Any) -> TextEncode
     if spec.startswith(("clip:", "tiny-clip")):
         raise ValueError(f"USTAD needs a BERT-like encoder (segment ids for the CE input); got {spec!r}")
     return TextEncoder(build_text_tower(spec, None, max_length, **kwargs))
+
+
+def load_teacher_state(module: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Load a teacher checkpoint's ``state_dict``, ignoring the encoder's unused pooler (older checkpoints)."""
+    state = {k: v for k, v in state_dict.items() if ".pooler." not in k}
+    module.load_state_dict(state)
 
 
 def truncate_layers(encoder: TextEncoder, num_layers: int) -> TextEncoder:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lit_cascades.functional.contrastive import info_nce
 from lit_cascades.functional.distillation import listwise_softmax_loss
 from lit_cascades.functional.retrieval import Qrels, dense_topk, retrieval_metrics
-from lit_cascades.modules.ustad import USTAD, USTADStudent, describe_parameters
+from lit_cascades.modules.ustad import USTAD, USTADStudent, describe_parameters, load_teacher_state
 
 QUERIES = ["open a file for reading", "sort a list of numbers", "parse the header line", "compute a checksum"]
 DOCS = ["def open_file(path):\n    return open(path)", "def sort_numbers(xs):\n    return sorted(xs)",
@@ -200,3 +200,15 @@ def test_minilm_from_the_package_embeds_like_sentence_transformers():
                                                                       normalize_embeddings=True)
     with torch.no_grad():
         torch.testing.assert_close(m.embed_queries(texts), ref.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_state_loads_ignoring_an_old_pooler():
+    a, b = tiny(), tiny(ce_head="cls_linear")
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.01)
+    state = {**a.state_dict(), "encoder.model.pooler.dense.weight": torch.zeros(2, 2)}
+    load_teacher_state(b, state)
+    torch.testing.assert_close(b.embed_docs(DOCS), a.embed_docs(DOCS))
+    with pytest.raises(RuntimeError):
+        load_teacher_state(b, {k: v for k, v in a.state_dict().items() if "ce_head" not in k})
