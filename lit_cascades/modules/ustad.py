@@ -156,6 +156,7 @@ def truncate_layers(encoder: TextEncoder, num_layers: int) -> TextEncoder:
         raise ValueError(f"`num_layers` must be in [1, {len(layers)}]; got {num_layers}")
     enc.model.encoder.layer = nn.ModuleList(list(layers)[:num_layers])
     enc.model.config.num_hidden_layers = num_layers
+    enc.truncated, enc.seen = {}, {}
     return enc
 
 
