@@ -41,9 +41,18 @@ from lit_cascades.functional.retrieval import (
     rerank,
     retrieval_metrics,
 )
+from lit_cascades.functional.speculative import (
+    RULES as SPECULATIVE_RULES,
+)
+from lit_cascades.functional.speculative import (
+    rule_acceptance,
+    target_distribution,
+    verify_block,
+)
 
 __all__ = [
     "CONFIDENCE_KINDS",
+    "SPECULATIVE_RULES",
     "ContrastiveOutput",
     "DeferralCurve",
     "DeferralReport",
@@ -85,4 +94,7 @@ __all__ = [
     "random_deferral_curve",
     "rerank",
     "retrieval_metrics",
+    "rule_acceptance",
+    "target_distribution",
+    "verify_block",
 ]
