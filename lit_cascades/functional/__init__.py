@@ -58,9 +58,18 @@ from lit_cascades.functional.score_distillation import (
     score_distillation_loss,
     segment_mean_pool,
 )
+from lit_cascades.functional.speculative import (
+    RULES as SPECULATIVE_RULES,
+)
+from lit_cascades.functional.speculative import (
+    rule_acceptance,
+    target_distribution,
+    verify_block,
+)
 
 __all__ = [
     "CONFIDENCE_KINDS",
+    "SPECULATIVE_RULES",
     "ContrastiveOutput",
     "DeferralCurve",
     "DeferralReport",
@@ -110,9 +119,12 @@ __all__ = [
     "random_deferral_curve",
     "rerank",
     "retrieval_metrics",
+    "rule_acceptance",
     "salt_loss",
     "score_distillation_loss",
     "segment_mean_pool",
     "select_top_fraction",
+    "target_distribution",
     "topk_median_score",
+    "verify_block",
 ]

@@ -90,8 +90,12 @@ def greedy_generate(
     pad_token_id: int,
     num_stops: int = 1,
     include_stop: bool = True,
+    temperature: float = 0.0,
 ) -> Generation:
     """Greedy decoding of a left-padded batch with HF ``generate``; see :class:`Generation`.
+
+    With ``temperature > 0`` it samples instead (plain ancestral sampling at that temperature, no top-k/top-p;
+    torch's global RNG, as HF ``generate`` uses it); ``logprobs`` stay those of the raw logits.
 
     Args:
         model: a HF causal LM.
@@ -115,14 +119,17 @@ def greedy_generate(
         raise ValueError(f"`max_new_tokens` must be >= 1; got {max_new_tokens}")
     if num_stops < 1:
         raise ValueError(f"`num_stops` must be >= 1; got {num_stops}")
+    if temperature < 0:
+        raise ValueError(f"`temperature` must be >= 0 (0 = greedy); got {temperature}")
     if bool((attention_mask.sum(-1) == 0).any()):
         raise ValueError("every prompt needs at least one token; got an empty (all-padding) prompt")
     check_fits_context(model, input_ids.shape[1], max_new_tokens)
     counts = as_stop_counts(stop_counts, model_vocab_size(model)).to(input_ids.device)
     prompt_len = input_ids.shape[1]
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_token_id,
+        max_new_tokens=max_new_tokens, do_sample=temperature > 0, num_beams=1, pad_token_id=pad_token_id,
         return_dict_in_generate=True, output_logits=True,
+        **({"temperature": float(temperature), "top_k": 0, "top_p": 1.0} if temperature > 0 else {}),
     )
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                          stopping_criteria=StoppingCriteriaList([StopAfterCount(counts, num_stops, prompt_len)]))

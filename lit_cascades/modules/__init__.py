@@ -3,6 +3,7 @@
 from lit_cascades.modules.gatekeeper import Classifier, GatekeeperClassifier
 from lit_cascades.modules.ranking import MultiLabelRanker
 from lit_cascades.modules.salt import SALT
+from lit_cascades.modules.speculative_cascade import SpeculativeCascade
 from lit_cascades.modules.taskformer import TaskFormer
 from lit_cascades.modules.ustad import USTAD, USTADStudent
 
@@ -12,6 +13,7 @@ __all__ = [
     "Classifier",
     "GatekeeperClassifier",
     "MultiLabelRanker",
+    "SpeculativeCascade",
     "TaskFormer",
     "USTADStudent",
 ]

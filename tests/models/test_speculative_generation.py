@@ -1,0 +1,182 @@
+"""Batched speculative(-cascade) decoding against oracles: the verifier's / drafter's own greedy decoding, HF
+assisted generation, per-prompt decoding, and the exact sampling distribution on a tiny vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_cascades.models.generation import greedy_generate
+from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config, truncated_copy
+from lit_cascades.models.speculative import speculative_generate
+
+STOP = 7  # a stop token (the models' eos) that random models do emit now and then
+
+
+def random_pair(vocab: int = 50, layers: int = 2, seed: int = 2, n_positions: int = 64):
+    """A verifier with untied, spread-out logits (no near-ties) and a drafter made of its first layer, so that
+    they agree on some tokens and not on others."""
+    torch.manual_seed(seed)
+    config = gpt2_config(vocab, n_layer=layers, n_embd=32, n_head=2, n_positions=n_positions, eos_token_id=STOP,
+                         pad_token_id=0)
+    config.tie_word_embeddings = False
+    config.initializer_range = 0.1
+    verifier = build_causal_lm(config).eval()
+    with torch.no_grad():
+        verifier.lm_head.weight.normal_(0, 0.5)
+    return truncated_copy(verifier, 1).eval(), verifier
+
+
+def left_padded(lengths, vocab: int = 50, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None] >= width - torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return random_pair()
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_greedy_spec_decode_equals_verifier_greedy(pair, gamma):
+    drafter, verifier = pair
+    ids, mask = left_padded([9, 3, 6, 1, 7])
+    ref = greedy_generate(verifier, ids, mask, 24, [STOP], pad_token_id=0)
+    out = speculative_generate(drafter, verifier, ids, mask, 24, rule="spec_decode", gamma=gamma, temperature=0,
+                               stop_counts=[STOP], pad_token_id=0)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert torch.equal(out.mask, ref.mask)
+    assert torch.equal(out.stopped, ref.stopped)
+    assert 0 < float(out.acceptance_rate.mean()) < 1  # a real mix of accepted and rejected drafts
+    assert bool((out.accepted <= out.drafted).all())
+    assert bool((out.num_tokens <= out.verifier_calls * (gamma + 1)).all())
+    assert bool((out.drafter_calls <= out.verifier_calls * gamma).all())
+    if gamma > 1:
+        assert float(out.tokens_per_verifier_call.mean()) > 1.0
+
+
+def test_greedy_spec_decode_equals_hf_assisted_generation(pair):
+    drafter, verifier = pair
+    ids, mask = left_padded([9, 4, 6], seed=1)
+    for gamma in (2, 4):
+        out = speculative_generate(drafter, verifier, ids, mask, 16, gamma=gamma, stop_counts=[STOP], pad_token_id=0)
+        for b in range(ids.shape[0]):
+            prompt = ids[b:b + 1, mask[b].bool()]
+            hf = verifier.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=drafter,
+                                   do_sample=False, max_new_tokens=16, num_assistant_tokens=gamma,
+                                   num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
+                                   eos_token_id=STOP, pad_token_id=0)[0, prompt.shape[1]:]
+            ours = out.tokens[b, out.mask[b]]
+            assert ours.tolist() == hf[: ours.numel()].tolist()
+            assert ours.numel() == hf.numel() or int(hf[ours.numel()]) == 0
+
+
+def test_greedy_drafter_only_equals_drafter_greedy(pair):
+    drafter, verifier = pair
+    ids, mask = left_padded([5, 8, 2], seed=3)
+    ref = greedy_generate(drafter, ids, mask, 20, [STOP], pad_token_id=0)
+    out = speculative_generate(drafter, verifier, ids, mask, 20, rule="drafter_only", gamma=3, stop_counts=[STOP],
+                               pad_token_id=0, bonus="target")
+    assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.mask, ref.mask)
+    assert bool((out.acceptance_rate == 1).all())
+
+
+@pytest.mark.parametrize(("rule", "alpha"), [("token_v3", 0.3), ("opt", 0.5), ("chow", 0.4), ("lossy", 0.5)])
+def test_batch_equals_each_prompt_alone(pair, rule, alpha):
+    drafter, verifier = pair
+    ids, mask = left_padded([9, 2, 5, 7], seed=4)
+    out = speculative_generate(drafter, verifier, ids, mask, 18, rule=rule, alpha=alpha, gamma=3,
+                               stop_counts=[STOP], pad_token_id=0)
+    for b in range(ids.shape[0]):
+        prompt = ids[b:b + 1, mask[b].bool()]
+        alone = speculative_generate(drafter, verifier, prompt, torch.ones_like(prompt), 18, rule=rule, alpha=alpha,
+                                     gamma=3, stop_counts=[STOP], pad_token_id=0)
+        assert alone.tokens[0].tolist() == out.tokens[b].tolist()
+        assert int(alone.accepted[0]) == int(out.accepted[b])
+        assert int(alone.verifier_calls[0]) == int(out.verifier_calls[b])
+
+
+def test_cascade_rules_interpolate_between_drafter_and_verifier(pair):
+    drafter, verifier = pair
+    ids, mask = left_padded([6, 6, 6, 6], seed=5)
+    small = greedy_generate(drafter, ids, mask, 16, [STOP], pad_token_id=0).tokens
+    large = greedy_generate(verifier, ids, mask, 16, [STOP], pad_token_id=0).tokens
+    kwargs = dict(gamma=3, stop_counts=[STOP], pad_token_id=0, bonus="target")
+    always = speculative_generate(drafter, verifier, ids, mask, 16, rule="diff", alpha=-1.0, **kwargs)
+    never = speculative_generate(drafter, verifier, ids, mask, 16, rule="diff", alpha=1.0, **kwargs)
+    assert torch.equal(always.tokens, large) and torch.equal(never.tokens, small)
+    rates = [float(speculative_generate(drafter, verifier, ids, mask, 16, rule="token_v3", alpha=a, **kwargs)
+                   .acceptance_rate.mean()) for a in (0.0, 0.5, 1.0)]
+    assert rates == sorted(rates) and rates[-1] == 1.0
+
+
+def _two_token_distribution(model, prompt: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
+    """Exact probability ``[V·V]`` of the first two tokens sampled at ``temperature`` (enumeration)."""
+    with torch.no_grad():
+        first = torch.softmax(model(prompt).logits[0, -1] / temperature, -1)           # [V]
+        seqs = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        second = torch.softmax(model(seqs).logits[:, -1] / temperature, -1)              # [V, V]
+    return (first[:, None] * second).reshape(-1)
+
+
+def _chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson χ² test of ``samples`` (category ids) against ``probs``; categories with an expected count < 5
+    are pooled into one."""
+    stats = pytest.importorskip("scipy.stats")
+    n = samples.numel()
+    observed = torch.bincount(samples, minlength=probs.numel()).double()
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if float(exp[-1]) < 5:  # fold a tiny pooled bin into the smallest kept one
+        obs, exp = obs[:-1].clone(), exp[:-1].clone()
+        obs[exp.argmin()] += observed[~big].sum()
+        exp[exp.argmin()] += expected[~big].sum()
+    exp = exp * obs.sum() / exp.sum()
+    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def test_sampling_matches_the_models_distributions():
+    """Over 3000 independent rows (one batch, fixed seed), the first two emitted tokens of ``spec_decode``
+    follow the verifier's exact two-token distribution, and those of ``drafter_only`` the drafter's (χ² test at
+    a false-alarm rate of 1e-3 each); the test can fail: the drafter's samples are rejected against the
+    verifier's distribution."""
+    vocab, temperature, n = 8, 0.8, 3000
+    drafter, verifier = random_pair(vocab=vocab, layers=2, seed=11)
+    prompt = torch.tensor([[1, 5, 2, 3]])
+    ids, mask = prompt.expand(n, -1), torch.ones(n, 4, dtype=torch.long)
+    samples = {}
+    for rule, bonus in (("spec_decode", "verifier"), ("drafter_only", "target")):
+        out = speculative_generate(drafter, verifier, ids, mask, 2, rule=rule, gamma=2, temperature=temperature,
+                                   bonus=bonus, generator=torch.Generator().manual_seed(0))
+        samples[rule] = out.tokens[:, 0] * vocab + out.tokens[:, 1]
+    p_two = _two_token_distribution(verifier, prompt, vocab, temperature)
+    q_two = _two_token_distribution(drafter, prompt, vocab, temperature)
+    assert 0.5 * float((p_two - q_two).abs().sum()) > 0.1  # the models differ enough for the test to bite
+    assert _chi_square_pvalue(samples["spec_decode"], p_two) > 1e-3
+    assert _chi_square_pvalue(samples["drafter_only"], q_two) > 1e-3
+    assert _chi_square_pvalue(samples["drafter_only"], p_two) < 1e-3
+
+
+def test_bad_input(pair):
+    drafter, verifier = pair
+    ids, mask = left_padded([3, 3])
+    other = build_causal_lm(gpt2_config(40, n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(other, verifier, ids, mask, 4)
+    with pytest.raises(ValueError, match="gamma"):
+        speculative_generate(drafter, verifier, ids, mask, 4, gamma=0)
+    with pytest.raises(ValueError, match="alpha"):
+        speculative_generate(drafter, verifier, ids, mask, 4, rule="chow", alpha=2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(drafter, verifier, ids, mask, 4, temperature=-0.1)
+    with pytest.raises(ValueError, match="context window"):
+        speculative_generate(drafter, verifier, ids, mask, 62)
+    with pytest.raises(ValueError, match="empty"):
+        speculative_generate(drafter, verifier, ids, mask * torch.tensor([[1], [0]]), 4)
+    with pytest.raises(ValueError, match="bonus"):
+        speculative_generate(drafter, verifier, ids, mask, 4, bonus="nope")
