@@ -291,6 +291,20 @@ class RetrievalModule(pl.LightningModule):
                 self.log(f"{stage}/retrieval/{kind}/{name}", res[name].item(), prog_bar=(name == "mrr@10"))
         self.log(f"{stage}/retrieval/queries_without_relevant", results["de"]["queries_without_relevant"].item())
 
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The training losses of a batch: ``{"loss": total, <component>: value, ...}`` (subclasses)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Optimises ``compute_losses(batch)["loss"]``; logs it and every component as ``train/<name>``."""
+        out = self.compute_losses(batch)
+        bs = len(batch["query"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        for k, v in out.items():
+            if k != "loss":
+                self.log(f"train/{k}", v, batch_size=bs)
+        return out["loss"]
+
     def log_truncation(self, encoders: dict[str, TextEncoder]) -> None:
         """Log and reset the fraction of inputs truncated to the token budget per encoder and input kind."""
         for name, enc in encoders.items():
@@ -444,15 +458,6 @@ class USTAD(RetrievalModule):
             loss = loss + hp.lambda_ce * out["ce"]
         out["loss"] = loss
         return out
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self.compute_losses(batch)
-        bs = len(batch["query"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        for k, v in out.items():
-            if k != "loss":
-                self.log(f"train/{k}", v, batch_size=bs)
-        return out["loss"]
 
     def on_train_epoch_end(self) -> None:
         encs = {"encoder": self.encoder} if self.ce_encoder is self.encoder else {"de": self.encoder,
@@ -667,15 +672,6 @@ class USTADStudent(RetrievalModule):
             loss = loss + hp.beta_emb * emb
         out["loss"] = loss
         return out
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self.compute_losses(batch)
-        bs = len(batch["query"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        for k, v in out.items():
-            if k != "loss":
-                self.log(f"train/{k}", v, batch_size=bs)
-        return out["loss"]
 
     def on_train_epoch_end(self) -> None:
         self.log_truncation({"student": self.query_encoder})
