@@ -27,6 +27,20 @@ def best_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
     return min(times)
 
 
+def interleaved_best_times(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Best time of each function, timed in alternation so a change of machine load hits all of them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: min(v) for k, v in times.items()}
+
+
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -11,11 +11,9 @@ timed in alternation (machine load hits both alike).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from benchmarks._common import write_results
+from benchmarks._common import interleaved_best_times, write_results
 from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
 from lit_cascades.modules.causal_lm import CausalLM, GatekeeperLM, shifted_logits_and_labels
 
@@ -31,20 +29,6 @@ def make_step(module: CausalLM, batch: dict[str, torch.Tensor]):
         opt.step()
 
     return step
-
-
-def interleaved_best_times(fns: dict[str, object], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Best time of each function, timed in alternation so a change of machine load hits all of them."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
 
 
 def main() -> None:

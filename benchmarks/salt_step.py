@@ -15,8 +15,7 @@ import argparse
 
 import torch
 
-from benchmarks._common import write_results
-from benchmarks.gatekeeper_lm_step import interleaved_best_times
+from benchmarks._common import interleaved_best_times, write_results
 from lit_cascades.functional.distillation import salt_loss
 from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
 from lit_cascades.modules.causal_lm import CausalLM, shifted_logits_and_labels
