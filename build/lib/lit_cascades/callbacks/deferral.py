@@ -1,0 +1,208 @@
+"""A callback that turns any cascade module's validation/test outputs into deferral curves and metrics.
+
+Contract: the module's ``validation_step`` / ``test_step`` returns a mapping with key ``"deferral"``::
+
+    {"deferral": {"scores": Tensor[B] | {name: Tensor[B]},   # higher = keep the small model's answer
+                  "small_quality": Tensor[B],                 # 0/1 correctness or a real-valued quality
+                  "large_quality": Tensor[B],
+                  "ids": Tensor[B] (optional example ids; duplicates from DDP padding are dropped)}}
+
+At epoch end the callback computes :class:`~lit_cascades.metrics.DeferralMetrics` (synced over processes),
+logs every scalar as ``<prefix>/<metric>`` (``<prefix>/<name>/<metric>`` for named scores), writes
+``deferral_<tag><stage>.csv`` and ``.png`` into ``output_dir`` and, for each attached
+:class:`~lightning.pytorch.loggers.WandbLogger`, logs the plot as an image and the curve as a table
+(TensorBoard gets the figure; other loggers get the scalars). The reports stay available in
+``callback.reports[stage][name]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lit_cascades.functional.deferral import DeferralReport, IdealVariant
+from lit_cascades.metrics.deferral import DeferralMetrics
+
+UNNAMED = "score"
+
+
+def deferral_table(reports: Mapping[str, DeferralReport]) -> tuple[list[str], list[list[float]]]:
+    """Columns and rows of the curve table: rate, small_only, large_only, random, ideal, one column per score."""
+    first = next(iter(reports.values()))
+    columns = ["rate", "small_only", "large_only", "random", "ideal", *reports.keys()]
+    qs, ql = first.scalars["small_quality"], first.scalars["large_quality"]
+    cols = [first.curve.rates, None, None, first.random, first.ideal, *(r.curve.quality for r in reports.values())]
+    n = first.curve.rates.shape[0]
+    data = [c.tolist() if c is not None else None for c in cols]
+    rows = [
+        [data[0][i], qs, ql, data[3][i], data[4][i], *(d[i] for d in data[5:])] for i in range(n)
+    ]
+    return columns, rows
+
+
+def _atomic_write_text(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_deferral_curves(
+    reports: Mapping[str, DeferralReport], directory: str | Path, stem: str, title: str | None = None
+) -> tuple[Path, Path]:
+    """Write the curves of ``reports`` (sharing one dataset) as ``<stem>.csv`` and ``<stem>.png``.
+
+    Files are written atomically (temporary file, then rename). Returns ``(csv_path, png_path)``.
+    """
+    from lit_cascades.plotting import plot_deferral_curves
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    columns, rows = deferral_table(reports)
+    csv_path, png_path = directory / f"{stem}.csv", directory / f"{stem}.png"
+
+    def _write(f: Any) -> None:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows(rows)
+
+    _atomic_write_text(csv_path, _write)
+    fig, _ = plot_deferral_curves(dict(reports), title=title)
+    tmp_png = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp_png, dpi=120)
+    os.replace(tmp_png, png_path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return csv_path, png_path
+
+
+class DeferralCurveLogger(pl.Callback):
+    """Log deferral curves and scalars for any module following the ``"deferral"`` output contract.
+
+    Args:
+        ideal: reference curve for ``s_d`` (see :func:`~lit_cascades.functional.ideal_deferral_curve`).
+        rate: deferral rate at which ``quality_at_rate`` is reported.
+        output_dir: where CSV/PNG files go; defaults to the trainer's ``default_root_dir``.
+        tag: prefix for file names and W&B keys, to tell apart several trainers of one run.
+        prefix: namespace of the logged scalars (``defer/s_d`` ...).
+        key: the key of the step output holding the deferral batch.
+        max_table_rows: W&B tables are subsampled to at most this many rows (the CSV keeps all).
+    """
+
+    def __init__(
+        self,
+        ideal: IdealVariant = "oracle",
+        rate: float = 0.2,
+        output_dir: str | Path | None = None,
+        tag: str = "",
+        prefix: str = "defer",
+        key: str = "deferral",
+        max_table_rows: int = 1001,
+    ) -> None:
+        super().__init__()
+        self.ideal, self.rate = ideal, rate
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.tag, self.prefix, self.key, self.max_table_rows = tag, prefix, key, max_table_rows
+        self._metrics: dict[str, dict[str, DeferralMetrics]] = {}
+        self._named: dict[str, bool] = {}
+        self.reports: dict[str, dict[str, DeferralReport]] = {}
+        self.files: dict[str, tuple[Path, Path]] = {}
+
+    # -- accumulation -----------------------------------------------------------------------------------
+    def _update(self, pl_module: pl.LightningModule, outputs: Any, stage: str) -> None:
+        if not isinstance(outputs, Mapping) or self.key not in outputs:
+            return
+        batch = outputs[self.key]
+        missing = {"scores", "small_quality", "large_quality"} - set(batch)
+        if missing:
+            raise KeyError(f"the `{self.key}` step output must hold scores, small_quality and large_quality; "
+                           f"missing {sorted(missing)}")
+        scores = batch["scores"]
+        named = isinstance(scores, Mapping)
+        if not named:
+            scores = {UNNAMED: scores}
+        self._named[stage] = named
+        metrics = self._metrics.setdefault(stage, {})
+        for name, s in scores.items():
+            if name not in metrics:
+                metrics[name] = DeferralMetrics(ideal=self.ideal, rate=self.rate).to(pl_module.device)
+            metrics[name].update(s, batch["small_quality"], batch["large_quality"], batch.get("ids"))
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._update(pl_module, outputs, "val")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(pl_module, outputs, "test")
+
+    # -- epoch end ----------------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        metrics = self._metrics.get(stage)
+        if not metrics:
+            return
+        reports = {name: m.compute() for name, m in metrics.items()}  # collective under DDP
+        for m in metrics.values():
+            m.reset()
+        self.reports[stage] = reports
+        named = self._named.get(stage, False)
+        for name, rep in reports.items():
+            base = f"{self.prefix}/{name}" if named else self.prefix
+            for k, v in rep.scalars.items():
+                if k != "rate":
+                    pl_module.log(f"{base}/{k}", torch.tensor(v, dtype=torch.float32), sync_dist=False)
+        if trainer.is_global_zero:
+            self._write(trainer, stage, reports)
+
+    def _write(self, trainer: pl.Trainer, stage: str, reports: dict[str, DeferralReport]) -> None:
+        out = self.output_dir or Path(trainer.default_root_dir)
+        stem = f"deferral_{self.tag + '_' if self.tag else ''}{stage}".replace("/", "_")
+        csv_path, png_path = save_deferral_curves(reports, out, stem, title=f"{self.tag or 'cascade'} ({stage})")
+        self.files[stage] = (csv_path, png_path)
+        key = f"{self.prefix}/{self.tag + '_' if self.tag else ''}{stage}"
+        for logger in trainer.loggers:
+            _log_media(logger, key, reports, png_path, self.max_table_rows, trainer.global_step)
+
+
+def _log_media(logger: Any, key: str, reports: dict[str, DeferralReport], png: Path, max_rows: int,
+               step: int) -> None:
+    """Dispatch the curve figure/table to loggers that can show them."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        columns, rows = deferral_table(reports)
+        if len(rows) > max_rows:
+            idx = torch.linspace(0, len(rows) - 1, max_rows).round().long().unique().tolist()
+            rows = [rows[i] for i in idx]
+        logger.log_image(key=f"{key}_curve", images=[str(png)])
+        logger.log_table(key=f"{key}_table", columns=columns, data=rows)
+    elif isinstance(logger, TensorBoardLogger):
+        from lit_cascades.plotting import plot_deferral_curves
+
+        fig, _ = plot_deferral_curves(reports)
+        logger.experiment.add_figure(f"{key}_curve", fig, global_step=step)
+
+
+def deferral_batch(scores: Tensor | Mapping[str, Tensor], small_quality: Tensor, large_quality: Tensor,
+                   ids: Tensor | None = None) -> dict[str, Any]:
+    """Build the step output consumed by :class:`DeferralCurveLogger`: ``{"deferral": {...}}``."""
+    out: dict[str, Any] = {"scores": scores, "small_quality": small_quality, "large_quality": large_quality}
+    if ids is not None:
+        out["ids"] = ids
+    return {"deferral": out}

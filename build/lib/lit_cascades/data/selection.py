@@ -1,0 +1,287 @@
+"""SALT_DS data selection: score training sequences with the small LM, serve the selected ones during KD.
+
+Reference: Rawat et al., arXiv:2410.18779, SALT_DS (``shared/papers/training.md`` §1.4). Each training
+sequence gets a score from the small model (:class:`SequenceSelector`; default: the median loss of the
+tokens whose true id is in the small model's top-k, k = 10, :func:`~lit_cascades.functional.distillation.
+topk_median_score`). The **highest**-scored ``fraction`` of sequences ("challenging yet learnable") is served
+during the KD stage; from ``kd_steps`` on the full training data is served (:class:`StagedBatchSampler`).
+The selection fraction is not reported in the paper (UNVERIFIED; default 0.5 here). The paper scores with an
+early checkpoint of the small model; here the given teacher scores (pass another model to :meth:`select`).
+
+Scores are computed once and cached on disk (:meth:`SequenceSelector.cached_scores`), keyed by a hash of the
+training token blocks, the scoring model's parameters and the selector's settings; the file is written
+atomically and its recorded keys are checked on load (a file from another corpus or teacher is recomputed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lit_cascades.data.lm import LMCorpusDataModule
+from lit_cascades.functional._checks import check_range
+from lit_cascades.functional.distillation import select_top_fraction, topk_median_score
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's parameter names and values (identifies a teacher in caches/checkpoints)."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tensor_fingerprint(x: Tensor) -> str:
+    """A short hash of a tensor's shape, dtype and values (e.g. the training token blocks)."""
+    h = hashlib.sha1(f"{tuple(x.shape)}{x.dtype}".encode())
+    h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_tokens(dataset: Dataset) -> Tensor:
+    """``[N, L]`` token ids of a dataset of ``{"input_ids": [L]}`` items (``BlockDataset.blocks`` directly)."""
+    blocks = getattr(dataset, "blocks", None)
+    if isinstance(blocks, Tensor):
+        return blocks
+    return torch.stack([dataset[i]["input_ids"] for i in range(len(dataset))])  # type: ignore[arg-type]
+
+
+class SequenceSelector:
+    """Scores sequences with a (small) causal LM and selects the top ``fraction``.
+
+    Subclass and override :meth:`score_batch` (and :attr:`name` via a class attribute) for another score;
+    the cache key includes :meth:`config`, so different scores never share a cache file.
+
+    Args:
+        fraction: share of the training sequences served during the KD stage, in (0, 1].
+        k: top-k of the "learnable token" filter (paper: 10).
+        highest: keep the highest scores (SALT_DS: hard but learnable) or the lowest.
+        batch_size: sequences per scoring forward pass.
+        chunk_size: positions per chunk of the scoring (memory).
+    """
+
+    name = "topk_median"
+
+    def __init__(self, fraction: float = 0.5, k: int = 10, highest: bool = True, batch_size: int = 32,
+                 chunk_size: int | None = None) -> None:
+        check_range("fraction", fraction, 0.0, 1.0, low_open=True)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int; got {k!r}")
+        self.fraction, self.k, self.highest = float(fraction), k, highest
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+
+    def config(self) -> dict[str, Any]:
+        """What the scores depend on besides the data and the model (part of the cache key)."""
+        return {"name": self.name, "k": self.k}
+
+    def score_batch(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``[B]`` scores from aligned ``logits [B, T, V]`` and next-token ``target [B, T]`` (-100 = none)."""
+        return topk_median_score(logits, target, k=self.k, chunk_size=self.chunk_size)[0]
+
+    @torch.inference_mode()
+    def score(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        """``[N]`` scores of the sequences ``tokens [N, L]`` (model in eval mode, on its own device)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        out = []
+        try:
+            for start in range(0, tokens.shape[0], self.batch_size):
+                ids = tokens[start:start + self.batch_size].to(device)
+                logits = model(input_ids=ids).logits
+                target = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
+                out.append(self.score_batch(logits, target).float().cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def select(self, scores: Tensor) -> Tensor:
+        """Indices (ascending) of the selected sequences."""
+        return select_top_fraction(scores, self.fraction, highest=self.highest)
+
+    def cache_key(self, model: nn.Module, tokens: Tensor) -> dict[str, Any]:
+        return {"corpus": tensor_fingerprint(tokens), "teacher": model_fingerprint(model), "selector": self.config()}
+
+    def cached_scores(self, model: nn.Module, tokens: Tensor, cache_dir: str | os.PathLike | None
+                      ) -> tuple[Tensor, bool]:
+        """Scores of ``tokens`` by ``model``, from ``cache_dir`` when a matching file is there.
+
+        Returns ``(scores [N], hit)``. The file name is a hash of the key (corpus tokens, model parameters,
+        selector config); the key is also stored in the file and compared on load, so a file from another
+        corpus or teacher is detected and recomputed (with a warning). Writes are atomic.
+        """
+        key = self.cache_key(model, tokens)
+        if cache_dir is None:
+            return self.score(model, tokens), False
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        path = Path(cache_dir) / f"salt_scores-{digest}.pt"
+        if path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("key") == key and saved["scores"].shape == (tokens.shape[0],):
+                    return saved["scores"], True
+                warnings.warn(f"score cache {path} was written for {saved.get('key')}, not {key}; recomputing",
+                              UserWarning, stacklevel=2)
+            except Exception as err:  # a truncated or foreign file
+                warnings.warn(f"unreadable score cache {path} ({err}); recomputing", UserWarning, stacklevel=2)
+        scores = self.score(model, tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save({"key": key, "scores": scores}, tmp)
+        os.replace(tmp, path)
+        return scores, False
+
+
+class StagedBatchSampler(Sampler[list[int]]):
+    """Batches from ``selected`` while ``step < kd_steps``, from all ``num_items`` afterwards.
+
+    The batch of each step is a pure function of ``(seed, step)``: positions ``step·G … step·G + G − 1``
+    (global batch ``G = batch_size · world_size``) of an endless sequence of seeded permutations of the pool
+    (the selected subset in stage 1, everything in stage 2, restarted at ``kd_steps``). So a resumed run
+    (:meth:`set_step` with the restored ``global_step``) sees the same batches as an uninterrupted one, and
+    each of ``world_size`` processes takes its own contiguous slice of the global batch (pass
+    ``use_distributed_sampler=False`` to the Trainer). One "epoch" is ``num_items // G`` batches.
+
+    Args:
+        num_items: size of the full training set.
+        selected: indices served during stage 1 (``None``: everything, i.e. plain SALT).
+        kd_steps: optimizer steps of stage 1.
+        batch_size: per-process batch size.
+        seed: shuffling seed.
+        world_size, rank: data-parallel layout.
+        accumulate_grad_batches: batches per optimizer step (the stage follows optimizer steps).
+    """
+
+    def __init__(self, num_items: int, selected: Tensor | Sequence[int] | None, kd_steps: int, batch_size: int,
+                 seed: int = 0, world_size: int = 1, rank: int = 0, accumulate_grad_batches: int = 1) -> None:
+        if num_items < 1:
+            raise ValueError(f"`num_items` must be >= 1; got {num_items}")
+        if kd_steps < 0:
+            raise ValueError(f"`kd_steps` must be >= 0; got {kd_steps}")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or accumulate_grad_batches < 1:
+            raise ValueError(f"bad layout: batch_size={batch_size}, world_size={world_size}, rank={rank}, "
+                             f"accumulate_grad_batches={accumulate_grad_batches}")
+        self.num_items, self.kd_steps, self.batch_size = num_items, kd_steps, batch_size
+        self.seed, self.world_size, self.rank, self.accumulate = seed, world_size, rank, accumulate_grad_batches
+        self.selected = torch.arange(num_items) if selected is None else torch.as_tensor(selected, dtype=torch.long)
+        if self.selected.numel() == 0:
+            raise ValueError("`selected` is empty; select at least one sequence")
+        if int(self.selected.min()) < 0 or int(self.selected.max()) >= num_items:
+            raise ValueError(f"`selected` indices must be in [0, {num_items})")
+        self.batch_index = 0
+        self._perms: dict[tuple[int, int], Tensor] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_step(self, step: int) -> None:
+        """Continue from optimizer step ``step`` (e.g. ``trainer.global_step`` after a resume)."""
+        self.batch_index = step * self.accumulate
+
+    def stage(self, batch_index: int) -> int:
+        return 1 if batch_index // self.accumulate < self.kd_steps else 2
+
+    def _perm(self, phase: int, number: int) -> Tensor:
+        if (phase, number) not in self._perms:
+            size = self.selected.numel() if phase == 1 else self.num_items
+            g = torch.Generator().manual_seed(((self.seed * 7 + phase) * 1_000_003 + number) % (2**63))
+            if len(self._perms) > 8:
+                self._perms.clear()
+            self._perms[(phase, number)] = torch.randperm(size, generator=g)
+        return self._perms[(phase, number)]
+
+    def global_batch_at(self, batch_index: int) -> list[int]:
+        """All ``G`` indices of the global batch number ``batch_index``."""
+        phase = self.stage(batch_index)
+        pool = self.selected if phase == 1 else None
+        offset = batch_index if phase == 1 else batch_index - self.kd_steps * self.accumulate
+        size = self.selected.numel() if phase == 1 else self.num_items
+        out = []
+        for pos in range(offset * self.global_batch, (offset + 1) * self.global_batch):
+            j = int(self._perm(phase, pos // size)[pos % size])
+            out.append(int(pool[j]) if pool is not None else j)
+        return out
+
+    def batch_at(self, batch_index: int) -> list[int]:
+        """This process's slice of :meth:`global_batch_at`."""
+        g = self.global_batch_at(batch_index)
+        return g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return max(1, self.num_items // self.global_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(len(self)):
+            batch = self.batch_at(self.batch_index)
+            self.batch_index += 1
+            yield batch
+
+
+class SALTDataModule(LMCorpusDataModule):
+    """:class:`~lit_cascades.data.lm.LMCorpusDataModule` whose training batches follow SALT's two stages.
+
+    Call :meth:`select` with the small model before ``fit`` for SALT_DS (the selected subset during KD);
+    without it the staged sampler serves the full data in both stages (plain SALT / the baseline).
+
+    Args:
+        kd_steps: optimizer steps of the KD stage.
+        selector: the :class:`SequenceSelector` (default: top-k median, k = 10, fraction 0.5).
+        score_cache_dir: where scores are cached (``None``: recompute every time).
+        seed: shuffling seed of the staged sampler.
+        accumulate_grad_batches: match the Trainer's.
+        **kwargs: :class:`LMCorpusDataModule` arguments.
+    """
+
+    def __init__(self, kd_steps: int = 0, selector: SequenceSelector | None = None,
+                 score_cache_dir: str | None = None, seed: int = 0, accumulate_grad_batches: int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["tokenizer", "selector"])
+        if kd_steps < 0:
+            raise ValueError(f"`kd_steps` must be >= 0; got {kd_steps}")
+        self.kd_steps, self.seed, self.accumulate = kd_steps, seed, accumulate_grad_batches
+        self.selector = selector if selector is not None else SequenceSelector()
+        self.score_cache_dir = score_cache_dir
+        self.selected: Tensor | None = None
+        self.scores: Tensor | None = None
+        self.cache_hit: bool | None = None
+        self.sampler: StagedBatchSampler | None = None
+
+    @property
+    def selected_fraction(self) -> float:
+        """Share of the training sequences served during KD (1.0 without a selection)."""
+        if self.selected is None:
+            return 1.0
+        return self.selected.numel() / len(self.datasets["train"])
+
+    def select(self, model: nn.Module) -> Tensor:
+        """Score the training sequences with ``model`` (cached) and keep the selector's top fraction."""
+        self.setup()
+        tokens = dataset_tokens(self.datasets["train"])
+        self.scores, self.cache_hit = self.selector.cached_scores(model, tokens, self.score_cache_dir)
+        self.selected = self.selector.select(self.scores)
+        return self.selected
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.datasets:
+            self.setup()
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        self.sampler = StagedBatchSampler(len(self.datasets["train"]), self.selected, self.kd_steps,
+                                          self.hparams.batch_size, self.seed, world, rank, self.accumulate)
+        if trainer is not None:
+            self.sampler.set_step(trainer.global_step)
+        return DataLoader(self.datasets["train"], batch_sampler=self.sampler, num_workers=self.hparams.num_workers)

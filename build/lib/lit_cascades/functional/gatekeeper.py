@@ -1,0 +1,161 @@
+"""The Gatekeeper confidence-tuning loss.
+
+Reference: Rabanser et al., "Gatekeeper: Improving Model Cascades Through Confidence Tuning",
+arXiv:2502.19335 (NeurIPS 2025), §3 (the loss as reported; see ``shared/papers/cascades.md`` §1.3).
+
+.. math::
+
+    L = α · L_{corr} + (1 − α) · L_{incorr}
+    L_{corr}   = \\frac{1}{N} Σ_i 1[ŷ_i = y_i] · CE(p_θ(x_i), y_i)
+    L_{incorr} = \\frac{1}{N} Σ_i 1[ŷ_i ≠ y_i] · KL(p_θ(x_i) ‖ U)
+
+with ``ŷ_i = argmax p_θ(x_i)`` the model's *current* prediction (recomputed every step, no gradient) and
+``KL(p ‖ U) = Σ_c p_c log(p_c C) = log C − H(p)``: on its own mistakes the model is pushed towards maximum
+entropy. Note the direction: ``F.kl_div(log_p, U)`` computes ``KL(U ‖ p)``, which is a different loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lit_cascades.functional._checks import check_choice, check_finite, check_range
+
+Normalize = Literal["batch", "subset"]
+
+
+class GatekeeperLossOutput(NamedTuple):
+    """Result of :func:`gatekeeper_loss`; all fields are scalar tensors.
+
+    ``loss`` carries the gradient. ``loss_correct`` and ``loss_incorrect`` are the *unweighted*
+    components ``L_corr`` and ``L_incorr`` (so ``loss == α·loss_correct + (1−α)·loss_incorrect``);
+    ``error_rate`` is the fraction of counted positions the model currently gets wrong.
+    """
+
+    loss: Tensor
+    loss_correct: Tensor
+    loss_incorrect: Tensor
+    error_rate: Tensor
+
+
+def kl_to_uniform(log_probs: Tensor) -> Tensor:
+    """``KL(p ‖ Uniform) = log C − H(p)`` along the last dimension.
+
+    Args:
+        log_probs: ``[..., C]`` log-probabilities (e.g. ``log_softmax(logits, -1)``).
+
+    Returns:
+        ``[...]`` non-negative divergences (0 for the uniform distribution, ``log C`` for a one-hot).
+    """
+    num_classes = log_probs.shape[-1]
+    return (log_probs.exp() * (log_probs + math.log(num_classes))).sum(-1)
+
+
+class _CrossEntropyAndKL(torch.autograd.Function):
+    """Per-row ``CE(p, y)``, ``KL(p ‖ U)`` and ``argmax p`` of logits ``z [N, C]`` with a fused backward.
+
+    With ``p = softmax(z)`` and ``lse = logsumexp(z) = z_k − log p_k`` (``k`` = argmax, where ``p_k ≥ 1/C``):
+    ``CE = lse − z_y`` and ``KL = Σ p log p + log C = p·z − lse + log C``. The gradient of
+    ``g_ce·CE + g_kl·KL`` is ``p ⊙ (g_ce + g_kl (z − p·z)) − g_ce e_y``. One softmax, one argmax and one
+    batched dot product forward, two passes backward: about the cost of cross-entropy, where autograd through
+    ``log_softmax``, ``exp`` and the products took twice as long at LM vocabulary sizes. Saves ``z`` and ``p``
+    (cross-entropy saves its input copy and ``log p``).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        p = torch.softmax(z, dim=-1)
+        pred = z.argmax(-1)
+        ctx.mark_non_differentiable(pred)
+        lse = z.gather(-1, pred[:, None]).squeeze(-1) - p.gather(-1, pred[:, None]).squeeze(-1).log()
+        pz = torch.bmm(p[:, None, :], z[:, :, None]).reshape(-1)
+        ce = lse - z.gather(-1, y[:, None]).squeeze(-1)
+        kl = pz - lse + math.log(z.shape[-1])
+        ctx.save_for_backward(z, y, p, pz)
+        return ce, kl, pred
+
+    @staticmethod
+    def backward(ctx, g_ce: Tensor, g_kl: Tensor, _g_pred: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        z, y, p, pz = ctx.saved_tensors
+        grad = torch.addcmul((g_ce - g_kl * pz)[:, None], g_kl[:, None], z).mul_(p)
+        grad.scatter_add_(-1, y[:, None], -g_ce[:, None])
+        return grad, None
+
+
+def gatekeeper_loss(
+    logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.5,
+    normalize: Normalize = "batch",
+    ignore_index: int = -100,
+) -> GatekeeperLossOutput:
+    """Gatekeeper loss for classification ``[N, C]`` or token-level LM logits ``[B, T, V]``.
+
+    Args:
+        logits: ``[N, C]`` or ``[B, T, V]`` (any ``[..., C]``) unnormalised scores. For causal LMs pass
+            already-shifted logits and labels (``logits[:, :-1]``, ``labels[:, 1:]``).
+        target: ``[N]`` / ``[B, T]`` integer class ids in ``[0, C)``; positions equal to ``ignore_index``
+            (padding, prompt tokens) are excluded from both terms and from the normaliser.
+        alpha: weight ``α ∈ [0, 1]`` of the correct-example cross-entropy; ``1 − α`` weights the
+            KL-to-uniform term on mistakes. Smaller α = stronger deferral signal, lower accuracy.
+        normalize: ``"batch"`` (default, the paper's form) divides both sums by the number of counted
+            positions ``N``; ``"subset"`` divides each sum by the size of its own subset (the per-subset
+            mean used by some reimplementations; this re-weights the terms with the batch error rate).
+        ignore_index: target value marking positions to skip.
+
+    Returns:
+        :class:`GatekeeperLossOutput` with the total loss and its components.
+
+    Raises:
+        ValueError: on shape mismatch, targets outside ``[0, C)``, α outside ``[0, 1]``, non-finite
+            logits, an unknown ``normalize`` or when every position is ignored.
+    """
+    check_range("alpha", alpha, 0.0, 1.0)
+    check_choice("normalize", normalize, ("batch", "subset"))
+    if logits.ndim < 2:
+        raise ValueError(f"`logits` must have shape [N, C] or [B, T, V]; got shape {tuple(logits.shape)}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"`target` shape must equal `logits` shape without the class dim, "
+            f"expected {tuple(logits.shape[:-1])}; got {tuple(target.shape)}"
+        )
+    if target.is_floating_point():
+        raise TypeError(f"`target` must hold integer class ids; got dtype {target.dtype}")
+    num_classes = logits.shape[-1]
+    logits = logits.reshape(-1, num_classes)
+    target = target.reshape(-1)
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    safe_target = target.masked_fill(~valid | bad, 0)  # out-of-range targets are reported below
+    z = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least (bf16/fp16 logits)
+    ce, kl, pred = _CrossEntropyAndKL.apply(z, safe_target)
+    # one host sync for all three checks (a NaN/inf logit makes a CE or KL value non-finite)
+    n_valid, n_bad, n_nonfinite = torch.stack(
+        [valid.sum(), bad.sum(), (~torch.isfinite((ce + kl).detach().sum())).long()]).tolist()
+    if n_valid == 0:
+        raise ValueError("every position of `target` equals `ignore_index`; nothing to compute the loss on")
+    if n_bad:
+        raise ValueError(
+            f"`target` values must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"got {n_bad} out-of-range values, e.g. {int(target[bad][0])}"
+        )
+    if n_nonfinite:
+        check_finite("logits", logits)
+
+    correct = (pred == safe_target) & valid
+    incorrect = valid & ~correct
+
+    sum_correct = (ce * correct).sum()
+    sum_incorrect = (kl * incorrect).sum()
+    n_incorrect = incorrect.sum()
+    if normalize == "batch":
+        loss_correct = sum_correct / n_valid
+        loss_incorrect = sum_incorrect / n_valid
+    else:
+        loss_correct = sum_correct / (n_valid - n_incorrect).clamp(min=1)
+        loss_incorrect = sum_incorrect / n_incorrect.clamp(min=1)
+    loss = alpha * loss_correct + (1.0 - alpha) * loss_incorrect
+    return GatekeeperLossOutput(loss, loss_correct, loss_incorrect, n_incorrect.float() / n_valid)
