@@ -28,6 +28,7 @@ Statistics per row: ``accepted`` drafts kept in the output, ``drafted`` tokens p
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,10 +88,12 @@ def _new_cache(model: nn.Module):
     return DynamicCache(config=model.config)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """Name of the KV-cache argument of ``model.forward`` (``cache`` in recent transformers, else
-    ``past_key_values``)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+@functools.cache
+def _forward_kwargs(model_class: type) -> tuple[str, bool]:
+    """Name of the KV-cache argument of ``forward`` (``cache`` in recent transformers, else ``past_key_values``)
+    and whether it takes ``logits_to_keep`` (the LM head then runs on the needed columns only)."""
+    params = inspect.signature(model_class.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
 def _crop(cache, length: int) -> None:
@@ -100,12 +103,15 @@ def _crop(cache, length: int) -> None:
         cache.crop(-remove)
 
 
-def _forward(model: nn.Module, cache, ids: Tensor, mask: Tensor, start: int) -> Tensor:
-    """Feed columns ``[start, T)`` (the cache holds ``[0, start)``); float32 logits ``[B, T − start, V]``."""
+def _forward(model: nn.Module, cache, ids: Tensor, mask: Tensor, start: int, keep: int) -> Tensor:
+    """Feed columns ``[start, T)`` (the cache holds ``[0, start)``); float32 logits of the last ``keep`` columns
+    ``[B, keep, V]``."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
-                use_cache=True, **{_cache_kwarg(model): cache})
-    return out.logits.float()
+    cache_kwarg, has_keep = _forward_kwargs(type(model))
+    kwargs = {cache_kwarg: cache, **({"logits_to_keep": keep} if has_keep else {})}
+    out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:], use_cache=True,
+                **kwargs)
+    return out.logits[:, -keep:].float()
 
 
 def check_generation_inputs(drafter: nn.Module, verifier: nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -188,6 +194,8 @@ def speculative_generate(
         return torch.softmax(logits, -1), scaled_probs(logits, temperature)
 
     def sample(probs: Tensor) -> Tensor:
+        if temperature == 0:  # one-hot: the argmax is the draw (and costs no RNG call)
+            return probs.argmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     while not bool(done.all()):
@@ -196,7 +204,7 @@ def speculative_generate(
         start = ids.shape[1]
         drafts, q_raw, q = [], [], []
         for j in range(g + (bonus == "target")):
-            logits = _forward(drafter, d_cache, ids, mask, d_len)[:, -1]
+            logits = _forward(drafter, d_cache, ids, mask, d_len, keep=1)[:, -1]
             d_len = ids.shape[1]
             stats["drafter_calls"] += active.long()
             raw, scaled = dists(logits)
@@ -210,7 +218,7 @@ def speculative_generate(
             ids = torch.cat([ids, x[:, None]], 1)
             mask = torch.cat([mask, keep.long()[:, None]], 1)
         draft = torch.stack(drafts, 1)  # [B, g]
-        v_logits = _forward(verifier, v_cache, ids, mask, v_len)[:, -(g + 1):]
+        v_logits = _forward(verifier, v_cache, ids, mask, v_len, keep=g + 1)
         v_len = ids.shape[1]
         stats["verifier_calls"] += active.long()
         stats["drafted"] += active.long() * g
