@@ -10,8 +10,9 @@ made in this process, timed in alternation (best of ``--repeats``), so machine l
 1. ``vs_hf_assisted`` (target <= 1.0): exact speculative decoding (``rule=spec_decode``) vs
    ``verifier.generate(assistant_model=drafter)`` with the same constant ``γ``, batch 1 (HF's assisted generation
    supports no larger batch), ``max_new_tokens`` tokens per prompt and no stop token, so both emit the same
-   tokens; outputs are checked equal token for token before timing. Plain greedy decoding of the verifier
-   (HF ``generate``) is timed alongside for reference.
+   tokens; outputs are checked equal token for token before timing. For reference, also timed: HF assisted
+   generation with its own default drafting policy (the assistant's ``generation_config``: a confidence
+   threshold that stops a draft early) and plain greedy decoding of the verifier.
 2. ``batching``: tokens/s of ``spec_decode`` and of plain verifier decoding at batch 8 vs batch 1 (the task's
    stop rule: rows finish at different lengths).
 3. ``quality_latency``: on ``--quality-prompts`` prompts (batch 8) the large model alone vs ``--rule`` at each
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,25 @@ def decode_records(module: SpeculativeCascade, loader: DataLoader) -> dict[str, 
     return concat_records([module.predict_step(batch, i) for i, batch in enumerate(loader)])
 
 
+@contextmanager
+def assistant_policy(assistant, settings: dict[str, Any]) -> Iterator[None]:
+    """Set HF assisted generation's drafting policy for a block.
+
+    Transformers reads ``num_assistant_tokens``, ``num_assistant_tokens_schedule`` and
+    ``assistant_confidence_threshold`` from the *assistant's* ``generation_config``; the same names passed to
+    ``generate`` are ignored. The old values come back afterwards.
+    """
+    config = assistant.generation_config
+    old = {k: getattr(config, k) for k in settings}
+    for k, v in settings.items():
+        setattr(config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(config, k, v)
+
+
 def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, pad: int,
                    repeats: int) -> dict[str, Any]:
     """Batch-1 exact speculative decoding vs HF assisted generation (same γ, no stop token, same tokens)."""
@@ -60,13 +82,15 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
     sc.pad_token_id = pad
     hf_kwargs = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=pad,
                      eos_token_id=None)
-    assisted_kwargs = dict(hf_kwargs, assistant_model=pair.small, num_assistant_tokens=gamma,
-                           num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    assisted_kwargs = dict(hf_kwargs, assistant_model=pair.small)
+    constant = {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
+                "assistant_confidence_threshold": 0.0}
     stats = {"verifier_calls": 0, "accepted": 0, "drafted": 0, "tokens": 0}
     for p in prompts:  # correctness first: the same tokens, or the timing compares different work
         ones = torch.ones_like(p)
         ours = sc.generate(p, ones)
-        hf = pair.large.generate(p, attention_mask=ones, **assisted_kwargs)[0, p.shape[1]:]
+        with assistant_policy(pair.small, constant):
+            hf = pair.large.generate(p, attention_mask=ones, **assisted_kwargs)[0, p.shape[1]:]
         if ours.tokens[0, ours.mask[0]].tolist() != hf.tolist():
             raise AssertionError("spec_decode and HF assisted generation disagree; timing would be meaningless")
         stats["verifier_calls"] += int(ours.verifier_calls[0])
@@ -78,7 +102,12 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
         for p in prompts:
             sc.generate(p, torch.ones_like(p))
 
-    def run_hf_assisted() -> None:
+    def run_hf_assisted() -> None:  # the same constant γ as ours
+        with assistant_policy(pair.small, constant):
+            for p in prompts:
+                pair.large.generate(p, attention_mask=torch.ones_like(p), **assisted_kwargs)
+
+    def run_hf_assisted_default() -> None:  # HF's own drafting policy (confidence threshold, its defaults)
         for p in prompts:
             pair.large.generate(p, attention_mask=torch.ones_like(p), **assisted_kwargs)
 
@@ -87,11 +116,15 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
             pair.large.generate(p, attention_mask=torch.ones_like(p), **hf_kwargs)
 
     best = interleaved_best_times({"spec_decode": run_ours, "hf_assisted": run_hf_assisted,
+                                   "hf_assisted_default_policy": run_hf_assisted_default,
                                    "hf_verifier_greedy": run_hf_plain}, repeats=repeats, warmup=1)
     return {"prompts": len(prompts), "gamma": gamma, "max_new_tokens": max_new, "seconds": best,
             "ratio_spec_decode_over_hf_assisted": best["spec_decode"] / best["hf_assisted"], "target": 1.0,
             "ratio_spec_decode_over_verifier_greedy": best["spec_decode"] / best["hf_verifier_greedy"],
             "ratio_hf_assisted_over_verifier_greedy": best["hf_assisted"] / best["hf_verifier_greedy"],
+            "ratio_hf_assisted_default_policy_over_verifier_greedy":
+                best["hf_assisted_default_policy"] / best["hf_verifier_greedy"],
+            "hf_default_policy": {k: getattr(pair.small.generation_config, k) for k in constant},
             "tokens_per_verifier_call": stats["tokens"] / max(stats["verifier_calls"], 1),
             "acceptance_rate": stats["accepted"] / max(stats["drafted"], 1)}
 

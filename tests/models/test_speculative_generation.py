@@ -59,19 +59,35 @@ def test_greedy_spec_decode_equals_verifier_greedy(pair, gamma):
 
 
 def test_greedy_spec_decode_equals_hf_assisted_generation(pair):
+    """Same tokens as HF assisted generation with the same constant γ, and the same number of verifier calls
+    (HF reads its drafting policy from the assistant's ``generation_config``, set here)."""
+    from benchmarks.speculative import assistant_policy
+
     drafter, verifier = pair
     ids, mask = left_padded([9, 4, 6], seed=1)
-    for gamma in (2, 4):
-        out = speculative_generate(drafter, verifier, ids, mask, 16, gamma=gamma, stop_counts=[STOP], pad_token_id=0)
-        for b in range(ids.shape[0]):
-            prompt = ids[b:b + 1, mask[b].bool()]
-            hf = verifier.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=drafter,
-                                   do_sample=False, max_new_tokens=16, num_assistant_tokens=gamma,
-                                   num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
-                                   eos_token_id=STOP, pad_token_id=0)[0, prompt.shape[1]:]
-            ours = out.tokens[b, out.mask[b]]
-            assert ours.tolist() == hf[: ours.numel()].tolist()
-            assert ours.numel() == hf.numel() or int(hf[ours.numel()]) == 0
+    calls = []
+    handle = verifier.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for gamma in (2, 4):
+            out = speculative_generate(drafter, verifier, ids, mask, 16, gamma=gamma, stop_counts=[STOP],
+                                       pad_token_id=0)
+            policy = {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
+                      "assistant_confidence_threshold": 0.0}
+            for b in range(ids.shape[0]):
+                prompt = ids[b:b + 1, mask[b].bool()]
+                solo = speculative_generate(drafter, verifier, prompt, torch.ones_like(prompt), 16, gamma=gamma,
+                                            stop_counts=[STOP], pad_token_id=0)
+                calls.clear()
+                with assistant_policy(drafter, policy):
+                    hf = verifier.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=drafter,
+                                           do_sample=False, max_new_tokens=16, eos_token_id=STOP,
+                                           pad_token_id=0)[0, prompt.shape[1]:]
+                ours = out.tokens[b, out.mask[b]]
+                assert ours.tolist() == hf[: ours.numel()].tolist()
+                assert ours.numel() == hf.numel() or int(hf[ours.numel()]) == 0
+                assert int(solo.verifier_calls[0]) == len(calls)  # the same accept/reject rounds as HF
+    finally:
+        handle.remove()
 
 
 def test_greedy_drafter_only_equals_drafter_greedy(pair):
