@@ -74,6 +74,15 @@ def assistant_policy(assistant, settings: dict[str, Any]) -> Iterator[None]:
             setattr(config, k, v)
 
 
+def default_policy(assistant, key: str) -> Any:
+    """The assistant's setting ``key``, or transformers' global default where it is unset."""
+    value = getattr(assistant.generation_config, key)
+    if value is None:
+        defaults = getattr(assistant.generation_config, "_get_default_generation_params", dict)()
+        value = defaults.get(key)
+    return value
+
+
 def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, pad: int,
                    repeats: int) -> dict[str, Any]:
     """Batch-1 exact speculative decoding vs HF assisted generation (same γ, no stop token, same tokens)."""
@@ -124,7 +133,7 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
             "ratio_hf_assisted_over_verifier_greedy": best["hf_assisted"] / best["hf_verifier_greedy"],
             "ratio_hf_assisted_default_policy_over_verifier_greedy":
                 best["hf_assisted_default_policy"] / best["hf_verifier_greedy"],
-            "hf_default_policy": {k: getattr(pair.small.generation_config, k) for k in constant},
+            "hf_default_policy": {k: default_policy(pair.small, k) for k in constant},
             "tokens_per_verifier_call": stats["tokens"] / max(stats["verifier_calls"], 1),
             "acceptance_rate": stats["accepted"] / max(stats["drafted"], 1)}
 
