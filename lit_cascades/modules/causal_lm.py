@@ -65,7 +65,8 @@ class CausalLM(L.LightningModule):
     Subclass and override :meth:`compute_loss` to change the objective.
 
     Args:
-        model: an ``AutoModelForCausalLM`` (its logits are ``[B, L, V]``).
+        model: an ``AutoModelForCausalLM`` (its logits are ``[B, L, V]``); put in train mode here (dropout as
+            configured), since ``from_pretrained`` returns it in eval mode.
         lr: peak learning rate.
         weight_decay: AdamW weight decay (applied to matrices only).
         warmup_steps: linear warmup steps.
@@ -86,7 +87,9 @@ class CausalLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "large_model"])
-        self.model = model
+        # ``from_pretrained`` returns a model in eval mode and Lightning keeps each submodule's mode, so a loaded
+        # model would be fine-tuned without dropout; a training module trains in train mode
+        self.model = model.train()
         # kept out of the module tree: never in the optimizer, the state dict or the checkpoint
         self.__dict__["large_model"] = large_model.eval().requires_grad_(False) if large_model is not None else None
 

@@ -134,3 +134,24 @@ def test_large_model_is_frozen_outside_state_and_gives_token_deferral_view(tmp_p
     assert ((out["scores"]["max_prob"] > 0) & (out["scores"]["max_prob"] <= 1)).all()
     logits, labels = shifted_logits_and_labels(large, batches[0])
     torch.testing.assert_close(out["large_quality"], (logits.argmax(-1) == labels).float().reshape(-1))
+
+
+def test_a_loaded_eval_mode_model_is_trained_in_train_mode(tmp_path):
+    """``from_pretrained`` returns eval mode and Lightning keeps submodule modes: the module must switch the model
+    to train mode, or fine-tuning silently runs without dropout."""
+    model = tiny(0).eval()
+    large = tiny(1).eval()
+    module = CausalLM(model, large_model=large, lr=1e-2, warmup_steps=1)
+    modes = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append((pl_module.model.training, any(m.training for m in large.modules())))
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[Record()])
+    batches = [{"input_ids": torch.randint(0, V, (2, 8))} for _ in range(2)]
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    assert modes == [(True, False), (True, False)]  # the trained model in train mode, the frozen one in eval
+    assert all(m.training for m in module.model.modules())
