@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks._common import interleaved_best_times, write_results
 from lit_cascades.data.lm import collate_prompts, ensure_pad_token
+from lit_cascades.models.speculative import HF_DRAFTING_KEYS, hf_constant_drafting
 from lit_cascades.modules.lm_cascade import concat_records
 from lit_cascades.modules.speculative_cascade import SpeculativeCascade
 from lit_cascades.runner import load_config
@@ -46,32 +45,14 @@ from recipes.speculative_cascade import plain_decode, plain_row, prompts_loader,
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
 
-def rebatch(loader: DataLoader, batch_size: int, pad_token_id: int) -> DataLoader:
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_prompts(pad_token_id))
+def prompts_of(rows: list, batch_size: int, pad_token_id: int) -> DataLoader:
+    """Left-padded batches of next-line prompts ``rows``, in order."""
+    return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_prompts(pad_token_id))
 
 
 def decode_records(module: SpeculativeCascade, loader: DataLoader) -> dict[str, Any]:
     module.reset_generator()
     return concat_records([module.predict_step(batch, i) for i, batch in enumerate(loader)])
-
-
-@contextmanager
-def assistant_policy(assistant, settings: dict[str, Any]) -> Iterator[None]:
-    """Set HF assisted generation's drafting policy for a block.
-
-    Transformers reads ``num_assistant_tokens``, ``num_assistant_tokens_schedule`` and
-    ``assistant_confidence_threshold`` from the *assistant's* ``generation_config``; the same names passed to
-    ``generate`` are ignored. The old values come back afterwards.
-    """
-    config = assistant.generation_config
-    old = {k: getattr(config, k) for k in settings}
-    for k, v in settings.items():
-        setattr(config, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(config, k, v)
 
 
 def default_policy(assistant, key: str) -> Any:
@@ -92,13 +73,11 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
     hf_kwargs = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=pad,
                      eos_token_id=None)
     assisted_kwargs = dict(hf_kwargs, assistant_model=pair.small)
-    constant = {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
-                "assistant_confidence_threshold": 0.0}
     stats = {"verifier_calls": 0, "accepted": 0, "drafted": 0, "tokens": 0}
     for p in prompts:  # correctness first: the same tokens, or the timing compares different work
         ones = torch.ones_like(p)
         ours = sc.generate(p, ones)
-        with assistant_policy(pair.small, constant):
+        with hf_constant_drafting(pair.small, gamma):
             hf = pair.large.generate(p, attention_mask=ones, **assisted_kwargs)[0, p.shape[1]:]
         if ours.tokens[0, ours.mask[0]].tolist() != hf.tolist():
             raise AssertionError("spec_decode and HF assisted generation disagree; timing would be meaningless")
@@ -112,7 +91,7 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
             sc.generate(p, torch.ones_like(p))
 
     def run_hf_assisted() -> None:  # the same constant γ as ours
-        with assistant_policy(pair.small, constant):
+        with hf_constant_drafting(pair.small, gamma):
             for p in prompts:
                 pair.large.generate(p, attention_mask=torch.ones_like(p), **assisted_kwargs)
 
@@ -133,16 +112,16 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
             "ratio_hf_assisted_over_verifier_greedy": best["hf_assisted"] / best["hf_verifier_greedy"],
             "ratio_hf_assisted_default_policy_over_verifier_greedy":
                 best["hf_assisted_default_policy"] / best["hf_verifier_greedy"],
-            "hf_default_policy": {k: default_policy(pair.small, k) for k in constant},
+            "hf_default_policy": {k: default_policy(pair.small, k) for k in HF_DRAFTING_KEYS},
             "tokens_per_verifier_call": stats["tokens"] / max(stats["verifier_calls"], 1),
             "acceptance_rate": stats["accepted"] / max(stats["drafted"], 1)}
 
 
-def batching(pair, cfg: DictConfig, loader: DataLoader, pad: int, repeats: int) -> dict[str, Any]:
-    """Tokens/s at batch 8 vs batch 1, for spec_decode and for plain verifier decoding."""
+def batching(pair, cfg: DictConfig, rows: list, pad: int, repeats: int) -> dict[str, Any]:
+    """Tokens/s at batch 8 vs batch 1 on the prompts ``rows``, for spec_decode and for plain verifier decoding."""
     sc = SpeculativeCascade(pair.small, pair.large, pair.tokenizer, rule="spec_decode", gamma=int(cfg.gamma),
                             max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.task.include_stop)
-    loaders = {b: rebatch(loader, b, pad) for b in (1, 8)}
+    loaders = {b: prompts_of(rows, b, pad) for b in (1, 8)}
     tokens = {}
     fns = {}
     for b, ld in loaders.items():
@@ -152,7 +131,7 @@ def batching(pair, cfg: DictConfig, loader: DataLoader, pad: int, repeats: int) 
         fns[f"verifier_b{b}"] = lambda ld=ld: plain_decode(pair.large, ld, pair.tokenizer, cfg)
     best = interleaved_best_times(fns, repeats=repeats, warmup=0)
     tps = {k: tokens[k] / best[k] for k in best}
-    return {"prompts": len(loader.dataset), "tokens_per_second": tps,
+    return {"prompts": len(rows), "tokens_per_second": tps,
             "spec_decode_b8_over_b1": tps["spec_decode_b8"] / tps["spec_decode_b1"],
             "verifier_b8_over_b1": tps["verifier_b8"] / tps["verifier_b1"]}
 
@@ -212,11 +191,9 @@ def main() -> None:
         prompts = [row.input_ids[None] for row in prompt_rows]
         results["vs_hf_assisted"] = vs_hf_assisted(pair, prompts, args.gamma, args.max_new_tokens, pad, args.repeats)
     if "batching" not in skip:
-        subset = DataLoader(prompt_rows, batch_size=8, collate_fn=collate_prompts(pad))
-        results["batching"] = batching(pair, cfg, subset, pad, args.repeats)
+        results["batching"] = batching(pair, cfg, prompt_rows, pad, args.repeats)
     if "quality" not in skip:
-        q_loader = DataLoader([loader.dataset[i] for i in range(args.quality_prompts)], batch_size=8,
-                              collate_fn=collate_prompts(pad))
+        q_loader = prompts_of([loader.dataset[i] for i in range(args.quality_prompts)], 8, pad)
         alphas = [float(a) for a in args.alphas.split(",")]
         results["quality_latency"] = quality_latency(pair, cfg, q_loader, args.rule, alphas)
     results["total_seconds"] = time.perf_counter() - start

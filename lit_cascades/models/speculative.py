@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,30 @@ from lit_cascades.functional.speculative import (
 )
 from lit_cascades.models.generation import as_stop_counts, check_fits_context
 from lit_cascades.models.lm_pair import check_same_vocab, model_vocab_size
+
+#: Settings of transformers' assisted generation that it reads from the *assistant's* ``generation_config``
+#: (the same names passed to ``generate()`` are ignored).
+HF_DRAFTING_KEYS: tuple[str, ...] = ("num_assistant_tokens", "num_assistant_tokens_schedule",
+                                     "assistant_confidence_threshold")
+
+
+@contextmanager
+def hf_constant_drafting(assistant: nn.Module, gamma: int) -> Iterator[None]:
+    """Within the block, HF ``generate(assistant_model=assistant)`` drafts exactly ``gamma`` tokens per round.
+
+    Transformers takes its drafting policy from ``assistant.generation_config`` (by default a confidence
+    threshold that ends a draft early); this sets a constant ``γ`` and no threshold, the policy of
+    :func:`speculative_generate`, and restores the old values afterwards. For comparisons with HF.
+    """
+    config = assistant.generation_config
+    old = {k: getattr(config, k) for k in HF_DRAFTING_KEYS}
+    for k, v in zip(HF_DRAFTING_KEYS, (gamma, "constant", 0.0)):
+        setattr(config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(config, k, v)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from lit_cascades.models.generation import greedy_generate
 from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config, truncated_copy
-from lit_cascades.models.speculative import speculative_generate
+from lit_cascades.models.speculative import hf_constant_drafting, speculative_generate
 
 STOP = 7  # a stop token (the models' eos) that random models do emit now and then
 
@@ -60,9 +60,7 @@ def test_greedy_spec_decode_equals_verifier_greedy(pair, gamma):
 
 def test_greedy_spec_decode_equals_hf_assisted_generation(pair):
     """Same tokens as HF assisted generation with the same constant γ, and the same number of verifier calls
-    (HF reads its drafting policy from the assistant's ``generation_config``, set here)."""
-    from benchmarks.speculative import assistant_policy
-
+    (HF reads its drafting policy from the assistant's ``generation_config``, set by ``hf_constant_drafting``)."""
     drafter, verifier = pair
     ids, mask = left_padded([9, 4, 6], seed=1)
     calls = []
@@ -71,14 +69,12 @@ def test_greedy_spec_decode_equals_hf_assisted_generation(pair):
         for gamma in (2, 4):
             out = speculative_generate(drafter, verifier, ids, mask, 16, gamma=gamma, stop_counts=[STOP],
                                        pad_token_id=0)
-            policy = {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
-                      "assistant_confidence_threshold": 0.0}
             for b in range(ids.shape[0]):
                 prompt = ids[b:b + 1, mask[b].bool()]
                 solo = speculative_generate(drafter, verifier, prompt, torch.ones_like(prompt), 16, gamma=gamma,
                                             stop_counts=[STOP], pad_token_id=0)
                 calls.clear()
-                with assistant_policy(drafter, policy):
+                with hf_constant_drafting(drafter, gamma):
                     hf = verifier.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=drafter,
                                            do_sample=False, max_new_tokens=16, eos_token_id=STOP,
                                            pad_token_id=0)[0, prompt.shape[1]:]
