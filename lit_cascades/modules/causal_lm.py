@@ -15,7 +15,6 @@ small/large quality = whether each model's argmax equals the true next token.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from lit_cascades.functional.gatekeeper import gatekeeper_loss
 from lit_cascades.models.lm_pair import context_length
+from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -153,18 +153,10 @@ class CausalLM(L.LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=(0.9, 0.95),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total)
-        floor = self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = total_steps(self)
+        # linear warm-up (at most the whole run), then cosine decay to lr * min_lr_ratio
+        sched = cosine_warmup_decay(opt, total, min(self.hparams.warmup_steps, total), self.hparams.min_lr_ratio)
+        return per_step(opt, sched)
 
 
 class GatekeeperLM(CausalLM):

@@ -24,6 +24,7 @@ from lit_cascades.callbacks.deferral import deferral_batch
 from lit_cascades.functional._checks import check_choice, check_range
 from lit_cascades.functional.confidence import CONFIDENCE_KINDS, ConfidenceKind, confidence_from_logits
 from lit_cascades.functional.gatekeeper import Normalize, gatekeeper_loss
+from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
 
 
 class Classifier(pl.LightningModule):
@@ -116,9 +117,7 @@ class Classifier(pl.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.scheduler == "none":
             return opt
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return per_step(opt, cosine_warmup_decay(opt, total_steps(self)))  # cosine annealing to 0, no warm-up
 
 
 class GatekeeperClassifier(Classifier):

@@ -55,6 +55,7 @@ from lit_cascades.functional.retrieval import Qrels, chunked_topk
 from lit_cascades.metrics.retrieval import RetrievalMetrics
 from lit_cascades.models.caption_decoder import CaptionDecoder
 from lit_cascades.models.towers import build_text_tower, build_vision_tower
+from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
 
 QUERY_TYPES = ("text+sketch", "text", "sketch")
 MODALITIES = ("image", "sketch", "text")
@@ -429,13 +430,6 @@ class TaskFormer(pl.LightningModule):
                                   "weight_decay": 0.0 if no_decay else hp.weight_decay}
                                  for (is_text, no_decay), ps in groups.items()], lr=hp.lr, betas=tuple(hp.betas),
                                 eps=hp.eps)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warm = min(hp.warmup_steps, total // 2)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = total_steps(self)
+        # linear warm-up over at most half the run, then cosine decay to 0
+        return per_step(opt, cosine_warmup_decay(opt, total, min(hp.warmup_steps, total // 2)))

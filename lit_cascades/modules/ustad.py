@@ -72,6 +72,7 @@ from lit_cascades.functional.score_distillation import (
 )
 from lit_cascades.metrics.retrieval import RetrievalMetrics
 from lit_cascades.models.towers import TextTower, build_text_tower, mean_pool
+from lit_cascades.modules._optim import linear_warmup_decay, per_step, total_steps
 
 CE_HEADS = ("cls_linear", "mean_linear", "dual_pool")
 
@@ -161,14 +162,8 @@ def truncate_layers(encoder: TextEncoder, num_layers: int) -> TextEncoder:
 
 
 def _lr_schedule(opt: torch.optim.Optimizer, total: int, warmup: int) -> Any:
-    warm = min(warmup, total // 2)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    """Linear warm-up over ``min(warmup, total // 2)`` steps, then linear decay to 0 (see ``modules._optim``)."""
+    return linear_warmup_decay(opt, total, min(warmup, total // 2))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -474,8 +469,7 @@ class USTAD(RetrievalModule):
         opt = torch.optim.AdamW([{"params": ps, "lr": hp.head_lr if is_head else hp.lr,
                                   "weight_decay": 0.0 if no_decay else hp.weight_decay}
                                  for (is_head, no_decay), ps in groups.items()], lr=hp.lr)
-        sched = _lr_schedule(opt, max(int(self.trainer.estimated_stepping_batches), 1), hp.warmup_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return per_step(opt, _lr_schedule(opt, total_steps(self), hp.warmup_steps))
 
 
 # ------------------------------------------------------------------------------------------------ student
@@ -682,8 +676,7 @@ class USTADStudent(RetrievalModule):
         opt = torch.optim.AdamW([
             {"params": [p for n, p in params if not (p.ndim < 2 or "LayerNorm" in n)], "weight_decay": hp.weight_decay},
             {"params": [p for n, p in params if p.ndim < 2 or "LayerNorm" in n], "weight_decay": 0.0}], lr=hp.lr)
-        sched = _lr_schedule(opt, max(int(self.trainer.estimated_stepping_batches), 1), hp.warmup_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return per_step(opt, _lr_schedule(opt, total_steps(self), hp.warmup_steps))
 
 
 def describe_parameters(module: nn.Module) -> dict[str, int]:
