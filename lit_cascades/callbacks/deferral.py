@@ -7,18 +7,25 @@ Contract: the module's ``validation_step`` / ``test_step`` returns a mapping wit
                   "large_quality": Tensor[B],
                   "ids": Tensor[B] (optional example ids; duplicates from DDP padding are dropped)}}
 
-At epoch end the callback computes :class:`~lit_cascades.metrics.DeferralMetrics` (synced over processes),
-logs every scalar as ``<prefix>/<metric>`` (``<prefix>/<name>/<metric>`` for named scores), writes
-``deferral_<tag><stage>.csv`` and ``.png`` into ``output_dir`` and, for each attached
-:class:`~lightning.pytorch.loggers.WandbLogger`, logs the plot as an image and the curve as a table
-(TensorBoard gets the figure; other loggers get the scalars). The reports stay available in
-``callback.reports[stage][name]``.
+At epoch end the callback computes :class:`~lit_cascades.metrics.DeferralMetrics` (synced over processes)
+and, with ``<split>`` = ``val`` or ``test`` and ``<prefix>`` = ``defer`` by default:
+
+* logs every scalar as ``<split>/<prefix>/<metric>`` (``val/defer/s_d``, ``test/defer/auroc``), or
+  ``<split>/<prefix>/<name>/<metric>`` for named scores (``test/defer/conf/s_d``);
+* writes ``deferral_[<tag>_]<split>.csv`` and ``.png`` into ``output_dir`` (on global rank zero only,
+  atomically);
+* for each attached :class:`~lightning.pytorch.loggers.WandbLogger`, logs the plot as an image under
+  ``<split>/<prefix>/[<tag>/]curve_plot`` and the curve as a table under ``<split>/<prefix>/[<tag>/]curve_table``
+  (an image and a table never share a key); a TensorBoard logger gets the figure under the ``curve_plot`` key.
+  Other loggers get the scalars only.
+
+The reports stay available in ``callback.reports[split][name]``.
 """
 
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lit_cascades.functional.deferral import DeferralReport, IdealVariant
+from lit_cascades.io import atomic_path, atomic_write_text
 from lit_cascades.metrics.deferral import DeferralMetrics
 
 UNNAMED = "score"
@@ -47,13 +55,6 @@ def deferral_table(reports: Mapping[str, DeferralReport]) -> tuple[list[str], li
     return columns, rows
 
 
-def _atomic_write_text(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def save_deferral_curves(
     reports: Mapping[str, DeferralReport], directory: str | Path, stem: str, title: str | None = None
 ) -> tuple[Path, Path]:
@@ -68,19 +69,19 @@ def save_deferral_curves(
     columns, rows = deferral_table(reports)
     csv_path, png_path = directory / f"{stem}.csv", directory / f"{stem}.png"
 
-    def _write(f: Any) -> None:
-        w = csv.writer(f)
-        w.writerow(columns)
-        w.writerows(rows)
-
-    _atomic_write_text(csv_path, _write)
-    fig, _ = plot_deferral_curves(dict(reports), title=title)
-    tmp_png = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp_png, dpi=120)
-    os.replace(tmp_png, png_path)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    w.writerows(rows)
+    atomic_write_text(csv_path, buf.getvalue())
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig, _ = plot_deferral_curves(dict(reports), title=title)
+    try:
+        with atomic_path(png_path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return csv_path, png_path
 
 
@@ -91,8 +92,10 @@ class DeferralCurveLogger(pl.Callback):
         ideal: reference curve for ``s_d`` (see :func:`~lit_cascades.functional.ideal_deferral_curve`).
         rate: deferral rate at which ``quality_at_rate`` is reported.
         output_dir: where CSV/PNG files go; defaults to the trainer's ``default_root_dir``.
-        tag: prefix for file names and W&B keys, to tell apart several trainers of one run.
-        prefix: namespace of the logged scalars (``defer/s_d`` ...).
+        tag: names the files (``deferral_<tag>_<split>.csv``) and the W&B media keys
+            (``<split>/<prefix>/<tag>/curve_plot``), to tell apart several trainers sharing one logger.
+            Scalar keys do not carry it.
+        prefix: namespace of the logged keys after the split (``val/defer/s_d`` ...).
         key: the key of the step output holding the deferral batch.
         max_table_rows: W&B tables are subsampled to at most this many rows (the CSV keeps all).
     """
@@ -163,7 +166,7 @@ class DeferralCurveLogger(pl.Callback):
         self.reports[stage] = reports
         named = self._named.get(stage, False)
         for name, rep in reports.items():
-            base = f"{self.prefix}/{name}" if named else self.prefix
+            base = f"{stage}/{self.prefix}/{name}" if named else f"{stage}/{self.prefix}"
             for k, v in rep.scalars.items():
                 if k != "rate":
                     pl_module.log(f"{base}/{k}", torch.tensor(v, dtype=torch.float32), sync_dist=False)
@@ -175,14 +178,14 @@ class DeferralCurveLogger(pl.Callback):
         stem = f"deferral_{self.tag + '_' if self.tag else ''}{stage}".replace("/", "_")
         csv_path, png_path = save_deferral_curves(reports, out, stem, title=f"{self.tag or 'cascade'} ({stage})")
         self.files[stage] = (csv_path, png_path)
-        key = f"{self.prefix}/{self.tag + '_' if self.tag else ''}{stage}"
+        key = f"{stage}/{self.prefix}" + (f"/{self.tag}" if self.tag else "")
         for logger in trainer.loggers:
             _log_media(logger, key, reports, png_path, self.max_table_rows, trainer.global_step)
 
 
 def _log_media(logger: Any, key: str, reports: dict[str, DeferralReport], png: Path, max_rows: int,
                step: int) -> None:
-    """Dispatch the curve figure/table to loggers that can show them."""
+    """Send the curve figure (``<key>/curve_plot``) and table (``<key>/curve_table``) to loggers that show them."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     if isinstance(logger, WandbLogger):
@@ -190,13 +193,13 @@ def _log_media(logger: Any, key: str, reports: dict[str, DeferralReport], png: P
         if len(rows) > max_rows:
             idx = torch.linspace(0, len(rows) - 1, max_rows).round().long().unique().tolist()
             rows = [rows[i] for i in idx]
-        logger.log_image(key=f"{key}_curve", images=[str(png)])
-        logger.log_table(key=f"{key}_table", columns=columns, data=rows)
+        logger.log_image(key=f"{key}/curve_plot", images=[str(png)])
+        logger.log_table(key=f"{key}/curve_table", columns=columns, data=rows)
     elif isinstance(logger, TensorBoardLogger):
         from lit_cascades.plotting import plot_deferral_curves
 
         fig, _ = plot_deferral_curves(reports)
-        logger.experiment.add_figure(f"{key}_curve", fig, global_step=step)
+        logger.experiment.add_figure(f"{key}/curve_plot", fig, global_step=step)  # closes the figure
 
 
 def deferral_batch(scores: Tensor | Mapping[str, Tensor], small_quality: Tensor, large_quality: Tensor,

@@ -7,15 +7,19 @@ Contract: the module's ``validation_step`` / ``test_step`` returns a mapping wit
                  "ids":    Tensor[B]}}         # optional example ids (DDP padding is then counted once)
 
 At epoch end the callback computes :class:`~lit_cascades.metrics.MultiLabelAUROC` (synced over processes)
-and logs ``rank/auc_<label>``, ``rank/auc_mean``, ``rank/auc_min`` (worst label), ``rank/auc_diff``,
-``rank/auc_laa_uniform``, ``rank/auc_laa_difference`` and ``rank/prior_<label>``; it writes
-``ranking_<tag>_<stage>.csv`` (one row per label) into ``output_dir``.
+and, with ``<split>`` = ``val`` or ``test`` and ``<prefix>`` = ``rank`` by default, logs
+``<split>/rank/auc_<label>``, ``<split>/rank/auc_mean``, ``<split>/rank/auc_min`` (worst label),
+``<split>/rank/auc_diff``, ``<split>/rank/auc_laa_uniform``, ``<split>/rank/auc_laa_difference`` and
+``<split>/rank/prior_<label>`` (e.g. ``test/rank/auc_min``); it writes ``ranking_[<tag>_]<split>.csv`` (one
+row per label) into ``output_dir`` (on global rank zero only, atomically).
 
 Sweeps: reuse one callback for the test runs of several scorers (e.g. a sweep of label weights for both
 aggregations). Each finished test epoch adds a point (the module's ``aggregation`` and ``weights``
 hyperparameters, the callback's ``tag`` and every scalar) to ``callback.sweep``; from two points on, the
-callback rewrites ``pareto_<labels>.csv`` and ``.png``: the AUROC of one label against another's, one
-line per aggregation, with the non-dominated points marked. The figure and the table also go to W&B.
+callback rewrites ``pareto_<x>_vs_<y>.csv`` and ``.png``: the AUROC of one label against another's, one
+line per aggregation, with the non-dominated points marked. Attached W&B loggers get the figure as an image
+under ``<sweep_stage>/rank/pareto_plot`` and the points as a table under ``<sweep_stage>/rank/pareto_table``
+(an image and a table never share a key).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 
+from lit_cascades.io import atomic_path, atomic_write_text
 from lit_cascades.metrics.ranking import MultiLabelAUROC, RankingAUCReport
-from lit_cascades.runner import atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -115,7 +119,7 @@ class RankingAUCLogger(pl.Callback):
         label_names: the ``K`` label names; default: the module's ``label_names`` attribute.
         output_dir: where CSV/PNG files go; defaults to the trainer's ``default_root_dir``.
         tag: names this run's files and sweep point (e.g. ``"loss_w0.7"``).
-        prefix: namespace of the logged scalars (``rank/auc_min`` ...).
+        prefix: namespace of the logged keys after the split (``test/rank/auc_min`` ...).
         key: the key of the step output holding the ranking batch.
         pareto_labels: the two labels of the Pareto plot (default: the first two).
         sweep_stage: the stage whose results become sweep points (``"test"``).
@@ -187,7 +191,7 @@ class RankingAUCLogger(pl.Callback):
         self.reports[stage] = report
         for k, v in report.scalars.items():
             if k != "num_examples":
-                pl_module.log(f"{self.prefix}/{k}", torch.tensor(v, dtype=torch.float32), sync_dist=False)
+                pl_module.log(f"{stage}/{self.prefix}/{k}", torch.tensor(v, dtype=torch.float32), sync_dist=False)
         if stage == self.sweep_stage:
             self.sweep.append(self.sweep_point(pl_module, report))
         if trainer.is_global_zero:
@@ -220,9 +224,11 @@ class RankingAUCLogger(pl.Callback):
 
     def save_pareto(self, directory: str | Path, loggers: Sequence[Any] = (), reference: Mapping[str, Any] | None = None
                     ) -> tuple[Path, Path]:
-        """Write ``pareto_<x>_vs_<y>.csv`` / ``.png`` for the sweep so far (and send them to W&B loggers)."""
-        import os
+        """Write ``pareto_<x>_vs_<y>.csv`` / ``.png`` for the sweep so far (and send them to W&B loggers).
 
+        Call it on global rank zero only (the callback does); W&B keys: ``<sweep_stage>/<prefix>/pareto_plot``
+        (image) and ``<sweep_stage>/<prefix>/pareto_table`` (table).
+        """
         import matplotlib.pyplot as plt
 
         x_label, y_label = self.pareto_labels or tuple(self.sweep[0]["labels"][:2])
@@ -234,16 +240,18 @@ class RankingAUCLogger(pl.Callback):
         fig, _ = plot_auc_pareto(self.sweep, x_label, y_label, reference=reference,
                                  title=f"Pareto front of per-label AUROC ({self.sweep_stage})")
         png = directory / f"{stem}.png"
-        tmp = png.with_name(f".{png.stem}.tmp.png")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, png)
-        plt.close(fig)
+        try:
+            with atomic_path(png, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=120)
+        finally:
+            plt.close(fig)
         from lightning.pytorch.loggers import WandbLogger
 
+        key = f"{self.sweep_stage}/{self.prefix}"
         for logger in loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=f"{self.prefix}/pareto", images=[str(png)])
-                logger.log_table(key=f"{self.prefix}/pareto_table", columns=columns, data=rows)
+                logger.log_image(key=f"{key}/pareto_plot", images=[str(png)])
+                logger.log_table(key=f"{key}/pareto_table", columns=columns, data=rows)
         self.files["pareto"] = png
         return csv_path, png
 

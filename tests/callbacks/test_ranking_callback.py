@@ -23,6 +23,7 @@ def test_logs_per_label_auc_equal_to_sklearn_and_writes_files(tmp_path):
     m = MultiLabelRanker(num_features=8, label_names=["helpful", "correct"], aggregation="loss")
     trainer = _trainer(tmp_path, cb)
     trainer.fit(m, dm)
+    after_fit = set(trainer.callback_metrics)
     trainer.test(m, dm, verbose=False)
     test = dm.splits["test"]
     with torch.no_grad():
@@ -30,9 +31,11 @@ def test_logs_per_label_auc_equal_to_sklearn_and_writes_files(tmp_path):
     ref = {n: roc_auc_score(test.labels[:, k].numpy(), scores) for k, n in enumerate(["helpful", "correct"])}
     logged = trainer.callback_metrics
     for n, v in ref.items():
-        assert logged[f"rank/auc_{n}"].item() == pytest.approx(v, abs=1e-6)
-    assert logged["rank/auc_min"].item() == pytest.approx(min(ref.values()), abs=1e-6)
-    assert logged["rank/auc_mean"].item() == pytest.approx(sum(ref.values()) / 2, abs=1e-6)
+        assert logged[f"test/rank/auc_{n}"].item() == pytest.approx(v, abs=1e-6)
+    assert logged["test/rank/auc_min"].item() == pytest.approx(min(ref.values()), abs=1e-6)
+    assert logged["test/rank/auc_mean"].item() == pytest.approx(sum(ref.values()) / 2, abs=1e-6)
+    assert {"val/rank/auc_min", "val/rank/auc_helpful"} <= after_fit
+    assert not [k for k in after_fit | set(logged) if k.startswith("rank/")]
     assert set(cb.reports) == {"val", "test"}
     rows = list(csv.DictReader(open(tmp_path / "ranking_test.csv")))
     assert [r["label"] for r in rows] == ["helpful", "correct"]
@@ -55,6 +58,28 @@ def test_sweep_points_make_a_pareto_plot(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "pareto_label0_vs_label1.csv")))
     assert len(rows) == 4 and rows[3]["tag"] == "label_0.8"
     assert (tmp_path / "pareto_label0_vs_label1.png").stat().st_size > 0
+
+
+def test_pareto_media_keys_differ(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Recorder(WandbLogger):
+        def __init__(self):
+            self.keys = []
+
+        def log_image(self, key, images, **kw):
+            self.keys.append(("image", key))
+
+        def log_table(self, key, columns=None, data=None, **kw):
+            self.keys.append(("table", key))
+
+    cb = RankingAUCLogger()
+    cb.sweep = [{"tag": t, "group": "loss", "weight": w, "labels": ["a", "b"], "auc_a": a, "auc_b": b,
+                 "auc_min": min(a, b), "auc_mean": (a + b) / 2}
+                for t, w, a, b in (("x", 0.2, 0.6, 0.8), ("y", 0.8, 0.8, 0.6))]
+    rec = Recorder()
+    cb.save_pareto(tmp_path, [rec])
+    assert rec.keys == [("image", "test/rank/pareto_plot"), ("table", "test/rank/pareto_table")]
 
 
 def test_pareto_mask():
