@@ -30,6 +30,7 @@ import hashlib
 import math
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from lit_cascades import io
+from lit_cascades._progress import progress_bar
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EXCLUDED_DIRS: frozenset[str] = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
@@ -65,6 +69,15 @@ class Corpus:
             for name, text in self.docs[split]:
                 h.update(f"{split}\0{name}\0{len(text)}\n".encode())
         return h.hexdigest()[:16]
+
+    def content_hash(self) -> str:
+        """A hash of every split's document names **and texts** (an edited file changes it)."""
+        h = hashlib.sha256()
+        for split in SPLITS:
+            for name, text in self.docs[split]:
+                h.update(f"{split}\0{name}\0{len(text)}\0".encode())
+                h.update(text.encode("utf-8", errors="surrogatepass"))
+        return h.hexdigest()[:24]
 
 
 def stdlib_root() -> Path:
@@ -227,7 +240,8 @@ def load_corpus(
     return Corpus(split, source, {"num_docs": {k: len(v) for k, v in split.items()}})
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
+                        progress: bool = True):
     """Train a byte-level BPE tokenizer with the ``tokenizers`` library.
 
     The pre-tokenizer first splits after each ``"\\n"`` (so the newline is a token of its own and line
@@ -238,6 +252,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
         texts: training documents.
         vocab_size: total vocabulary size including the 256 byte tokens and the 2 special tokens.
         min_frequency: minimum pair count for a merge.
+        progress: show the ``tokenizers`` training progress (stderr).
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` (save it with ``save_pretrained``).
@@ -255,7 +270,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress,
     )
     texts = list(texts)
     if not any(t.strip() for t in texts):
@@ -308,17 +323,40 @@ def next_line(generated: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-def tokenize_stream(texts: Sequence[str], tokenizer, batch: int = 256) -> Tensor:
-    """Concatenate documents into one ``[N]`` int64 token stream, each followed by the eos token."""
+def tokenize_stream(texts: Sequence[str], tokenizer, batch: int = 256, progress: bool = True,
+                    desc: str = "tokenizing") -> Tensor:
+    """Concatenate documents into one ``[N]`` int64 token stream, each followed by the eos token.
+
+    ``progress`` shows a bar over the documents (stderr); ``desc`` labels it.
+    """
     eos = tokenizer.eos_token_id
     pieces: list[Tensor] = []
-    for start in range(0, len(texts), batch):
-        enc = tokenizer(list(texts[start:start + batch]), add_special_tokens=False)["input_ids"]
-        for ids in enc:
-            pieces.append(torch.tensor([*ids, eos] if eos is not None else ids, dtype=torch.long))
+    with progress_bar(desc=desc, total=len(texts), unit="doc", progress=progress) as bar:
+        for start in range(0, len(texts), batch):
+            enc = tokenizer(list(texts[start:start + batch]), add_special_tokens=False)["input_ids"]
+            for ids in enc:
+                pieces.append(torch.tensor([*ids, eos] if eos is not None else ids, dtype=torch.long))
+            bar.update(len(enc))
     if not pieces:
         return torch.zeros(0, dtype=torch.long)
     return torch.cat(pieces)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what makes a tokenizer encode text the way it does (cache keys).
+
+    Fast tokenizers: their full serialisation (model, merges, normaliser, pre-tokenizer, added tokens);
+    others: their class, vocabulary, merges (``bpe_ranks``) and special tokens.
+    """
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(repr(sorted(getattr(tokenizer, "bpe_ranks", {}).items())).encode())
+    h.update(repr(sorted((k, str(v)) for k, v in getattr(tokenizer, "special_tokens_map", {}).items())).encode())
+    return h.hexdigest()[:24]
 
 
 class BlockDataset(Dataset):
@@ -472,8 +510,13 @@ class LMCorpusDataModule(L.LightningDataModule):
         batch_size: sequences per batch.
         num_workers: DataLoader workers.
         next_line: keyword arguments of :class:`NextLineDataset` used by :meth:`next_line_dataset`.
-        cache_dir: if set, token streams are cached there, keyed by the corpus fingerprint and a hash of the
-            tokenizer (tokenizing the stdlib takes ~15 s).
+        cache_dir: cache the token streams (tokenizing the stdlib takes ~15 s): a directory, ``True`` for the
+            default ``<cache root>/token_streams`` (:func:`lit_cascades.io.cache_dir`; the root is
+            ``$LIT_CASCADES_CACHE``), or ``None``/``False`` for no cache. A file is named by the hash of
+            everything that determines its content (:meth:`token_cache_key`: the documents' names and texts per
+            split and the tokenizer), so a changed corpus, limit or tokenizer never reuses a stale file; it is
+            written atomically and read back with ``weights_only=True``.
+        progress: show progress bars while training the tokenizer and tokenizing (stderr; rank 0 only).
     """
 
     def __init__(
@@ -496,7 +539,8 @@ class LMCorpusDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         next_line: dict[str, Any] | None = None,
-        cache_dir: str | None = None,
+        cache_dir: str | os.PathLike | bool | None = None,
+        progress: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -517,29 +561,59 @@ class LMCorpusDataModule(L.LightningDataModule):
     def get_tokenizer(self):
         """The tokenizer: given, loaded from a path/id, or trained on the training split."""
         if self.tokenizer is None:
-            self.tokenizer = train_bpe_tokenizer(self.load().texts("train"), self.hparams.vocab_size)
+            self.tokenizer = train_bpe_tokenizer(self.load().texts("train"), self.hparams.vocab_size,
+                                                 progress=self._progress())
         elif isinstance(self.tokenizer, str | os.PathLike):
             from lit_cascades.models.hf import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.tokenizer)
         return ensure_pad_token(self.tokenizer)
 
-    def token_streams(self) -> dict[str, Tensor]:
-        """``{split: [N] token stream}`` of the corpus, from the cache when ``cache_dir`` holds it."""
+    def _progress(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return bool(self.hparams.get("progress", True)) and (trainer is None or trainer.is_global_zero)
+
+    def token_cache_key(self) -> dict[str, Any]:
+        """What the token streams depend on: the corpus content (documents per split, names and texts; so the
+        source, paths, patterns, ``max_docs``, ``chunk_lines`` and fractions) and the tokenizer."""
         corpus, tok = self.load(), self.get_tokenizer()
-        cache = None
-        if self.hparams.cache_dir:
-            key = hashlib.md5(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16] \
-                if hasattr(tok, "backend_tokenizer") else type(tok).__name__
-            cache = Path(self.hparams.cache_dir) / f"tokens-{corpus.fingerprint()}-{key}.pt"
-            if cache.exists():
-                return torch.load(cache)
-        streams = {split: tokenize_stream(corpus.texts(split), tok) for split in SPLITS}
+        return {"kind": "token_streams", "version": 1, "corpus": corpus.content_hash(),
+                "num_docs": {k: len(v) for k, v in corpus.docs.items()},
+                "tokenizer": tokenizer_fingerprint(tok), "eos_token_id": tok.eos_token_id}
+
+    def token_cache_path(self) -> Path | None:
+        """The cache file of :meth:`token_streams` (``None`` without ``cache_dir``)."""
+        where = self.hparams.cache_dir
+        if where is None or where is False:
+            return None
+        base = io.cache_dir("token_streams") if where is True else Path(where).expanduser()
+        return base / f"tokens-{io.config_hash(self.token_cache_key())}.pt"
+
+    def token_streams(self) -> dict[str, Tensor]:
+        """``{split: [N] token stream}`` of the corpus, from the cache when ``cache_dir`` holds it.
+
+        Raises:
+            ValueError: the cache file holds pickled objects beyond tensors (refused, never unpickled).
+        """
+        corpus, tok = self.load(), self.get_tokenizer()
+        cache = self.token_cache_path()
+        if cache is not None and cache.exists():
+            key = self.token_cache_key()
+            try:
+                saved = io.safe_torch_load(cache)
+            except ValueError:
+                raise
+            except Exception as err:  # a truncated or foreign file: recompute and replace it
+                warnings.warn(f"unreadable token cache {cache} ({err}); re-tokenizing", UserWarning, stacklevel=2)
+            else:
+                if isinstance(saved, dict) and saved.get("key") == key:
+                    return saved["streams"]
+                warnings.warn(f"token cache {cache} was written for another corpus/tokenizer; re-tokenizing",
+                              UserWarning, stacklevel=2)
+        streams = {split: tokenize_stream(corpus.texts(split), tok, progress=self._progress(),
+                                          desc=f"tokenizing {split}") for split in SPLITS}
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save(streams, tmp)
-            tmp.replace(cache)
+            io.atomic_save({"key": self.token_cache_key(), "streams": streams}, cache)
         return streams
 
     def setup(self, stage: str | None = None) -> None:

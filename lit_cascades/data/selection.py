@@ -8,15 +8,17 @@ during the KD stage; from ``kd_steps`` on the full training data is served (:cla
 The selection fraction is not reported in the paper (UNVERIFIED; default 0.5 here). The paper scores with an
 early checkpoint of the small model; here the given teacher scores (pass another model to :meth:`select`).
 
-Scores are computed once and cached on disk (:meth:`SequenceSelector.cached_scores`), keyed by a hash of the
-training token blocks, the scoring model's parameters and the selector's settings; the file is written
-atomically and its recorded keys are checked on load (a file from another corpus or teacher is recomputed).
+Scores are computed once and cached on disk (:meth:`SequenceSelector.cached_scores`), in a file named by the
+config hash (:func:`lit_cascades.io.config_hash`) of the training token blocks, the scoring model's parameters
+and the selector's settings; the file is written atomically, read back with ``weights_only=True`` (a file
+holding pickled code is refused with ``ValueError``) and its recorded key is checked on load (a file from
+another corpus or teacher is recomputed). The default cache directory is ``<cache root>/selection_scores``
+(:func:`lit_cascades.io.cache_dir`; the root is ``$LIT_CASCADES_CACHE``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lit_cascades import io
+from lit_cascades._progress import progress_bar
 from lit_cascades.data.lm import LMCorpusDataModule
 from lit_cascades.functional._checks import check_range
 from lit_cascades.functional.distillation import select_top_fraction, topk_median_score
@@ -69,17 +73,18 @@ class SequenceSelector:
         highest: keep the highest scores (SALT_DS: hard but learnable) or the lowest.
         batch_size: sequences per scoring forward pass.
         chunk_size: positions per chunk of the scoring (memory).
+        progress: show a progress bar while scoring (stderr).
     """
 
     name = "topk_median"
 
     def __init__(self, fraction: float = 0.5, k: int = 10, highest: bool = True, batch_size: int = 32,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, progress: bool = True) -> None:
         check_range("fraction", fraction, 0.0, 1.0, low_open=True)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int; got {k!r}")
         self.fraction, self.k, self.highest = float(fraction), k, highest
-        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.batch_size, self.chunk_size, self.progress = batch_size, chunk_size, progress
 
     def config(self) -> dict[str, Any]:
         """What the scores depend on besides the data and the model (part of the cache key)."""
@@ -90,18 +95,24 @@ class SequenceSelector:
         return topk_median_score(logits, target, k=self.k, chunk_size=self.chunk_size)[0]
 
     @torch.inference_mode()
-    def score(self, model: nn.Module, tokens: Tensor) -> Tensor:
-        """``[N]`` scores of the sequences ``tokens [N, L]`` (model in eval mode, on its own device)."""
+    def score(self, model: nn.Module, tokens: Tensor, progress: bool | None = None) -> Tensor:
+        """``[N]`` scores of the sequences ``tokens [N, L]`` (model in eval mode, on its own device).
+
+        ``progress`` (default: the selector's) shows a bar over the sequences.
+        """
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         out = []
+        show = self.progress if progress is None else progress
         try:
-            for start in range(0, tokens.shape[0], self.batch_size):
-                ids = tokens[start:start + self.batch_size].to(device)
-                logits = model(input_ids=ids).logits
-                target = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
-                out.append(self.score_batch(logits, target).float().cpu())
+            with progress_bar(desc="SALT_DS scoring", total=tokens.shape[0], unit="seq", progress=show) as bar:
+                for start in range(0, tokens.shape[0], self.batch_size):
+                    ids = tokens[start:start + self.batch_size].to(device)
+                    logits = model(input_ids=ids).logits
+                    target = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
+                    out.append(self.score_batch(logits, target).float().cpu())
+                    bar.update(ids.shape[0])
         finally:
             model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
@@ -113,33 +124,44 @@ class SequenceSelector:
     def cache_key(self, model: nn.Module, tokens: Tensor) -> dict[str, Any]:
         return {"corpus": tensor_fingerprint(tokens), "teacher": model_fingerprint(model), "selector": self.config()}
 
-    def cached_scores(self, model: nn.Module, tokens: Tensor, cache_dir: str | os.PathLike | None
-                      ) -> tuple[Tensor, bool]:
+    def cache_path(self, key: dict[str, Any], cache_dir: str | os.PathLike | bool) -> Path:
+        """The file of the scores keyed by ``key`` in ``cache_dir`` (``True``: ``<cache root>/selection_scores``)."""
+        base = io.cache_dir("selection_scores") if cache_dir is True else Path(cache_dir).expanduser()
+        return base / f"salt_scores-{io.config_hash(key, length=20)}.pt"
+
+    def cached_scores(self, model: nn.Module, tokens: Tensor, cache_dir: str | os.PathLike | bool | None,
+                      progress: bool | None = None) -> tuple[Tensor, bool]:
         """Scores of ``tokens`` by ``model``, from ``cache_dir`` when a matching file is there.
 
-        Returns ``(scores [N], hit)``. The file name is a hash of the key (corpus tokens, model parameters,
-        selector config); the key is also stored in the file and compared on load, so a file from another
-        corpus or teacher is detected and recomputed (with a warning). Writes are atomic.
+        ``cache_dir``: a directory, ``True`` for the default ``<cache root>/selection_scores``, ``None``/``False``
+        to recompute every time. Returns ``(scores [N], hit)``. The file name is the config hash of the key
+        (corpus tokens, model parameters, selector config); the key is also stored in the file and compared on
+        load, so a file from another corpus or teacher is detected and recomputed (with a warning). Writes
+        are atomic; reads use ``weights_only=True``.
+
+        Raises:
+            ValueError: the cache file holds pickled objects beyond tensors (refused, never unpickled).
         """
         key = self.cache_key(model, tokens)
-        if cache_dir is None:
-            return self.score(model, tokens), False
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        path = Path(cache_dir) / f"salt_scores-{digest}.pt"
+        if cache_dir is None or cache_dir is False:
+            return self.score(model, tokens, progress=progress), False
+        path = self.cache_path(key, cache_dir)
         if path.exists():
             try:
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                if saved.get("key") == key and saved["scores"].shape == (tokens.shape[0],):
-                    return saved["scores"], True
-                warnings.warn(f"score cache {path} was written for {saved.get('key')}, not {key}; recomputing",
-                              UserWarning, stacklevel=2)
+                saved = io.safe_torch_load(path)
+            except ValueError:
+                raise
             except Exception as err:  # a truncated or foreign file
                 warnings.warn(f"unreadable score cache {path} ({err}); recomputing", UserWarning, stacklevel=2)
-        scores = self.score(model, tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"key": key, "scores": scores}, tmp)
-        os.replace(tmp, path)
+            else:
+                if (isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("scores"), Tensor)
+                        and saved["scores"].shape == (tokens.shape[0],)):
+                    return saved["scores"], True
+                found = saved.get("key") if isinstance(saved, dict) else type(saved).__name__
+                warnings.warn(f"score cache {path} was written for {found}, not {key}; recomputing",
+                              UserWarning, stacklevel=2)
+        scores = self.score(model, tokens, progress=progress)
+        io.atomic_save({"key": key, "scores": scores}, path)
         return scores, False
 
 
@@ -238,14 +260,15 @@ class SALTDataModule(LMCorpusDataModule):
     Args:
         kd_steps: optimizer steps of the KD stage.
         selector: the :class:`SequenceSelector` (default: top-k median, k = 10, fraction 0.5).
-        score_cache_dir: where scores are cached (``None``: recompute every time).
+        score_cache_dir: where scores are cached: a directory, ``True`` for ``<cache root>/selection_scores``,
+            ``None`` to recompute every time (see :meth:`SequenceSelector.cached_scores`).
         seed: shuffling seed of the staged sampler.
         accumulate_grad_batches: match the Trainer's.
         **kwargs: :class:`LMCorpusDataModule` arguments.
     """
 
     def __init__(self, kd_steps: int = 0, selector: SequenceSelector | None = None,
-                 score_cache_dir: str | None = None, seed: int = 0, accumulate_grad_batches: int = 1,
+                 score_cache_dir: str | os.PathLike | bool | None = None, seed: int = 0, accumulate_grad_batches: int = 1,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["tokenizer", "selector"])
@@ -267,10 +290,15 @@ class SALTDataModule(LMCorpusDataModule):
         return self.selected.numel() / len(self.datasets["train"])
 
     def select(self, model: nn.Module) -> Tensor:
-        """Score the training sequences with ``model`` (cached) and keep the selector's top fraction."""
+        """Score the training sequences with ``model`` (cached) and keep the selector's top fraction.
+
+        The scoring bar shows when both the datamodule's ``progress`` and the selector's are on (rank 0 only).
+        """
         self.setup()
         tokens = dataset_tokens(self.datasets["train"])
-        self.scores, self.cache_hit = self.selector.cached_scores(model, tokens, self.score_cache_dir)
+        progress = self._progress() and self.selector.progress
+        self.scores, self.cache_hit = self.selector.cached_scores(model, tokens, self.score_cache_dir,
+                                                                  progress=progress)
         self.selected = self.selector.select(self.scores)
         return self.selected
 

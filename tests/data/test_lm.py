@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lit_cascades.data.lm import (
     stdlib_files,
     stdlib_root,
     tokenize_stream,
+    tokenizer_fingerprint,
     train_bpe_tokenizer,
 )
 
@@ -195,7 +197,7 @@ def test_collate_left_pads(tokenizer):
 
 
 def test_block_dataset_and_stream(tokenizer):
-    stream = tokenize_stream([CODE, CODE], tokenizer)
+    stream = tokenize_stream([CODE, CODE], tokenizer, progress=False)
     assert (stream == tokenizer.eos_token_id).sum() == 2
     blocks = BlockDataset(stream, 16)
     assert len(blocks) == stream.numel() // 16
@@ -208,16 +210,93 @@ def test_datamodule_trains_tokenizer_and_caches_streams(tmp_path):
     root = write_corpus(tmp_path / "corpus", n=10)
     dm = LMCorpusDataModule(source="files", paths=[str(root)], vocab_size=300, block_size=16, batch_size=4,
                             val_fraction=0.2, test_fraction=0.2, cache_dir=str(tmp_path / "cache"),
-                            next_line={"num_examples": 5, "context_tokens": 32})
+                            next_line={"num_examples": 5, "context_tokens": 32}, progress=False)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 16)
     assert len(list((tmp_path / "cache").glob("tokens-*.pt"))) == 1
     dm2 = LMCorpusDataModule(source="files", paths=[str(root)], tokenizer=dm.tokenizer, block_size=16,
-                             val_fraction=0.2, test_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+                             val_fraction=0.2, test_fraction=0.2, cache_dir=str(tmp_path / "cache"), progress=False)
     streams = dm2.token_streams()
     assert torch.equal(streams["train"], dm.token_streams()["train"])
     prompts = next(iter(dm.next_line_dataloader("test", batch_size=5)))
     assert prompts["input_ids"].shape[0] == 5
     test_docs = {n for n, _ in dm.corpus.docs["test"]}
     assert set(prompts["doc"]) <= test_docs
+
+
+def _files_dm(root, cache, **kw):
+    args = dict(source="files", paths=[str(root)], vocab_size=300, block_size=16, val_fraction=0.2,
+                test_fraction=0.2, cache_dir=cache, progress=False)
+    return LMCorpusDataModule(**{**args, **kw})
+
+
+def test_token_cache_is_keyed_by_what_made_it(tmp_path, tokenizer):
+    """A changed corpus (even an edit that keeps a file's length), limit or tokenizer never reuses a stale file."""
+    root, cache = write_corpus(tmp_path / "corpus", n=10), tmp_path / "cache"
+    first = _files_dm(root, str(cache), tokenizer=tokenizer).token_streams()
+    again = _files_dm(root, str(cache), tokenizer=tokenizer)
+    assert torch.equal(again.token_streams()["train"], first["train"])
+    assert len(list(cache.glob("tokens-*.pt"))) == 1
+    # same corpus, fewer documents
+    fewer = _files_dm(root, str(cache), tokenizer=tokenizer, max_docs=6).token_streams()
+    assert len(list(cache.glob("tokens-*.pt"))) == 2
+    assert sum(v.numel() for v in fewer.values()) < sum(v.numel() for v in first.values())
+    # another tokenizer
+    other_tok = train_bpe_tokenizer([CODE * 2], vocab_size=280, progress=False)
+    assert tokenizer_fingerprint(other_tok) != tokenizer_fingerprint(tokenizer)
+    _files_dm(root, str(cache), tokenizer=other_tok).token_streams()
+    assert len(list(cache.glob("tokens-*.pt"))) == 3
+    # an edited file of the same length: new content, new key, fresh streams
+    victim = next(p for p in sorted(root.glob("*.py")))
+    text = victim.read_text()
+    victim.write_text(text.replace("return a + b", "return b + a"))
+    assert len(victim.read_text()) == len(text)
+    edited = _files_dm(root, str(cache), tokenizer=tokenizer)
+    fresh = _files_dm(root, None, tokenizer=tokenizer).token_streams()
+    for split in fresh:
+        assert torch.equal(edited.token_streams()[split], fresh[split])
+    assert len(list(cache.glob("tokens-*.pt"))) == 4
+
+
+def test_token_cache_default_location_is_the_cache_root(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "root"))
+    root = write_corpus(tmp_path / "corpus", n=6)
+    dm = _files_dm(root, True, tokenizer=tokenizer)
+    dm.token_streams()
+    path = dm.token_cache_path()
+    assert path.parent == tmp_path / "root" / "token_streams" and path.exists()
+    assert _files_dm(root, None, tokenizer=tokenizer).token_cache_path() is None
+    assert _files_dm(root, False, tokenizer=tokenizer).token_cache_path() is None
+
+
+LOADED = []
+
+
+class _Payload:
+    """Unpickling this object runs code (appends to LOADED): a cache must never do that."""
+
+    def __reduce__(self):
+        return (LOADED.append, ("ran",))
+
+
+def test_token_cache_with_pickled_code_is_refused(tmp_path, tokenizer):
+    root = write_corpus(tmp_path / "corpus", n=6)
+    dm = _files_dm(root, str(tmp_path / "cache"), tokenizer=tokenizer)
+    path = dm.token_cache_path()
+    path.parent.mkdir(parents=True)
+    torch.save({"key": dm.token_cache_key(), "streams": _Payload()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        dm.token_streams()
+    assert LOADED == [] and path.exists()
+
+
+def test_truncated_token_cache_is_recomputed(tmp_path, tokenizer):
+    root = write_corpus(tmp_path / "corpus", n=6)
+    dm = _files_dm(root, str(tmp_path / "cache"), tokenizer=tokenizer)
+    want = dm.token_streams()
+    path = dm.token_cache_path()
+    path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.warns(UserWarning, match="unreadable token cache"):
+        got = _files_dm(root, str(tmp_path / "cache"), tokenizer=tokenizer).token_streams()
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -44,7 +44,7 @@ class Counting(SequenceSelector):
 @pytest.mark.parametrize("k", [1, 10])
 def test_scores_equal_a_brute_force_loop_over_sequences(k):
     model, ids = tiny(), tokens()
-    scores = SequenceSelector(k=k, batch_size=3, chunk_size=4).score(model, ids)
+    scores = SequenceSelector(k=k, batch_size=3, chunk_size=4, progress=False).score(model, ids)
     expected = []
     for i in range(ids.shape[0]):  # one sequence at a time, the formula written out
         with torch.no_grad():
@@ -57,7 +57,7 @@ def test_scores_equal_a_brute_force_loop_over_sequences(k):
 
 def test_cache_hit_and_miss_keyed_by_corpus_teacher_and_selector(tmp_path):
     model, ids = tiny(), tokens()
-    sel = Counting(k=5, batch_size=8)
+    sel = Counting(k=5, batch_size=8, progress=False)
     s1, hit1 = sel.cached_scores(model, ids, tmp_path)
     s2, hit2 = sel.cached_scores(model, ids, tmp_path)
     assert (hit1, hit2) == (False, True) and Counting.calls == 1
@@ -67,7 +67,7 @@ def test_cache_hit_and_miss_keyed_by_corpus_teacher_and_selector(tmp_path):
     assert not hit
     _, hit = sel.cached_scores(model, tokens(seed=5), tmp_path)  # another corpus
     assert not hit
-    _, hit = Counting(k=3, batch_size=8).cached_scores(model, ids, tmp_path)  # another selector setting
+    _, hit = Counting(k=3, batch_size=8, progress=False).cached_scores(model, ids, tmp_path)  # another selector setting
     assert not hit
     # a file at the right name but written for something else is detected and recomputed
     path = next(p for p in tmp_path.glob("salt_scores-*.pt")
@@ -110,8 +110,8 @@ def test_sampler_serves_the_selection_before_kd_steps_and_everything_after():
 
 
 def test_datamodule_selects_and_switches_at_kd_steps(tmp_path):
-    data = {k: v for k, v in TINY_DATA.items()}
-    dm = SALTDataModule(kd_steps=3, selector=SequenceSelector(fraction=0.25), score_cache_dir=str(tmp_path),
+    data = {**TINY_DATA, "progress": False}
+    dm = SALTDataModule(kd_steps=3, selector=SequenceSelector(fraction=0.25, progress=False), score_cache_dir=str(tmp_path),
                         **data)
     dm.setup()
     vocab = len(dm.get_tokenizer())
@@ -144,6 +144,43 @@ def test_datamodule_selects_and_switches_at_kd_steps(tmp_path):
     chosen = {tuple(blocks[i].tolist()) for i in selected.tolist()}
     in_selection = [all(tuple(row.tolist()) in chosen for row in b) for b in m.seen]
     assert in_selection[:3] == [True, True, True] and not all(in_selection[3:])
-    dm2 = SALTDataModule(kd_steps=3, selector=SequenceSelector(fraction=0.25), score_cache_dir=str(tmp_path),
+    dm2 = SALTDataModule(kd_steps=3, selector=SequenceSelector(fraction=0.25, progress=False), score_cache_dir=str(tmp_path),
                          tokenizer=dm.get_tokenizer(), **data)
     assert torch.equal(dm2.select(teacher), selected) and dm2.cache_hit
+
+
+def test_default_score_cache_lives_under_the_cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "root"))
+    model, ids = tiny(), tokens()
+    sel = SequenceSelector(k=4, progress=False)
+    _, hit = sel.cached_scores(model, ids, True)
+    assert not hit
+    files = list((tmp_path / "root" / "selection_scores").glob("salt_scores-*.pt"))
+    assert files == [sel.cache_path(sel.cache_key(model, ids), True)]
+    assert sel.cached_scores(model, ids, True)[1]
+    # a changed setting (k) is another file, never the stale one
+    other = SequenceSelector(k=5, progress=False)
+    assert other.cache_path(other.cache_key(model, ids), True) != files[0]
+    assert not other.cached_scores(model, ids, True)[1]
+    assert not sel.cached_scores(model, ids, None)[1] and not sel.cached_scores(model, ids, False)[1]
+
+
+RAN = []
+
+
+class _Payload:
+    """Unpickling this object runs code (appends to RAN): a score cache must never do that."""
+
+    def __reduce__(self):
+        return (RAN.append, ("ran",))
+
+
+def test_score_cache_with_pickled_code_is_refused(tmp_path):
+    model, ids = tiny(), tokens()
+    sel = SequenceSelector(k=4, progress=False)
+    key = sel.cache_key(model, ids)
+    path = sel.cache_path(key, tmp_path)
+    torch.save({"key": key, "scores": _Payload()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        sel.cached_scores(model, ids, tmp_path)
+    assert RAN == [] and path.exists()
