@@ -9,11 +9,13 @@ Three sources, all giving a :class:`RankingData` (features ``[N, D]``, labels ``
   label definitions over the digit class ("the digit is even", "the digit is 0"...), optionally flipped at
   per-label rates to simulate annotators of different quality.
 * :func:`load_table`: a CSV/TSV or Parquet file with several label columns (for users' data: Bank Marketing,
-  MSLR-Web30K exports, HelpSteer attributes...). Categorical features are one-hot encoded; graded labels
-  are binarised with a threshold.
+  MSLR-Web30K exports, HelpSteer attributes...). Feature columns must be numeric (or boolean); a column of
+  strings is an error unless it is listed in ``drop`` (ignored) or in ``categorical`` (one-hot encoded).
+  Graded labels are binarised with a threshold.
 
 :class:`MultiLabelDataModule` splits a source into train/val/test, standardises the features with the
-training statistics and serves dict batches ``{"x": [B, D], "labels": [B, K], "index": [B]}`` (plus
+training statistics (a feature that is constant on the training split is only centred: its std is taken
+as 1, so validation/test values stay on the scale of the raw differences) and serves dict batches ``{"x": [B, D], "labels": [B, K], "index": [B]}`` (plus
 ``"eta"`` ``[B, K]`` when known and ``"group"`` ``[B]`` when given). The subclasses
 :class:`SyntheticRankingDataModule`, :class:`DigitsRankingDataModule` and :class:`TabularRankingDataModule`
 only implement :meth:`MultiLabelDataModule.load_data`.
@@ -34,10 +36,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_cascades.data.image import EpochSeededSampler
-from lit_cascades.functional._checks import check_range
 
 DIGIT_LABELS: dict[str, list[int]] = {"even": [0, 2, 4, 6, 8], "zero": [0]}
 """Default label definitions of :func:`load_digits_ranking`: a balanced label and a skewed one (π ≈ 0.1)."""
+
+CONSTANT_STD = 1e-6
+"""A training feature with ``std <= CONSTANT_STD * (1 + |mean|)`` counts as constant: it is centred, not scaled."""
 
 TRUE_STRINGS = {"1", "true", "yes", "y", "t", "pos", "positive"}
 FALSE_STRINGS = {"0", "false", "no", "n", "f", "neg", "negative"}
@@ -50,7 +54,7 @@ class RankingData:
     Attributes:
         features: ``[N, D]`` float32.
         labels: ``[N, K]`` float32 in {0, 1}.
-        label_names: ``K`` names (used in log keys ``rank/auc_<name>``).
+        label_names: ``K`` names (used in log keys ``<split>/rank/auc_<name>``).
         eta: ``[N, K]`` true ``P(Y_k = 1 | x)`` when known (synthetic data), else ``None``.
         priors: ``[K]`` population priors ``π_k`` when known, else ``None`` (use :meth:`empirical_priors`).
         groups: ``[N]`` integer group ids (e.g. query ids) or ``None``.
@@ -116,17 +120,38 @@ def _correlation_factor(correlation: float | Sequence[Sequence[float]], k: int) 
     """``W [K, K]`` with ``W Wᵀ = C``: equicorrelation ``ρ`` or a given correlation matrix."""
     if isinstance(correlation, int | float):
         lo = -1.0 / (k - 1) if k > 1 else -1.0
-        check_range("correlation", float(correlation), lo, 1.0)
+        if not lo <= float(correlation) <= 1.0:
+            raise ValueError(f"correlation: expected a number in [{lo:.3g}, 1] for {k} labels; got {correlation}")
         corr = torch.full((k, k), float(correlation), dtype=torch.float64)
         corr.fill_diagonal_(1.0)
     else:
         corr = torch.as_tensor(correlation, dtype=torch.float64)
         if corr.shape != (k, k) or not torch.allclose(corr, corr.T) or not torch.allclose(corr.diagonal(), torch.ones(k, dtype=torch.float64)):
-            raise ValueError(f"`correlation` must be a number or a symmetric [{k}, {k}] matrix with unit diagonal")
+            raise ValueError(f"correlation: expected a number or a symmetric [{k}, {k}] matrix with unit diagonal")
     vals, vecs = torch.linalg.eigh(corr)
     if float(vals.min()) < -1e-9:
-        raise ValueError(f"`correlation` matrix must be positive semi-definite; smallest eigenvalue {float(vals.min()):.3g}")
+        raise ValueError(f"correlation: the matrix must be positive semi-definite; smallest eigenvalue "
+                         f"{float(vals.min()):.3g}")
     return vecs * vals.clamp(min=0).sqrt()
+
+
+def _check_synthetic(n: int, priors: Sequence[float], correlation: float | Sequence[Sequence[float]],
+                     num_features: int, label_names: Sequence[str] | None) -> list[float]:
+    """Validate the arguments of :func:`make_synthetic_ranking`; return the priors as floats."""
+    if int(n) < 1:
+        raise ValueError(f"n: expected a number of instances >= 1; got {n}")
+    pri = [float(p) for p in priors]
+    if not pri:
+        raise ValueError("priors: expected at least one label prior in (0, 1); got []")
+    bad = [p for p in pri if not 0.0 < p < 1.0]
+    if bad:
+        raise ValueError(f"priors: expected label priors in (0, 1); got {pri}")
+    if num_features < len(pri):
+        raise ValueError(f"num_features: expected >= the number of labels ({len(pri)}); got {num_features}")
+    if label_names is not None and len(label_names) != len(pri):
+        raise ValueError(f"label_names: expected one name per prior ({len(pri)}); got {list(label_names)}")
+    _correlation_factor(correlation, len(pri))
+    return pri
 
 
 def make_synthetic_ranking(
@@ -163,14 +188,8 @@ def make_synthetic_ranking(
     Returns:
         :class:`RankingData` with ``eta`` and population ``priors``.
     """
-    pri = [float(p) for p in priors]
+    pri = _check_synthetic(n, priors, correlation, num_features, label_names)
     k = len(pri)
-    if k < 1:
-        raise ValueError("`priors` must list at least one label prior")
-    for p in pri:
-        check_range("priors", p, 0.0, 1.0, low_open=True, high_open=True)
-    if num_features < k:
-        raise ValueError(f"`num_features` must be >= the number of labels ({k}); got {num_features}")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, num_features, generator=g, dtype=torch.float64)
     s = x[:, :k] @ _correlation_factor(correlation, k).T
@@ -193,6 +212,26 @@ def make_synthetic_ranking(
 # --------------------------------------------------------------------------------------------------------
 # embedded real data: scikit-learn digits with several label definitions
 # --------------------------------------------------------------------------------------------------------
+def _check_digit_labels(label_sets: Mapping[str, Sequence[int]] | None, label_noise: Mapping[str, float] | None
+                        ) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """Validate :func:`load_digits_ranking`'s label definitions and flip rates (``[0, 0.5)``)."""
+    sets = {str(k): list(v) for k, v in (DIGIT_LABELS if label_sets is None else label_sets).items()}
+    if not sets:
+        raise ValueError("label_sets: expected {name: [digit classes]}; got an empty mapping")
+    for name, classes in sets.items():
+        bad = [c for c in classes if int(c) not in range(10)]
+        if bad:
+            raise ValueError(f"label_sets: label '{name}': digit classes must be in 0..9; got {bad}")
+    noise = {str(k): float(v) for k, v in (label_noise or {}).items()}
+    unknown = set(noise) - set(sets)
+    if unknown:
+        raise ValueError(f"label_noise: names unknown labels {sorted(unknown)}; labels are {list(sets)}")
+    bad_rates = {k: v for k, v in noise.items() if not 0.0 <= v < 0.5}
+    if bad_rates:
+        raise ValueError(f"label_noise: expected flip probabilities in [0, 0.5); got {bad_rates}")
+    return sets, noise
+
+
 def load_digits_ranking(
     label_sets: Mapping[str, Sequence[int]] | None = None,
     label_noise: Mapping[str, float] | None = None,
@@ -211,26 +250,14 @@ def load_digits_ranking(
     """
     from sklearn.datasets import load_digits
 
-    sets = dict(DIGIT_LABELS if label_sets is None else label_sets)
-    if not sets:
-        raise ValueError("`label_sets` is empty; expected {name: [digit classes]}")
+    sets, noise = _check_digit_labels(label_sets, label_noise)
     digits = load_digits()
     target = torch.as_tensor(digits.target)
-    cols = []
-    for name, classes in sets.items():
-        bad = [c for c in classes if int(c) not in range(10)]
-        if bad:
-            raise ValueError(f"label '{name}': digit classes must be in 0..9; got {bad}")
-        cols.append(torch.isin(target, torch.as_tensor([int(c) for c in classes])))
+    cols = [torch.isin(target, torch.as_tensor([int(c) for c in classes])) for classes in sets.values()]
     labels = torch.stack(cols, 1).float()
-    noise = dict(label_noise or {})
-    unknown = set(noise) - set(sets)
-    if unknown:
-        raise ValueError(f"`label_noise` names unknown labels {sorted(unknown)}; labels are {list(sets)}")
     g = torch.Generator().manual_seed(seed)
     for j, name in enumerate(sets):
         rate = float(noise.get(name, 0.0))
-        check_range(f"label_noise[{name}]", rate, 0.0, 0.5)
         flip = torch.rand(labels.shape[0], generator=g) < rate
         labels[flip, j] = 1.0 - labels[flip, j]
     desc = "scikit-learn digits; labels " + ", ".join(f"{k}={list(v)}" for k, v in sets.items())
@@ -252,7 +279,7 @@ def read_table(path: str | Path, sep: str | None = None) -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"path: no such file: {path}")
     suffix = "".join(path.suffixes[-2:]).lower()
     if path.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(path)
@@ -260,7 +287,7 @@ def read_table(path: str | Path, sep: str | None = None) -> Any:
         if sep is None and path.suffix.lower() == ".tsv":
             sep = "\t"
         return pd.read_csv(path, sep=sep, engine="python" if sep is None else "c")
-    raise ValueError(f"unsupported file type {path.suffix!r} for {path}; expected .csv, .tsv, .txt or .parquet")
+    raise ValueError(f"path: unsupported file type {path.suffix!r} for {path}; expected .csv, .tsv, .txt or .parquet")
 
 
 def binarize_label(values: Any, name: str, threshold: float | None = None) -> Tensor:
@@ -273,10 +300,11 @@ def binarize_label(values: Any, name: str, threshold: float | None = None) -> Te
 
     col = pd.Series(values)
     if col.isna().any():
-        raise ValueError(f"label column '{name}' has {int(col.isna().sum())} missing values")
+        raise ValueError(f"labels: label column '{name}' has {int(col.isna().sum())} missing values")
     if threshold is not None:
         if not pd.api.types.is_numeric_dtype(col):
-            raise ValueError(f"label column '{name}': a threshold needs numeric values; got dtype {col.dtype}")
+            raise ValueError(f"label_thresholds: label column '{name}': a threshold needs numeric values; "
+                             f"got dtype {col.dtype}")
         return torch.as_tensor((col.to_numpy(dtype=float) >= float(threshold)).astype(np.float32))
     if pd.api.types.is_bool_dtype(col):
         return torch.tensor(col.to_numpy(dtype=np.float32))
@@ -290,10 +318,17 @@ def binarize_label(values: Any, name: str, threshold: float | None = None) -> Te
             return torch.tensor(low.isin(TRUE_STRINGS).to_numpy(dtype=np.float32))
     found = sorted(map(str, col.unique()[:8]))
     raise ValueError(
-        f"label column '{name}' must be binary (0/1, true/false, yes/no); found values {found}"
+        f"labels: label column '{name}' must be binary (0/1, true/false, yes/no); found values {found}"
         f"{' ...' if col.nunique() > 8 else ''}. Give a threshold (label_thresholds: {{{name}: <t>}}) to "
         "binarise a graded label as value >= t."
     )
+
+
+def _examples(values: Any, k: int = 3) -> str:
+    """A few distinct values of a column, quoted, for error messages."""
+    uniq = list(dict.fromkeys(str(v) for v in values if v == v))  # v == v drops NaN
+    shown = ", ".join(repr(v) for v in uniq[:k])
+    return f"({shown}{', ...' if len(uniq) > k else ''})"
 
 
 def load_table(
@@ -304,47 +339,78 @@ def load_table(
     label_thresholds: Mapping[str, float] | None = None,
     sep: str | None = None,
     drop: Sequence[str] = (),
+    categorical: Sequence[str] = (),
 ) -> RankingData:
     """A :class:`RankingData` from a CSV/Parquet file with several label columns.
 
     Args:
         path: ``.csv``/``.tsv``/``.txt`` (separator sniffed unless ``sep``) or ``.parquet``.
         labels: the label columns (at least one).
-        features: feature columns (default: every other column except ``group`` and ``drop``).
-            Non-numeric columns are one-hot encoded.
+        features: feature columns (default: every other column except ``group`` and ``drop``). They must be
+            numeric or boolean, with finite values; a column holding strings is an error naming it, unless
+            it is listed in ``drop`` or ``categorical``.
         group: optional column of group ids (e.g. a query id); pairs are then formed within groups.
         label_thresholds: ``{label: t}`` binarises a graded label as ``value >= t``.
         sep: column separator for text files.
         drop: columns to ignore.
+        categorical: feature columns to one-hot encode (one feature per distinct value).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: starting with the argument at fault (``labels``, ``features``, ``group``, ``drop``,
+            ``categorical``, ``label_thresholds``): unknown columns (listing the available ones), a string
+            feature column (with example values), missing or non-finite feature values, non-binary labels.
     """
     import pandas as pd
 
     df = read_table(path, sep)
     labels = list(labels)
     if not labels:
-        raise ValueError("`labels` is empty; name at least one label column")
-    wanted = [*labels, *(features or []), *([group] if group else []), *drop]
-    missing = [c for c in wanted if c not in df.columns]
-    if missing:
-        raise ValueError(f"columns {missing} not found in {path}; columns found: {list(df.columns)}")
+        raise ValueError("labels: expected at least one label column; got []")
+    available = [str(c) for c in df.columns]
+    named = {"labels": labels, "features": list(features or []), "group": [group] if group else [],
+             "drop": list(drop), "categorical": list(categorical)}
+    for arg, cols in named.items():
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise ValueError(f"{arg}: column(s) {missing} not found in {path}; available columns: {available}")
     thresholds = dict(label_thresholds or {})
     unknown = set(thresholds) - set(labels)
     if unknown:
-        raise ValueError(f"`label_thresholds` names {sorted(unknown)}, which are not label columns {labels}")
+        raise ValueError(f"label_thresholds: names {sorted(unknown)}, which are not label columns {labels}")
     y = torch.stack([binarize_label(df[c], c, thresholds.get(c)) for c in labels], 1)
     used = set(labels) | set(drop) | ({group} if group else set())
     feat_cols = list(features) if features else [c for c in df.columns if c not in used]
+    feat_cols = [c for c in feat_cols if c not in set(drop)]
     if not feat_cols:
-        raise ValueError(f"no feature columns left in {path} (labels {labels}, group {group}, drop {list(drop)})")
-    frame = pd.get_dummies(df[feat_cols], dtype=np.float32)
-    if frame.isna().any().any():
-        bad = frame.columns[frame.isna().any()].tolist()
-        raise ValueError(f"feature columns {bad} have missing values; fill or drop them first")
+        raise ValueError(f"features: no feature columns left in {path} (labels {labels}, group {group}, "
+                         f"drop {list(drop)}); available columns: {available}")
+    not_features = [c for c in categorical if c not in feat_cols]
+    if not_features:
+        raise ValueError(f"categorical: {not_features} are not feature columns; feature columns: {feat_cols}")
+    strings = [c for c in feat_cols if c not in set(categorical) and not pd.api.types.is_numeric_dtype(df[c])
+               and not pd.api.types.is_bool_dtype(df[c])]
+    if strings:
+        detail = "; ".join(f"column '{c}' holds strings {_examples(df[c])}" for c in strings[:5])
+        raise ValueError(f"features: {detail}{' ...' if len(strings) > 5 else ''}; expected numbers. List "
+                         f"{'it' if len(strings) == 1 else 'them'} in drop=[...] to ignore, in categorical=[...] "
+                         "to one-hot encode, or encode it yourself")
+    frame = df[feat_cols]
+    nan_cols = [str(c) for c in feat_cols if frame[c].isna().any()]
+    if nan_cols:
+        raise ValueError(f"features: column(s) {nan_cols} have missing values; fill them or list them in drop=[...]")
+    frame = pd.get_dummies(frame, columns=list(categorical), dtype=np.float32).astype(np.float32)
+    values = frame.to_numpy(dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = [f"'{frame.columns[j]}' ({int((~finite[:, j]).sum())} values)" for j in np.flatnonzero(~finite.all(0))]
+        raise ValueError(f"features: column(s) {', '.join(bad)} hold non-finite values (inf, or too large for "
+                         "float32); expected finite numbers")
     groups = None
     if group:
         groups = torch.as_tensor(pd.factorize(df[group])[0], dtype=torch.long)
     return RankingData(
-        features=torch.tensor(frame.to_numpy(dtype=np.float32)),
+        features=torch.tensor(values),
         labels=y,
         label_names=labels,
         groups=groups,
@@ -418,9 +484,11 @@ class MultiLabelDataModule(pl.LightningDataModule):
     Args:
         batch_size: training batch size (pairs are formed within a batch).
         eval_batch_size: validation/test batch size (metrics are epoch-level, so this only sets memory).
-        val_fraction, test_fraction: split sizes (random split with ``split_seed``; groups are kept whole
-            when the data has groups).
-        standardize: z-score the features with the training split's mean and std.
+        val_fraction, test_fraction: split sizes, each in ``(0, 1)`` with a sum below 1 (random split with
+            ``split_seed``; groups are kept whole when the data has groups).
+        standardize: z-score the features with the training split's mean and std. A feature constant on
+            the training split (std <= :data:`CONSTANT_STD` ``* (1 + |mean|)``) is centred with std 1 instead
+            of being divided by ~0, so its validation/test values stay bounded.
         split_seed: seed of the split.
         num_workers: DataLoader workers.
         data: a ready :class:`RankingData` (for :class:`MultiLabelDataModule` itself; subclasses load theirs).
@@ -438,12 +506,16 @@ class MultiLabelDataModule(pl.LightningDataModule):
         data: RankingData | None = None,
     ) -> None:
         super().__init__()
-        check_range("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
-        check_range("test_fraction", test_fraction, 0.0, 1.0, high_open=True)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < float(value) < 1.0:
+                raise ValueError(f"{name}: expected a fraction in (0, 1); got {value}")
         if val_fraction + test_fraction >= 1.0:
-            raise ValueError(f"val_fraction + test_fraction must be < 1; got {val_fraction} + {test_fraction}")
+            raise ValueError(f"val_fraction: val_fraction + test_fraction must be < 1 (the rest is the training "
+                             f"split); got {val_fraction} + {test_fraction}")
         if batch_size < 2:
-            raise ValueError(f"`batch_size` must be >= 2 (pairs are formed within a batch); got {batch_size}")
+            raise ValueError(f"batch_size: expected >= 2 (pairs are formed within a batch); got {batch_size}")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size: expected >= 1; got {eval_batch_size}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.standardize, self.split_seed, self.num_workers = standardize, split_seed, num_workers
@@ -474,13 +546,14 @@ class MultiLabelDataModule(pl.LightningDataModule):
             n_val, n_test = _split_sizes(len(data), self.val_fraction, self.test_fraction)
             index = {"val": perm[:n_val], "test": perm[n_val : n_val + n_test], "train": perm[n_val + n_test :]}
         splits = {k: data.subset(v) for k, v in index.items()}
-        if self.standardize:
-            mean = splits["train"].features.mean(0)
-            std = splits["train"].features.std(0).clamp(min=1e-6)
-            splits = {k: replace(v, features=(v.features - mean) / std) for k, v in splits.items()}
         for name, split in splits.items():
             if len(split) == 0:
-                raise ValueError(f"the {name} split is empty ({len(data)} examples); adjust the split fractions")
+                arg = "test_fraction" if name == "test" else "val_fraction"
+                raise ValueError(f"{arg}: the {name} split is empty ({len(data)} examples, val_fraction "
+                                 f"{self.val_fraction}, test_fraction {self.test_fraction}); adjust the fractions")
+        if self.standardize:
+            mean, std = standardization(splits["train"].features)
+            splits = {k: replace(v, features=(v.features - mean) / std) for k, v in splits.items()}
         positives = splits["train"].labels.sum(0)
         single = [f"{n} ({int(p)} of {len(splits['train'])} positive)" for n, p in zip(data.label_names, positives)
                   if p == 0 or p == len(splits["train"])]
@@ -533,6 +606,18 @@ class MultiLabelDataModule(pl.LightningDataModule):
         return self._loader("test", False)
 
 
+def standardization(train: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean [D], std [D])`` of the training features; constant features get std 1 (centred, not scaled).
+
+    A feature counts as constant when its std is at most ``CONSTANT_STD * (1 + |mean|)``: dividing by such a
+    std would blow up the (different) values of that feature on validation/test data.
+    """
+    mean = train.mean(0)
+    std = train.std(0) if train.shape[0] > 1 else torch.zeros_like(mean)
+    constant = ~(std > CONSTANT_STD * (1 + mean.abs()))  # also catches NaN std
+    return mean, torch.where(constant, torch.ones_like(std), std)
+
+
 def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
     return math.floor(n * val_fraction), math.floor(n * test_fraction)
 
@@ -553,6 +638,7 @@ class SyntheticRankingDataModule(MultiLabelDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _check_synthetic(n, priors, correlation, num_features, label_names)
         self.generator_kwargs = dict(n=n, priors=list(priors), correlation=correlation, deterministic=deterministic,
                                      sharpness=sharpness, num_features=num_features,
                                      label_names=list(label_names) if label_names else None, seed=seed)
@@ -572,6 +658,7 @@ class DigitsRankingDataModule(MultiLabelDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _check_digit_labels(label_sets, label_noise)
         self.label_sets = {k: list(v) for k, v in label_sets.items()} if label_sets else None
         self.label_noise = dict(label_noise) if label_noise else None
         self.seed = seed
@@ -581,7 +668,8 @@ class DigitsRankingDataModule(MultiLabelDataModule):
 
 
 class TabularRankingDataModule(MultiLabelDataModule):
-    """A CSV/Parquet file with several label columns (see :func:`load_table` for the arguments)."""
+    """A CSV/Parquet file with several label columns (see :func:`load_table` for the arguments and the checks;
+    the file is read in :meth:`setup`)."""
 
     def __init__(
         self,
@@ -592,12 +680,18 @@ class TabularRankingDataModule(MultiLabelDataModule):
         label_thresholds: Mapping[str, float] | None = None,
         sep: str | None = None,
         drop: Sequence[str] = (),
+        categorical: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if isinstance(labels, str) or not list(labels):
+            raise ValueError(f"labels: expected a non-empty list of label columns; got {labels!r}")
+        for name, cols in (("features", features), ("drop", drop), ("categorical", categorical)):
+            if isinstance(cols, str):
+                raise ValueError(f"{name}: expected a list of column names; got the string {cols!r}")
         self.table_kwargs = dict(path=path, labels=list(labels), features=list(features) if features else None,
                                  group=group, label_thresholds=dict(label_thresholds or {}), sep=sep,
-                                 drop=list(drop))
+                                 drop=list(drop), categorical=list(categorical))
 
     def load_data(self) -> RankingData:
         return load_table(**self.table_kwargs)
