@@ -1,121 +1,209 @@
 """Gatekeeper: confidence tuning of a cascade's small model (Rabanser et al., arXiv:2502.19335).
 
     python -m recipes.gatekeeper                                   # digits, offline, ~1 min on 2 CPU cores
-    python -m recipes.gatekeeper preset=fashion_mnist gatekeeper.alpha=0.3 output_dir=runs/x
+    python -m recipes.gatekeeper preset=fashion_mnist gatekeeper.module.alpha=0.3 output_dir=runs/x
     python -m recipes.gatekeeper preset=sweep_digits               # α sweep × seeds: the README table
+    python -m recipes.gatekeeper gatekeeper.module._target_=my_pkg.MyGatekeeper   # a subclass, unchanged recipe
+    python -m recipes.gatekeeper resume=runs/x                     # continue an interrupted run
     python -m recipes.gatekeeper --help                            # presets and every config key
 
-1. train the large model M_L and the small model M_S with cross-entropy;
-2. cache M_L's correctness on the validation and test splits (the cascade never re-runs M_L);
-3. evaluate the cascade with the CE-trained M_S (confidence = max softmax by default);
-4. fine-tune M_S with the Gatekeeper loss and, the fair baseline, with cross-entropy for the same steps;
-5. write metrics.json, deferral_curves.{csv,png} and per-stage curves to the run directory and W&B.
+Every model, module, datamodule and callback is built from its config section (``_target_``); all of them, for
+every seed and α, are built and the data set up before the first stage trains. Stages (``<run>/<stage>/``):
 
-With ``sweep.seeds`` / ``sweep.alphas`` set, steps 1–4 repeat per seed and the Gatekeeper fine-tuning per α
-(M_L and M_S are trained once per seed), and the run writes sweep.csv and a mean ± std table.
+1. ``large``, ``small``: train M_L and M_S with cross-entropy (M_L's correctness on val/test is cached as the
+   ``large`` stage's predictions: the cascade never re-runs M_L);
+2. ``small_ce``: evaluate the cascade with the CE-trained M_S (confidence = the module's ``confidence()``);
+3. ``gatekeeper``: fine-tune M_S with the Gatekeeper loss; ``ce_finetune``: the fair baseline, cross-entropy for
+   the same steps; each is tested;
+4. the run writes metrics.json and deferral_curves.{csv,png}.
+
+With ``sweep.seeds`` / ``sweep.alphas`` set, stages are ``seed<s>/<stage>`` (Gatekeeper stages
+``seed<s>/gatekeeper_a<α>``), M_L and M_S trained once per seed, and the run writes sweep.csv, a mean ± std
+table and one W&B run per (seed, α) so W&B can aggregate across seeds.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lit_cascades.callbacks import DeferralCurveLogger, deferral_table
-from lit_cascades.data import ImageClassificationDataModule
-from lit_cascades.models import build_classifier, count_parameters
-from lit_cascades.modules import Classifier, GatekeeperClassifier
+from lit_cascades.functional.deferral import IDEAL_VARIANTS, DeferralReport, deferral_metrics
+from lit_cascades.io import safe_torch_load
+from lit_cascades.models import count_parameters
+from lit_cascades.modules import Classifier
 from lit_cascades.plotting import plot_deferral_curves, plot_sweep
-from lit_cascades.runner import Run, main, summarize_runs
+from lit_cascades.runner import (
+    ConfigError,
+    Run,
+    Stage,
+    build,
+    build_list,
+    config_errors,
+    main,
+    summarize_runs,
+)
 
 COLUMNS = ("test_acc", "s_d", "s_o", "auroc", "auc_df", "quality_at_rate")
 
 
-def train_classifier(r: Run, stage: str, spec: DictConfig, dm: ImageClassificationDataModule) -> Classifier:
-    """Train (or load from ``spec.checkpoint``) a cross-entropy classifier described by ``spec``."""
-    net = build_classifier(spec.arch, dm.input_shape, dm.num_classes, **spec.kwargs)
+@dataclass
+class SeedComponents:
+    """Everything one seed trains, built before any stage runs."""
+
+    seed: int
+    large: Classifier
+    small: Classifier
+    finetunes: dict[str, tuple[str, float | None, Classifier]] = field(default_factory=dict)  # method -> (stage, α, module)
+
+
+def build_classifier_module(spec: DictConfig, key: str, dm: Any) -> Classifier:
+    """``spec.module`` around ``spec.model`` (both from config; shapes from the data)."""
+    net = build(spec.model, f"{key}.model", in_shape=dm.input_shape, num_classes=dm.num_classes)
+    return build(spec.module, f"{key}.module", model=net, num_classes=dm.num_classes)
+
+
+def build_seed(cfg: DictConfig, dm: Any, seed: int, alphas: list[float]) -> SeedComponents:
+    """Build M_L, M_S and the fine-tuning modules of one seed (fine-tuning copies start from M_S's weights
+    once M_S is trained)."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    large = build_classifier_module(cfg.large, "large", dm)
+    small = build_classifier_module(cfg.small, "small", dm)
+    comps = SeedComponents(seed, large, small)
+    gk = OmegaConf.to_container(cfg.gatekeeper.module, resolve=True)
+    for a in alphas:
+        module = build({**gk, "alpha": a}, "gatekeeper.module", model=copy.deepcopy(small.model),  # type: ignore[dict-item]
+                       num_classes=dm.num_classes)
+        stage = "gatekeeper" if not cfg.sweep.alphas else f"gatekeeper_a{a}"
+        comps.finetunes[f"gatekeeper α={a}" if cfg.sweep.alphas else f"gatekeeper (α={a})"] = (stage, a, module)
+    if cfg.baseline.enabled:
+        module = build(cfg.baseline.module, "baseline.module", model=copy.deepcopy(small.model),
+                       num_classes=dm.num_classes)
+        comps.finetunes["cross-entropy fine-tune"] = ("ce_finetune", None, module)
+    return comps
+
+
+def check_plain_keys(cfg: DictConfig) -> None:
+    """Values that are not constructor arguments, checked before any work."""
+    for key in ("small.epochs", "large.epochs", "gatekeeper.epochs"):
+        if int(OmegaConf.select(cfg, key)) < 1:
+            raise ConfigError(f"expected an integer >= 1; got {OmegaConf.select(cfg, key)}", key=key)
+    if not 0.0 <= cfg.eval.rate <= 1.0:
+        raise ConfigError(f"expected a deferral rate in [0, 1]; got {cfg.eval.rate}", key="eval.rate")
+    if cfg.eval.ideal not in IDEAL_VARIANTS:
+        raise ConfigError(f"expected one of {list(IDEAL_VARIANTS)}; got {cfg.eval.ideal!r}", key="eval.ideal")
+    for key in ("small.checkpoint", "large.checkpoint"):
+        path = OmegaConf.select(cfg, key)
+        if path:
+            with config_errors(key):
+                safe_torch_load(path)
+
+
+def train_or_load(st: Stage, module: Classifier, spec: DictConfig, dm: Any, cfg: DictConfig) -> Classifier:
+    """Fit ``module`` as stage ``st`` or load ``spec.checkpoint`` (a ``model.pt`` or Lightning ``.ckpt``)."""
     if spec.checkpoint:
-        return Classifier.load_from_checkpoint(spec.checkpoint, model=net, map_location="cpu")
-    return r.fit(stage, Classifier(net, dm.num_classes, lr=spec.lr), dm, max_epochs=spec.epochs)
+        state = safe_torch_load(spec.checkpoint)
+        module.load_state_dict(state.get("state_dict", state))
+        return module
+    return st.fit(module, dm, callbacks=build_list(cfg.callbacks, "callbacks"), max_epochs=spec.epochs)
 
 
-def evaluate(r: Run, stage: str, module: Classifier, dm: ImageClassificationDataModule) -> tuple[dict, Any]:
-    """Test ``module`` as the cascade's small model; returns ``(scalars, test DeferralReport)``."""
-    cb = DeferralCurveLogger(rate=r.cfg.eval.rate, ideal=r.cfg.eval.ideal, output_dir=r.dir, tag=stage)
-    logged = r.test(stage, module, dm, callbacks=[cb])
-    report = cb.reports["test"]["score"]
+def evaluate(st: Stage, module: Classifier, dm: Any, cfg: DictConfig) -> tuple[dict[str, Any], DeferralReport]:
+    """Test ``module`` as the cascade's small model: the test loop logs ``test/acc`` and ``test/defer/*`` (curves
+    in the stage directory); the report comes from the test predictions gathered across processes."""
+    cb = DeferralCurveLogger(rate=cfg.eval.rate, ideal=cfg.eval.ideal, output_dir=st.dir)
+    logged = st.test(module, dm, callbacks=[cb])
+    pred = st.predict(module, dm.predict_dataloader("test"), name="predict_test")
+    large_quality = dm.splits["test"].extras["large_quality"][pred["index"]]
+    report = deferral_metrics(pred["confidence"], pred["correct"], large_quality, ideal=cfg.eval.ideal,
+                              rate=cfg.eval.rate)
     return {"test_acc": logged["test/acc"], **report.scalars}, report
 
 
-def finetune(r: Run, stage: str, module: Classifier, dm: ImageClassificationDataModule) -> tuple[dict, Any]:
-    """Fine-tune the small model for ``gatekeeper.epochs`` (validation curves logged), then test it."""
-    val_cb = DeferralCurveLogger(rate=r.cfg.eval.rate, ideal=r.cfg.eval.ideal, output_dir=r.dir, tag=stage)
-    r.fit(stage, module, dm, max_epochs=r.cfg.gatekeeper.epochs, callbacks=[val_cb])
-    return evaluate(r, stage, module, dm)
-
-
-def gatekeeper_module(cfg: DictConfig, small: Classifier, num_classes: int, alpha: float) -> GatekeeperClassifier:
-    gk = cfg.gatekeeper
-    return GatekeeperClassifier(copy.deepcopy(small.model), num_classes, alpha=alpha, normalize=gk.normalize,
-                                lr=gk.lr, confidence=gk.confidence)
-
-
-def ce_module(cfg: DictConfig, small: Classifier, num_classes: int) -> Classifier:
-    """The fair baseline: the same fine-tuning schedule with plain cross-entropy."""
-    return Classifier(copy.deepcopy(small.model), num_classes, lr=cfg.gatekeeper.lr,
-                      confidence=cfg.gatekeeper.confidence)
-
-
-def prepare(r: Run, prefix: str = "") -> tuple[ImageClassificationDataModule, Classifier, Classifier]:
-    """Data, the trained M_L and M_S, and M_L's cached correctness on the evaluation splits."""
-    cfg = r.cfg
-    dm = ImageClassificationDataModule(**cfg.data, seed=cfg.seed)
-    dm.setup()
-    large = train_classifier(r, f"{prefix}large", cfg.large, dm)
-    small = train_classifier(r, f"{prefix}small", cfg.small, dm)
+def run_seed(r: Run, cfg: DictConfig, dm: Any, comps: SeedComponents, prefix: str) -> tuple[dict, dict]:
+    """All stages of one seed; returns ``(results per method, test reports per method)``."""
+    s = comps.seed
+    large = train_or_load(r.stage(f"{prefix}large", "large", {"seed": s, **_section(cfg.large)}, seed=s),
+                          comps.large, cfg.large, dm, cfg)
+    st_large = r.stage(f"{prefix}large", seed=s)
     for split in ("val", "test"):
-        dm.attach(split, "large_quality", r.predict(large, dm.predict_dataloader(split))["correct"])
-    return dm, large, small
+        pred = st_large.predict(large, dm.predict_dataloader(split), name=f"predict_{split}")
+        dm.attach(split, "large_quality", pred["correct"])  # ordered by example id = dataset order
+    st_large.finish({"test_acc": float(dm.splits["test"].extras["large_quality"].mean())})
+    small = train_or_load(r.stage(f"{prefix}small", "small", {"seed": s, **_section(cfg.small)}, seed=s),
+                          comps.small, cfg.small, dm, cfg)
+    r.stage(f"{prefix}small", seed=s).finish({"params": count_parameters(small.model)})
+
+    results, reports = {}, {}
+    st = r.stage(f"{prefix}small_ce", "evaluate", {"seed": s, "method": "cross-entropy"}, seed=s)
+    results["cross-entropy"], reports["cross-entropy"] = evaluate(st, small, dm, cfg)
+    st.finish(results["cross-entropy"])
+    for method, (name, alpha, module) in comps.finetunes.items():
+        kind = "gatekeeper" if alpha is not None else "ce_finetune"
+        section = cfg.gatekeeper.module if alpha is not None else cfg.baseline.module
+        st = r.stage(f"{prefix}{name}", kind, {"seed": s, "method": method, "alpha": alpha,
+                                               "epochs": cfg.gatekeeper.epochs, "module": _section(section)}, seed=s)
+        if not st.fitted:
+            module.model.load_state_dict(small.model.state_dict())
+        val_cb = DeferralCurveLogger(rate=cfg.eval.rate, ideal=cfg.eval.ideal, output_dir=st.dir)
+        st.fit(module, dm, callbacks=[val_cb, *build_list(cfg.callbacks, "callbacks")],
+               max_epochs=cfg.gatekeeper.epochs)
+        results[method], reports[method] = evaluate(st, module, dm, cfg)
+        st.finish(results[method])
+    return results, reports
 
 
-def run_single(cfg: DictConfig, r: Run) -> dict[str, Any]:
-    dm, large, small = prepare(r)
-    results: dict[str, Any] = {
+def _section(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def setup_data(cfg: DictConfig, seed: int) -> Any:
+    """Build the datamodule and load its splits (data-dependent checks become ``error: data.<arg>: ...``)."""
+    dm = build(cfg.data, "data", seed=seed)
+    with config_errors("data", names=[k for k in cfg.data if k != "_target_"]):
+        dm.setup()
+    return dm
+
+
+def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
+    check_plain_keys(cfg)
+    build_list(cfg.callbacks, "callbacks")  # validate the extra callbacks once (fresh ones per fit)
+    sweep = bool(cfg.sweep.seeds or cfg.sweep.alphas)
+    seeds = [int(s) for s in cfg.sweep.seeds] or [int(cfg.seed)]
+    alphas = [float(a) for a in cfg.sweep.alphas] or [float(cfg.gatekeeper.module.alpha)]
+    # everything is built (and the data loaded) before the first stage trains
+    data = {s: setup_data(cfg, s) for s in seeds}
+    comps = {s: build_seed(cfg, data[s], s, alphas) for s in seeds}
+    if not sweep:
+        return run_single(cfg, r, data[seeds[0]], comps[seeds[0]])
+    return run_sweep(cfg, r, data, comps, seeds, alphas)
+
+
+def run_single(cfg: DictConfig, r: Run, dm: Any, comps: SeedComponents) -> dict[str, Any]:
+    results, reports = run_seed(r, cfg, dm, comps, prefix="")
+    out: dict[str, Any] = {
         "data": {"source": cfg.data.source, **{f"n_{k}": len(v) for k, v in dm.splits.items()}},
-        "params": {"small": count_parameters(small.model), "large": count_parameters(large.model)},
+        "params": {"small": count_parameters(comps.small.model), "large": count_parameters(comps.large.model)},
         "large": {"test_acc": float(dm.splits["test"].extras["large_quality"].mean())},
+        "small_ce": results["cross-entropy"],
     }
-    reports = {}
-    results["small_ce"], reports["cross-entropy"] = evaluate(r, "small_ce", small, dm)
-    alpha = cfg.gatekeeper.alpha
-    results["gatekeeper"], reports[f"gatekeeper (α={alpha})"] = finetune(
-        r, "gatekeeper", gatekeeper_module(cfg, small, dm.num_classes, alpha), dm)
-    if cfg.baseline_finetune:
-        results["ce_finetune"], reports["cross-entropy fine-tune"] = finetune(
-            r, "ce_finetune", ce_module(cfg, small, dm.num_classes), dm)
-
+    for method, (name, _alpha, _module) in comps.finetunes.items():
+        out[name] = results[method]
     fig, _ = plot_deferral_curves(reports, title=f"{cfg.data.source}: deferral curves (test)")
     r.save_figure("deferral_curves", fig)
     r.save_table("deferral_curves", *deferral_table(reports))
-    return results
+    return out
 
 
-def run_sweep(cfg: DictConfig, r: Run) -> dict[str, Any]:
-    seeds = list(cfg.sweep.seeds) or [cfg.seed]
-    alphas = list(cfg.sweep.alphas) or [cfg.gatekeeper.alpha]
+def run_sweep(cfg: DictConfig, r: Run, data: dict, comps: dict, seeds: list[int], alphas: list[float]
+              ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for seed in seeds:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        dm, _, small = prepare(r, prefix=f"seed{seed}/")
-        results = {"cross-entropy": evaluate(r, f"seed{seed}/small_ce", small, dm)[0]}
-        finetunes = {f"gatekeeper α={a}": (f"gatekeeper_a{a}", gatekeeper_module(cfg, small, dm.num_classes, a))
-                     for a in alphas}
-        if cfg.baseline_finetune:
-            finetunes["cross-entropy fine-tune"] = ("ce_finetune", ce_module(cfg, small, dm.num_classes))
-        for method, (stage, module) in finetunes.items():
-            results[method] = finetune(r, f"seed{seed}/{stage}", module, dm)[0]
+        results, _ = run_seed(r, cfg, data[seed], comps[seed], prefix=f"seed{seed}/")
         rows += [{"method": m, "seed": seed, **{k: v[k] for k in COLUMNS}} for m, v in results.items()]
     r.save_table("sweep", ["method", "seed", *COLUMNS], [[row[c] for c in ("method", "seed", *COLUMNS)]
                                                           for row in rows])
@@ -135,12 +223,6 @@ def summary_markdown(summary: dict[str, dict[str, tuple[float, float]]], cfg: Di
              for m, v in summary.items()]
     return (f"{cfg.data.source}, seeds {seeds}, mean ± std over seeds (test split)\n\n" + head
             + "\n".join(lines) + "\n")
-
-
-def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
-    if cfg.sweep.seeds or cfg.sweep.alphas:
-        return run_sweep(cfg, r)
-    return run_single(cfg, r)
 
 
 if __name__ == "__main__":
