@@ -54,10 +54,12 @@ def load_sketch_file(path: str | Path, size: int) -> Tensor:
     return (ink > 0.5).float()
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(path: Path, what: str, arg: str = "root") -> dict[str, Any]:
+    """Read a COCO JSON file; a missing file raises ``FileNotFoundError`` starting with ``arg`` (the argument
+    that located it)."""
     if not path.is_file():
         raise FileNotFoundError(
-            f"missing COCO {what}: {path}. Expected under data.root: annotations/captions_train2014.json, "
+            f"{arg}: missing COCO {what}: {path}. Expected under root: annotations/captions_train2014.json, "
             f"annotations/captions_val2014.json, train2014/ and val2014/ image folders (optional: "
             f"annotations/instances_*2014.json for object labels, dataset_coco.json for the Karpathy split); "
             f"download them from {COCO_URL}")
@@ -105,15 +107,19 @@ class CocoCaptionsDataModule(TextSketchImageDataModule):
     """COCO 2014 captions, images and synthetic sketches (see the module docstring for the file layout).
 
     Args:
-        root: the COCO directory.
+        root: the COCO directory (checked in :meth:`setup`: a missing directory or file raises
+            ``FileNotFoundError`` starting with the argument that located it, ``root:``, ``karpathy_json:``,
+            ``sketch_dir:``).
         karpathy_json: path of Karpathy's ``dataset_coco.json`` (default: ``root/dataset_coco.json`` if present).
         year: COCO release of the file names (2014).
-        num_val / num_test: evaluation images taken from val2014 when no Karpathy split is used.
+        num_val / num_test: evaluation images (>= 1 each) taken from val2014 when no Karpathy split is used.
         image_size: side of images and sketches (224 for CLIP ViT-B/16).
-        eval_caption: which caption of each evaluation image is its query.
-        limit_train: keep only the first ``limit_train`` training images (quick runs).
+        eval_caption: which caption of each evaluation image is its query (>= 0; the last one when an image
+            has fewer).
+        limit_train: ``None`` (all) or keep only the first ``limit_train`` (>= 1) training images (quick runs).
         sketch_dir: optional folder of drawn sketches ``<image file stem>.png`` for the evaluation splits.
-        edge_threshold, blur_sigma, keep_min, max_shift: synthetic sketch settings.
+        edge_threshold, blur_sigma, keep_min, max_shift: synthetic sketch settings (``edge_threshold`` in
+            ``(0, 1)``, ``blur_sigma >= 0``, ``keep_min`` in ``(0, 1]``, ``max_shift >= 0``).
         vocab_min_count / vocab_max_size: caption-decoder vocabulary (Karpathy's preprocessing keeps words seen
             at least 5 times).
         batch_size, eval_batch_size, seed, num_workers: see :class:`TextSketchImageDataModule`.
@@ -127,7 +133,22 @@ class CocoCaptionsDataModule(TextSketchImageDataModule):
                  ) -> None:
         super().__init__(image_size, batch_size, eval_batch_size, seed, vocab_min_count, vocab_max_size, num_workers)
         if root is None:
-            raise ValueError("CocoCaptionsDataModule needs data.root=<COCO directory>")
+            raise ValueError("root: expected the COCO directory; got None")
+        for name, value in (("num_val", num_val), ("num_test", num_test)):
+            if value < 1:
+                raise ValueError(f"{name}: expected >= 1 evaluation images; got {value}")
+        if eval_caption < 0:
+            raise ValueError(f"eval_caption: expected a caption index >= 0; got {eval_caption}")
+        if limit_train is not None and limit_train < 1:
+            raise ValueError(f"limit_train: expected None (all training images) or >= 1; got {limit_train}")
+        if not 0.0 < edge_threshold < 1.0:
+            raise ValueError(f"edge_threshold: expected a value in (0, 1); got {edge_threshold}")
+        if blur_sigma < 0:
+            raise ValueError(f"blur_sigma: expected >= 0; got {blur_sigma}")
+        if not 0.0 < keep_min <= 1.0:
+            raise ValueError(f"keep_min: expected a fraction in (0, 1]; got {keep_min}")
+        if max_shift < 0:
+            raise ValueError(f"max_shift: expected >= 0 pixels; got {max_shift}")
         self.root, self.karpathy_json, self.year = Path(root), karpathy_json, year
         self.num_val, self.num_test, self.eval_caption, self.limit_train = num_val, num_test, eval_caption, limit_train
         self.sketch_dir = Path(sketch_dir) if sketch_dir else None
@@ -154,7 +175,7 @@ class CocoCaptionsDataModule(TextSketchImageDataModule):
     def _splits(self) -> dict[str, list[tuple[int, Path, list[str]]]]:
         kjson = Path(self.karpathy_json) if self.karpathy_json else self.root / "dataset_coco.json"
         if self.karpathy_json or kjson.is_file():
-            doc = _read_json(kjson, "Karpathy split file")
+            doc = _read_json(kjson, "Karpathy split file", "karpathy_json" if self.karpathy_json else "root")
             out: dict[str, list[tuple[int, Path, list[str]]]] = {"train": [], "val": [], "test": []}
             for im in doc["images"]:
                 split = "train" if im["split"] in ("train", "restval") else im["split"]
@@ -167,7 +188,7 @@ class CocoCaptionsDataModule(TextSketchImageDataModule):
         val = _captions(_read_json(ann / f"captions_val{self.year}.json", "captions file"), self.root / f"val{self.year}")
         val_ids = sorted(val)
         if len(val_ids) < self.num_val + self.num_test:
-            raise ValueError(f"val{self.year} has {len(val_ids)} images; num_val + num_test = "
+            raise ValueError(f"num_val: val{self.year} has {len(val_ids)} images; num_val + num_test = "
                              f"{self.num_val + self.num_test} expected at most that")
         rows = lambda d, ids: [(i, *d[i]) for i in ids]  # noqa: E731
         return {"train": rows(train, sorted(train)), "val": rows(val, val_ids[: self.num_val]),
@@ -177,18 +198,21 @@ class CocoCaptionsDataModule(TextSketchImageDataModule):
         if self.splits:
             return
         if not self.root.is_dir():
-            raise FileNotFoundError(f"COCO root {self.root} does not exist; set data.root=<directory with "
-                                    f"annotations/, train{self.year}/, val{self.year}/> (from {COCO_URL})")
+            raise FileNotFoundError(f"root: the COCO root {self.root} does not exist; expected a directory with "
+                                    f"annotations/, train{self.year}/, val{self.year}/ (from {COCO_URL})")
+        if self.sketch_dir is not None and not self.sketch_dir.is_dir():
+            raise FileNotFoundError(f"sketch_dir: no such directory: {self.sketch_dir}; expected a folder of drawn "
+                                    "sketches <image file stem>.png")
         labels_of, self.class_names = self._labels()
         for split, rows in self._splits().items():
-            if split == "train" and self.limit_train:
+            if split == "train" and self.limit_train is not None:
                 rows = rows[: self.limit_train]
             rows = [r for r in rows if r[2]]  # images without captions cannot be queries
             if not rows:
-                raise ValueError(f"COCO split '{split}' has no images with captions")
+                raise ValueError(f"root: COCO split '{split}' has no images with captions")
             missing = [str(p) for _, p, _ in rows if not p.is_file()]
             if missing:
-                raise FileNotFoundError(f"{len(missing)} of {len(rows)} '{split}' images are missing, e.g. "
+                raise FileNotFoundError(f"root: {len(missing)} of {len(rows)} '{split}' images are missing, e.g. "
                                         f"{missing[:3]}; expected the image files of the captions file under {self.root}")
             labels = torch.zeros(len(rows), len(self.class_names))
             for j, (iid, _, _) in enumerate(rows):
@@ -198,7 +222,7 @@ class CocoCaptionsDataModule(TextSketchImageDataModule):
                 sketch_paths = [self.sketch_dir / f"{p.stem}.png" for _, p, _ in rows]
                 lacking = [str(s) for s in sketch_paths if not s.is_file()]
                 if lacking:
-                    raise FileNotFoundError(f"sketch_dir={self.sketch_dir}: {len(lacking)} '{split}' images have no "
+                    raise FileNotFoundError(f"sketch_dir: {self.sketch_dir}: {len(lacking)} '{split}' images have no "
                                             f"sketch file, e.g. {lacking[:3]} (expected <image file stem>.png)")
             self.splits[split] = CocoItems([p for _, p, _ in rows], [c for _, _, c in rows], labels, self.image_size,
                                            train=split == "train", seed=self.seed, eval_caption=self.eval_caption,

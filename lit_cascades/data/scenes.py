@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,14 +96,18 @@ def load_glyphs(sources: tuple[str, ...] | list[str], split: str, fashion_root: 
             images, ys = torch.from_numpy(d.images[idx] / 16.0).float(), d.target[idx]
             class_names = DIGIT_NAMES
         elif source == "fashion_mnist":
-            tr_x, tr_y, te_x, te_y = _fashion(fashion_root or FASHION_MNIST_DEBIAN_DIR)
+            try:
+                tr_x, tr_y, te_x, te_y = _fashion(fashion_root or FASHION_MNIST_DEBIAN_DIR)
+            except FileNotFoundError as err:
+                msg = str(err).removeprefix("root: ").replace("pass root=", "pass fashion_root=")
+                raise FileNotFoundError(f"fashion_root: {msg}") from None
             half = len(te_y) // 2
             x, ys = {"train": (tr_x, tr_y), "val": (te_x[:half], te_y[:half]), "test": (te_x[half:], te_y[half:])}[split]
             images = torch.from_numpy(np.array(x[:max_per_source] if max_per_source else x)).float() / 255.0
             ys = ys[: len(images)]
             class_names = FASHION_NAMES
         else:
-            raise ValueError(f"unknown glyph source {source!r}; available: {list(SOURCES)}")
+            raise ValueError(f"sources: unknown glyph source {source!r}; available: {list(SOURCES)}")
         if max_per_source and source == "digits":
             images, ys = images[:max_per_source], ys[:max_per_source]
         offset = len(names)
@@ -230,20 +235,28 @@ class Scenes:
     class_names: list[str]
 
 
+def check_scene_settings(size: int, num_objects: Sequence[int], object_size: Sequence[int],
+                         colours: Sequence[str] | None, twins: bool, size_name: str = "size") -> tuple[str, ...]:
+    """Validate the scene settings (messages start with the argument name); return the colour names."""
+    if len(num_objects) != 2 or not 1 <= num_objects[0] <= num_objects[1]:
+        raise ValueError(f"num_objects: expected (min, max) with 1 <= min <= max; got {tuple(num_objects)}")
+    if len(object_size) != 2 or not 2 <= object_size[0] <= object_size[1] <= size:
+        raise ValueError(f"object_size: expected (min, max) with 2 <= min <= max <= {size_name}={size}; "
+                         f"got {tuple(object_size)}")
+    names = tuple(colours or COLOURS)
+    unknown = [c for c in names if c not in COLOURS]
+    if unknown or (twins and len(names) < 2):
+        raise ValueError(f"colours: expected {'>= 2 ' if twins else ''}names from {list(COLOURS)}; got {list(names)}")
+    return names
+
+
 def generate_scenes(bank: GlyphBank, n: int, *, size: int = 40, num_objects: tuple[int, int] = (2, 3),
                     object_size: tuple[int, int] = (12, 20), colours: tuple[str, ...] | None = None,
                     twins: bool = True, seed: int = 0, edge_threshold: float = 0.3) -> Scenes:
     """Generate ``n`` scenes (whole families first; the last family may be cut) deterministically from ``seed``."""
     if n < 1:
-        raise ValueError(f"the number of scenes must be >= 1; got {n}")
-    if not 1 <= num_objects[0] <= num_objects[1]:
-        raise ValueError(f"`num_objects` must be (min, max) with 1 <= min <= max; got {num_objects}")
-    if not 2 <= object_size[0] <= object_size[1] <= size:
-        raise ValueError(f"`object_size` must be (min, max) with 2 <= min <= max <= size={size}; got {object_size}")
-    colours = tuple(colours or COLOURS)
-    unknown = [c for c in colours if c not in COLOURS]
-    if unknown or (twins and len(colours) < 2):
-        raise ValueError(f"`colours` must be >= 2 names from {list(COLOURS)}; got {list(colours)}")
+        raise ValueError(f"n: the number of scenes must be >= 1; got {n}")
+    colours = check_scene_settings(size, num_objects, object_size, colours, twins)
     rng = np.random.default_rng(seed)
     sampler = SceneSampler(bank, size, tuple(num_objects), tuple(object_size), colours, rng)  # type: ignore[arg-type]
     scenes: list[list[SceneObject]] = []
@@ -301,8 +314,9 @@ class SceneRetrievalDataModule(TextSketchImageDataModule):
     Args:
         sources: glyph sources (``"digits"``, ``"fashion_mnist"``); ``None``: both when Fashion-MNIST is
             installed, else digits only.
-        fashion_root: directory of the Fashion-MNIST IDX files (default: the Debian package's).
-        num_train / num_val / num_test: scenes per split (the test split is the reported gallery).
+        fashion_root: directory of the Fashion-MNIST IDX files (default: the Debian package's); missing files
+            raise ``FileNotFoundError`` starting with ``fashion_root:`` in :meth:`setup`.
+        num_train / num_val / num_test: scenes per split, >= 1 (the test split is the reported gallery).
         image_size: canvas side ``S``; num_objects: ``(min, max)`` objects per scene; object_size: ``(min,
             max)`` longest side of an object in pixels; colours: colour names (default: all of :data:`COLOURS`).
         twins: scenes in families of three (see the module docstring).
@@ -322,7 +336,17 @@ class SceneRetrievalDataModule(TextSketchImageDataModule):
         self.sources = tuple(sources) if sources else default_sources()
         bad = [s for s in self.sources if s not in SOURCES]
         if bad:
-            raise ValueError(f"unknown `sources` {bad}; available: {list(SOURCES)}")
+            raise ValueError(f"sources: unknown {bad}; available: {list(SOURCES)}")
+        for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+            if value < 1:
+                raise ValueError(f"{name}: expected >= 1 scenes; got {value}")
+        check_scene_settings(image_size, num_objects, object_size, colours, twins, size_name="image_size")
+        if not 0.0 < keep_min <= 1.0:
+            raise ValueError(f"keep_min: expected a fraction in (0, 1]; got {keep_min}")
+        if max_shift < 0:
+            raise ValueError(f"max_shift: expected >= 0 pixels; got {max_shift}")
+        if not 0.0 < edge_threshold < 1.0:
+            raise ValueError(f"edge_threshold: expected a value in (0, 1); got {edge_threshold}")
         self.fashion_root = fashion_root
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.gen_kwargs = {"size": image_size, "num_objects": tuple(num_objects), "object_size": tuple(object_size),
@@ -334,6 +358,9 @@ class SceneRetrievalDataModule(TextSketchImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        if "fashion_mnist" in self.sources and self.fashion_root and not os.path.isdir(self.fashion_root):
+            raise FileNotFoundError(f"fashion_root: no such directory: {self.fashion_root}; expected the directory of "
+                                    "the Fashion-MNIST IDX files")
         for i, split in enumerate(("train", "val", "test")):
             bank = load_glyphs(self.sources, split, self.fashion_root, split_seed=self.data_seed)
             self.scenes[split] = generate_scenes(bank, self.sizes[split], seed=self.data_seed * 101 + i,

@@ -113,8 +113,8 @@ class TextSketchImageDataModule(pl.LightningDataModule):
     :meth:`_finish_setup`.
 
     Args:
-        image_size: side of the square images and sketches.
-        batch_size: training batch size; eval_batch_size: evaluation batch size.
+        image_size: side of the square images and sketches (>= 8).
+        batch_size: training batch size (>= 2); eval_batch_size: evaluation batch size (>= 1).
         seed: seed of the per-epoch shuffling and of the evaluation sketches.
         vocab_min_count / vocab_max_size: caption-decoder vocabulary from the training captions.
         num_workers: DataLoader workers.
@@ -124,9 +124,17 @@ class TextSketchImageDataModule(pl.LightningDataModule):
                  vocab_min_count: int = 1, vocab_max_size: int | None = None, num_workers: int = 0) -> None:
         super().__init__()
         if image_size < 8:
-            raise ValueError(f"`image_size` must be >= 8; got {image_size}")
+            raise ValueError(f"image_size: expected >= 8; got {image_size}")
         if batch_size < 2:
-            raise ValueError(f"`batch_size` must be >= 2 (in-batch negatives); got {batch_size}")
+            raise ValueError(f"batch_size: expected >= 2 (in-batch negatives); got {batch_size}")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size: expected >= 1; got {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers: expected >= 0; got {num_workers}")
+        if vocab_min_count < 1:
+            raise ValueError(f"vocab_min_count: expected >= 1; got {vocab_min_count}")
+        if vocab_max_size is not None and vocab_max_size < 1:
+            raise ValueError(f"vocab_max_size: expected None (no limit) or >= 1; got {vocab_max_size}")
         self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.vocab_min_count, self.vocab_max_size = vocab_min_count, vocab_max_size

@@ -102,21 +102,77 @@ def test_karpathy_split_and_drawn_sketches(tmp_path):
 
 
 def test_missing_files_say_what_is_expected_where(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*annotations/"):
+    with pytest.raises(FileNotFoundError, match="^root: .*does not exist.*annotations/"):
         _dm(tmp_path / "nowhere").setup()
     root = write_tiny_coco(tmp_path / "coco")
     (root / "annotations" / "captions_val2014.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"captions_val2014.json.*Expected under data.root"):
+    with pytest.raises(FileNotFoundError, match=r"^root: missing COCO captions file: .*captions_val2014.json"):
         _dm(root).setup()
+    with pytest.raises(FileNotFoundError, match=r"^karpathy_json: missing COCO Karpathy split file: .*nope.json"):
+        _dm(root, karpathy_json=str(tmp_path / "nope.json")).setup()
     root = write_tiny_coco(tmp_path / "coco2")
     (root / "train2014" / "COCO_train2014_000000000002.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match="1 of 6 'train' images are missing"):
+    with pytest.raises(FileNotFoundError, match="^root: 1 of 6 'train' images are missing"):
         _dm(root).setup()
     root = write_tiny_coco(tmp_path / "coco3")
-    with pytest.raises(FileNotFoundError, match="no sketch file"):
+    with pytest.raises(FileNotFoundError, match="^sketch_dir: .*no sketch file"):
         _dm(root, sketch_dir=str(tmp_path)).setup()
-    with pytest.raises(ValueError, match="num_val \\+ num_test"):
+    with pytest.raises(FileNotFoundError, match="^sketch_dir: no such directory"):
+        _dm(root, sketch_dir=str(tmp_path / "no_sketches")).setup()
+    with pytest.raises(ValueError, match="^num_val: .*num_val \\+ num_test"):
         _dm(root, num_val=5, num_test=5).setup()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_val": 0}, r"^num_val: expected >= 1"),
+    ({"num_test": -1}, r"^num_test: expected >= 1"),
+    ({"limit_train": 0}, r"^limit_train: expected None .* or >= 1; got 0"),
+    ({"eval_caption": -1}, r"^eval_caption: expected a caption index >= 0"),
+    ({"keep_min": 0.0}, r"^keep_min: expected a fraction in \(0, 1\]"),
+    ({"edge_threshold": 1.5}, r"^edge_threshold: expected a value in \(0, 1\)"),
+    ({"max_shift": -2}, r"^max_shift: expected >= 0"),
+    ({"blur_sigma": -1.0}, r"^blur_sigma: expected >= 0"),
+    ({"batch_size": 1}, r"^batch_size: expected >= 2"),
+    ({"eval_batch_size": 0}, r"^eval_batch_size: expected >= 1"),
+    ({"image_size": 4}, r"^image_size: expected >= 8"),
+    ({"vocab_min_count": 0}, r"^vocab_min_count: expected >= 1"),
+    ({"vocab_max_size": 0}, r"^vocab_max_size: expected None"),
+])
+def test_bad_values_are_rejected_in_the_constructor(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _dm(tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="^root: expected the COCO directory"):
+        CocoCaptionsDataModule(None)
+
+
+# The constructed-scenes DataModule shares the text + sketch base: its argument checks live here too.
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"sources": ["mnist"]}, r"^sources: unknown \['mnist'\]"),
+    ({"num_train": 0}, r"^num_train: expected >= 1"),
+    ({"num_test": 0}, r"^num_test: expected >= 1"),
+    ({"num_objects": (3, 2)}, r"^num_objects: expected \(min, max\)"),
+    ({"image_size": 16, "object_size": (8, 20)}, r"^object_size: expected .*image_size=16"),
+    ({"colours": ["red"]}, r"^colours: expected >= 2 names"),
+    ({"colours": ["red", "mauve"]}, r"^colours: "),
+    ({"keep_min": 1.5}, r"^keep_min: expected a fraction in \(0, 1\]"),
+    ({"max_shift": -1}, r"^max_shift: "),
+    ({"edge_threshold": 0.0}, r"^edge_threshold: "),
+    ({"batch_size": 1}, r"^batch_size: expected >= 2"),
+])
+def test_scene_datamodule_rejects_bad_values_in_the_constructor(kwargs, match):
+    from lit_cascades.data.scenes import SceneRetrievalDataModule
+
+    with pytest.raises(ValueError, match=match):
+        SceneRetrievalDataModule(**{"sources": ["digits"], **kwargs})
+
+
+def test_scene_datamodule_missing_fashion_root(tmp_path):
+    from lit_cascades.data.scenes import SceneRetrievalDataModule
+
+    with pytest.raises(FileNotFoundError, match="^fashion_root: no such directory"):
+        SceneRetrievalDataModule(sources=["fashion_mnist"], fashion_root=str(tmp_path / "nowhere")).setup()
+    with pytest.raises(FileNotFoundError, match="^fashion_root: missing IDX file .*pass fashion_root="):
+        SceneRetrievalDataModule(sources=["fashion_mnist"], fashion_root=str(tmp_path)).setup()
 
 
 def test_empty_caption_is_an_error(tmp_path):
