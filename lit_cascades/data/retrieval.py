@@ -476,11 +476,26 @@ class RetrievalDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if source not in ("stdlib", "msmarco"):
-            raise ValueError(f"`source` must be 'stdlib' or 'msmarco'; got {source!r}")
+            raise ValueError(f"source: expected 'stdlib' or 'msmarco'; got {source!r}")
         if source == "msmarco" and not root:
-            raise ValueError(f"source='msmarco' needs `root`, the directory of the MS MARCO files. {MSMARCO_HELP}")
+            raise ValueError(f"root: source='msmarco' needs root, the directory of the MS MARCO files. {MSMARCO_HELP}")
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < frac < 1.0:
+                raise ValueError(f"{name}: expected a fraction in (0, 1); got {frac}")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(f"val_fraction: val_fraction + test_fraction must be < 1; got {val_fraction} + "
+                             f"{test_fraction}")
         if batch_size < 2:
-            raise ValueError(f"`batch_size` must be >= 2 (in-batch negatives); got {batch_size}")
+            raise ValueError(f"batch_size: expected >= 2 (in-batch negatives); got {batch_size}")
+        for name, value, low in (("eval_batch_size", eval_batch_size, 1), ("num_negatives", num_negatives, 0),
+                                 ("num_workers", num_workers, 0), ("min_query_words", min_query_words, 1),
+                                 ("min_code_lines", min_code_lines, 0)):
+            if value < low:
+                raise ValueError(f"{name}: expected >= {low}; got {value}")
+        for name, value in (("max_corpus", max_corpus), ("max_train_queries", max_train_queries),
+                            ("max_val_queries", max_val_queries), ("max_test_queries", max_test_queries)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected None (no limit) or >= 1; got {value}")
         self.source, self.root = source, root
         self.files = {"collection": collection, "train_queries": train_queries, "train_qrels": train_qrels,
                       "eval_queries": eval_queries, "eval_qrels": eval_qrels, "negatives": negatives}
@@ -500,7 +515,11 @@ class RetrievalDataModule(pl.LightningDataModule):
                                             num_negatives=max(8, self.num_negatives), seed=0, **self.extract_kwargs)
         root, f = Path(self.root).expanduser(), self.files
         if not root.is_dir():
-            raise FileNotFoundError(f"MS MARCO root {root} is not a directory. {MSMARCO_HELP}")
+            raise FileNotFoundError(f"root: the MS MARCO root {root} is not a directory. {MSMARCO_HELP}")
+        for arg, name in f.items():  # each file is named by an argument: say which one is missing
+            if name and not (root / name).is_file():
+                raise FileNotFoundError(f"{arg}: no such file: {root / name} (set {arg}=<file name under root>). "
+                                        f"{MSMARCO_HELP}")
         collection = read_tsv_texts(root / f["collection"], "collection file")
         train = load_msmarco_split(collection, root / f["train_queries"], root / f["train_qrels"],
                                    root / f["negatives"] if f["negatives"] else None, self.limits["train"])

@@ -223,13 +223,34 @@ def test_msmarco_datamodule(tmp_path, capsys):
 
 
 def test_msmarco_missing_files_say_what_is_expected(tmp_path):
-    with pytest.raises(ValueError, match="needs `root`"):
+    with pytest.raises(ValueError, match="^root: source='msmarco' needs root"):
         RetrievalDataModule(source="msmarco")
+    with pytest.raises(FileNotFoundError, match="^root: the MS MARCO root .* is not a directory"):
+        RetrievalDataModule(source="msmarco", root=str(tmp_path / "nowhere")).setup()
     write_tiny_msmarco(tmp_path)
     (tmp_path / "qrels.train.tsv").unlink()
     dm = RetrievalDataModule(source="msmarco", root=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"qrels file: expected the file .*qrels\.train\.tsv.*msmarco"):
+    with pytest.raises(FileNotFoundError, match=r"^train_qrels: no such file: .*qrels\.train\.tsv.*msmarco"):
         dm.setup()
+    write_tiny_msmarco(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^negatives: no such file: .*hard\.tsv"):
+        RetrievalDataModule(source="msmarco", root=str(tmp_path), negatives="hard.tsv").setup()
     (tmp_path / "collection.tsv").write_text("1\ta\n1\tb\n")
     with pytest.raises(ValueError, match="duplicate id '1'"):
         RetrievalDataModule(source="msmarco", root=str(tmp_path)).setup()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"source": "bm25"}, r"^source: expected 'stdlib' or 'msmarco'"),
+    ({"val_fraction": 0.0}, r"^val_fraction: expected a fraction in \(0, 1\)"),
+    ({"test_fraction": 1.2}, r"^test_fraction: expected a fraction in \(0, 1\)"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, r"^val_fraction: val_fraction \+ test_fraction must be < 1"),
+    ({"batch_size": 1}, r"^batch_size: expected >= 2"),
+    ({"eval_batch_size": 0}, r"^eval_batch_size: expected >= 1"),
+    ({"num_negatives": -1}, r"^num_negatives: expected >= 0"),
+    ({"max_corpus": 0}, r"^max_corpus: expected None \(no limit\) or >= 1"),
+    ({"max_val_queries": 0}, r"^max_val_queries: "),
+])
+def test_datamodule_rejects_bad_values_in_the_constructor(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RetrievalDataModule(**kwargs)
