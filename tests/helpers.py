@@ -38,3 +38,14 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: tuple = (
         mp.start_processes(_worker, args=(fn, world_size, _free_port(), out_dir, args), nprocs=world_size,
                            join=True, start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+# a user's subclass, run through a recipe by `gatekeeper.module._target_=tests.helpers.DoctorGatekeeper`
+from lit_cascades.modules import GatekeeperClassifier  # noqa: E402
+
+
+class DoctorGatekeeper(GatekeeperClassifier):
+    """Gatekeeper with a DOCTOR-style confidence: ``Σ_c p_c²`` (the Gini score's complement)."""
+
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(-1).pow(2).sum(-1)

@@ -173,9 +173,29 @@ def load_config(name: str, argv: Sequence[str], config_dir: str | Path) -> tuple
     if items:
         cfg = _merge_strict(cfg, OmegaConf.from_dotlist(items), "the command line")
     for key, value in additions:
+        _check_addition(cfg, key)
         OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"x={value}"]).x, force_add=True)
     OmegaConf.set_struct(cfg, True)
     return cfg, preset
+
+
+def _check_addition(cfg: DictConfig, key: str) -> None:
+    """``+key=value`` may add an argument to a ``_target_`` section (its constructor then checks it) or an entry
+    to an open mapping (a section that is empty by default, such as ``callbacks: {}``); a key added to a plain
+    section would be read by nothing, so it is an error."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        parent_key = ".".join(parts[:depth])
+        node = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if node is None and depth:
+            continue
+        if isinstance(node, DictConfig) and (TARGET in node or len(node) == 0 or parts[depth] == TARGET):
+            return
+        where = f"section '{parent_key}'" if parent_key else "the top level"
+        raise ConfigError(f"cannot add a key to {where}: nothing would read it. '+' adds arguments to a section "
+                          f"with {TARGET} (then its constructor checks them) or entries to an empty mapping; "
+                          f"{_valid_keys_message(cfg, key if depth == len(parts) - 1 else parent_key + '.x')}",
+                          key=key)
 
 
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -240,10 +240,19 @@ class GatherPredictions(pl.Callback):
                                  "and the dataloader's sampler is not indexable")
             ids = torch.arange(n)
         if trainer.world_size > 1:
-            gathered = trainer.strategy.all_gather({"ids": ids.to(pl_module.device),
-                                                    **{k: v.to(pl_module.device) for k, v in local.items()}})
-            ids = gathered.pop("ids").flatten(0, 1).cpu()
-            local = {k: v.flatten(0, 1).cpu() for k, v in gathered.items()}
+            # ranks may hold different counts (Lightning's predict sampler does not pad): pad to the
+            # largest, gather, then keep each rank's own rows
+            sizes = trainer.strategy.all_gather(torch.tensor([n], device=pl_module.device)).flatten().tolist()
+            width = max(sizes)
+
+            def gather(t: torch.Tensor) -> torch.Tensor:
+                padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype)
+                padded[:n] = t
+                out = trainer.strategy.all_gather(padded.to(pl_module.device)).cpu()
+                return torch.cat([out[r, :sizes[r]] for r in range(len(sizes))])
+
+            ids = gather(ids)
+            local = {k: gather(v) for k, v in local.items()}
         order = torch.argsort(ids, stable=True)
         ids, local = ids[order], {k: v[order] for k, v in local.items()}
         keep = torch.ones_like(ids, dtype=torch.bool)
