@@ -216,5 +216,5 @@ def test_cascade_rules_under_ddp_spawn_equal_single_process(tmp_path):
     double = _cascade_test(2, tmp_path / "two")
     for rule in ("chow_sum", "chow_average", "chow_quantile_0"):
         for metric in ("auc_df", "s_d", "auroc", "small_quality"):
-            key = f"defer/{rule}/{metric}"
+            key = f"test/defer/{rule}/{metric}"
             assert single[key] == pytest.approx(double[key], abs=1e-6), key

@@ -121,7 +121,7 @@ def _fit_one_step(devices: int, tmp_path) -> tuple[dict, dict]:
     trainer.fit(m, dm)
     if devices == 1:
         assert trainer.global_step == 1  # (under ddp_spawn the steps ran in the workers)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("rank/")}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/rank/")}
     assert any(not torch.equal(before[k], v) for k, v in m.state_dict().items())
     return m.state_dict(), metrics
 
@@ -134,7 +134,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     w2, m2 = _fit_one_step(2, tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-5)
-    assert {"rank/auc_label0", "rank/auc_label1", "rank/auc_min", "rank/auc_mean"} <= set(m1)
+    assert {"val/rank/auc_label0", "val/rank/auc_label1", "val/rank/auc_min", "val/rank/auc_mean"} <= set(m1)
     assert m1.keys() == m2.keys()
     for k in m1:
         assert m1[k] == pytest.approx(m2[k], abs=1e-6), k
