@@ -19,7 +19,8 @@ made in this process, timed in alternation (best of ``--repeats``), so machine l
    α: quality, tokens/s relative to large-only, verifier calls per emitted token. Reported at the fastest α whose
    quality is at least large-only's (targets: tokens/s ratio > 1, verifier calls per token <= 0.5).
 
-Needs a pair: ``python -m recipes.lm_pair`` writes the default ``runs/lm_pair/latest``.
+Needs a pair: ``pair.path=<run>/pair`` of ``python -m recipes.lm_pair``, or ``pair.build_preset`` (default: the
+cached pair of ``lm_pair preset=default``, trained on first use).
 """
 
 from __future__ import annotations
@@ -35,14 +36,26 @@ from torch.utils.data import DataLoader
 
 from benchmarks._common import interleaved_best_times, write_results
 from lit_cascades.data.lm import collate_prompts, ensure_pad_token
+from lit_cascades.lm_tasks import (
+    build_task_datamodule,
+    load_or_build_pair,
+    next_line_loader,
+    plain_decode,
+    plain_row,
+    speculative_row,
+)
 from lit_cascades.models.speculative import HF_DRAFTING_KEYS, hf_constant_drafting
 from lit_cascades.modules.lm_cascade import concat_records
 from lit_cascades.modules.speculative_cascade import SpeculativeCascade
 from lit_cascades.runner import load_config
-from recipes.lm_pair import load_or_build_pair
-from recipes.speculative_cascade import plain_decode, plain_row, prompts_loader, speculative_row
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+def decode_args(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`plain_decode` settings of a speculative_cascade config."""
+    return dict(max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.cascade.include_stop,
+                temperature=float(cfg.cascade.temperature), seed=int(cfg.seed), progress=False)
 
 
 def prompts_of(rows: list, batch_size: int, pad_token_id: int) -> DataLoader:
@@ -119,16 +132,16 @@ def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, 
 
 def batching(pair, cfg: DictConfig, rows: list, pad: int, repeats: int) -> dict[str, Any]:
     """Tokens/s at batch 8 vs batch 1 on the prompts ``rows``, for spec_decode and for plain verifier decoding."""
-    sc = SpeculativeCascade(pair.small, pair.large, pair.tokenizer, rule="spec_decode", gamma=int(cfg.gamma),
-                            max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.task.include_stop)
+    sc = SpeculativeCascade(pair.small, pair.large, pair.tokenizer, rule="spec_decode", gamma=int(cfg.cascade.gamma),
+                            max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.cascade.include_stop)
     loaders = {b: prompts_of(rows, b, pad) for b in (1, 8)}
     tokens = {}
     fns = {}
     for b, ld in loaders.items():
         tokens[f"spec_decode_b{b}"] = float(decode_records(sc, ld)["num_tokens"].sum())
-        tokens[f"verifier_b{b}"] = float(plain_decode(pair.large, ld, pair.tokenizer, cfg)["num_tokens"].sum())
+        tokens[f"verifier_b{b}"] = float(plain_decode(pair.large, ld, pair.tokenizer, **decode_args(cfg))["num_tokens"].sum())
         fns[f"spec_decode_b{b}"] = lambda ld=ld: decode_records(sc, ld)
-        fns[f"verifier_b{b}"] = lambda ld=ld: plain_decode(pair.large, ld, pair.tokenizer, cfg)
+        fns[f"verifier_b{b}"] = lambda ld=ld: plain_decode(pair.large, ld, pair.tokenizer, **decode_args(cfg))
     best = interleaved_best_times(fns, repeats=repeats, warmup=0)
     tps = {k: tokens[k] / best[k] for k in best}
     return {"prompts": len(rows), "tokens_per_second": tps,
@@ -138,16 +151,16 @@ def batching(pair, cfg: DictConfig, rows: list, pad: int, repeats: int) -> dict[
 
 def quality_latency(pair, cfg: DictConfig, loader: DataLoader, rule: str, alphas: list[float]) -> dict[str, Any]:
     """Large-only vs ``rule`` at each α on the same prompts (one timed pass each, large-only timed twice)."""
-    q = cfg.task.quality
-    large = plain_row("large_only", plain_decode(pair.large, loader, pair.tokenizer, cfg), q, verifier=True)
+    q = cfg.cascade.quality
+    large = plain_row("large_only", plain_decode(pair.large, loader, pair.tokenizer, **decode_args(cfg)), q, verifier=True)
     rows = []
     for alpha in [None, *alphas]:
         name, r = ("spec_decode", "spec_decode") if alpha is None else (f"{rule}_{alpha:g}", rule)
-        sc = SpeculativeCascade(pair.small, pair.large, pair.tokenizer, rule=r, alpha=alpha, gamma=int(cfg.gamma),
-                                max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.task.include_stop,
+        sc = SpeculativeCascade(pair.small, pair.large, pair.tokenizer, rule=r, alpha=alpha, gamma=int(cfg.cascade.gamma),
+                                max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.cascade.include_stop,
                                 quality=q)
         rows.append(speculative_row(name, r, alpha, decode_records(sc, loader), q))
-    again = plain_row("large_only", plain_decode(pair.large, loader, pair.tokenizer, cfg), q, verifier=True)
+    again = plain_row("large_only", plain_decode(pair.large, loader, pair.tokenizer, **decode_args(cfg)), q, verifier=True)
     large_tps = max(large["tokens_per_second"], again["tokens_per_second"])  # the faster of two passes
     table = {row["method"]: {"quality": row["quality"], "tokens_per_second_ratio": row["tokens_per_second"] / large_tps,
                              "verifier_calls_per_token": row["verifier_calls_per_token"],
@@ -174,9 +187,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="recipes.speculative_cascade key=value overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, preset = load_config("speculative_cascade", ["task.quality=token_f1", f"gamma={args.gamma}",
-                                                      "temperature=0", *args.overrides], CONFIG_DIR)
-    pair = load_or_build_pair(cfg.pair)
+    cfg, preset = load_config("speculative_cascade", ["cascade.quality=token_f1", f"cascade.gamma={args.gamma}",
+                                                      "cascade.temperature=0", *args.overrides], CONFIG_DIR)
+    pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
     tok = ensure_pad_token(pair.tokenizer)
     pad = int(tok.pad_token_id)
     skip = set(filter(None, args.skip.split(",")))
@@ -185,7 +198,8 @@ def main() -> None:
                                "large_parameters": sum(p.numel() for p in pair.large.parameters())}
     start = time.perf_counter()
     cfg.task.num_test = max(args.prompts, args.quality_prompts)
-    loader = prompts_loader(cfg, pair)
+    dm = build_task_datamodule(cfg.data, pair)
+    loader = next_line_loader(dm, cfg.task, cfg.task.split, cfg.task.num_test, pad)
     prompt_rows = [loader.dataset[i] for i in range(args.prompts)]
     if "hf" not in skip:
         prompts = [row.input_ids[None] for row in prompt_rows]

@@ -1,138 +1,148 @@
 """LM cascade: deferral rules for a sequence-level cascade of two causal LMs (Gupta et al., ICLR 2024).
 
-    python -m recipes.lm_cascade                               # the pair in runs/lm_pair/latest (built if absent)
-    python -m recipes.lm_cascade pair.path=runs/lm_pair/smollm2
+    python -m recipes.lm_cascade                               # the pair of lm_pair preset=default (built once, cached)
+    python -m recipes.lm_cascade pair.path=runs/lm_pair/<run>/pair
     python -m recipes.lm_cascade preset=gpt2                   # gpt2 -> gpt2-medium from the hub
     python -m recipes.lm_cascade preset=smoke                  # seconds (tests)
+    python -m recipes.lm_cascade cascade._target_=my_pkg.MyCascade   # a subclass with another rule
 
 Task: next-line completion on held-out files of the pair's corpus. Both models greedily complete each prompt;
-the per-example quality is exact match (``task.quality=token_f1`` for the softer score).
+the per-example quality is ``cascade.quality`` (exact match, or ``token_f1`` for the softer score).
 
-1. generate once with both models on ``task.num_train`` prompts from the val split (to train the post-hoc
-   rules) and ``task.num_test`` prompts from the test split; the records (tokens, per-token log-probs,
-   qualities, Embed-1/Embed-2 features) are cached in ``<run>/records_{train,test}.pt``;
-2. train a :class:`PostHocDeferral` MLP per feature set (Post-Hoc-Quantile, -Embed-1, -Embed-1+2) on the
-   golden deferral label, for each seed in ``post_hoc.seeds``;
-3. score the test records with Chow-Sum, Chow-Average, Chow-Quantile(α) and every post-hoc rule, and compare
-   them on deferral curves (AUC-DF, gain over random, s_d, ...): ``deferral_lm_cascade_test.{csv,png}``,
-   ``rules.csv`` and ``metrics.json``.
+Before any work the recipe loads the pair, builds the data, the prompts, the cascade (``cascade``) and every
+post-hoc rule (``post_hoc.module`` per feature set and seed), so a bad value stops it within seconds. Stages:
+
+1. ``generate/train`` and ``generate/test``: both models complete ``task.num_train`` prompts of the val split
+   (training data of the post-hoc rules) and ``task.num_test`` prompts of the test split; the records (tokens,
+   per-token log-probs, qualities, Embed-1/Embed-2 features) are memoised in ``<stage>/records.pt``;
+2. ``post_hoc/<features>_seed<s>``: fit a :class:`PostHocDeferral` MLP on the golden deferral label (a held-out
+   ``post_hoc.val_fraction`` of the records monitors it through the deferral callback);
+3. ``evaluate``: score the test records with Chow-Sum, Chow-Average, Chow-Quantile(α) and every post-hoc rule
+   and compare them on deferral curves (AUC-DF, gain over random, s_d, ...):
+   ``evaluate/deferral_lm_cascade_test.{csv,png}``, ``rules.csv`` and ``metrics.json`` in the run directory.
 """
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
-import lightning as L
+import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from lit_cascades.callbacks import DeferralCurveLogger
-from lit_cascades.data.lm import collate_prompts, ensure_pad_token
-from lit_cascades.modules.lm_cascade import (
-    LMCascade,
-    PostHocDeferral,
-    RecordsDataset,
-    concat_records,
-    post_hoc_dataset,
+from lit_cascades.lm_tasks import (
+    REPORTED,
+    build_task_datamodule,
+    check_pair_section,
+    check_task,
+    evaluate_rules,
+    generate_records,
+    load_or_build_pair,
+    next_line_loader,
+    pair_name,
+    plain,
+    set_threads,
 )
-from lit_cascades.runner import Run, main
-from recipes.lm_pair import corpus_datamodule, load_or_build_pair, set_threads
+from lit_cascades.modules.lm_cascade import post_hoc_dataset, post_hoc_in_features
+from lit_cascades.runner import ConfigError, Run, build, build_list, main
 
-REPORTED = ("auc_df", "auc_gain", "s_d", "auroc", "quality_at_rate")
-
-
-def task_datamodule(cfg: DictConfig, pair, **overrides: Any) -> Any:
-    """The corpus of the pair (from its ``pair.json`` unless ``cfg.data`` is given) with its tokenizer."""
-    data = cfg.data if cfg.data is not None else pair.meta.get("corpus")
-    if data is None:
-        raise ValueError("this pair has no recorded corpus (a hub pair?): set data.source=stdlib (or another source)")
-    return corpus_datamodule(data, tokenizer=ensure_pad_token(pair.tokenizer), **overrides)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def generate_records(r: Run, cascade: LMCascade, dm, split: str, num_examples: int, task: DictConfig,
-                     name: str) -> dict[str, Any]:
-    """Records of ``num_examples`` prompts of ``split`` (cached as ``<run>/records_<name>.pt``)."""
-    path = r.dir / f"records_{name}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    ds = dm.next_line_dataset(split, num_examples=num_examples, context_tokens=task.context_tokens,
-                              max_target_tokens=task.max_new_tokens, min_context_lines=task.min_context_lines,
-                              seed=task.seed)
-    loader = DataLoader(ds, batch_size=task.batch_size, shuffle=False,
-                        collate_fn=collate_prompts(cascade.pad_token_id))
-    trainer = r.trainer("generate", checkpoint=False, logger=False, enable_progress_bar=False)
-    records = concat_records(trainer.predict(cascade, dataloaders=loader))
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(records, tmp)
-    tmp.replace(path)
-    return records
+def check_post_hoc(ph: DictConfig) -> None:
+    from lit_cascades.modules.lm_cascade import FEATURE_SETS
+
+    bad = [f for f in ph.feature_sets if f not in FEATURE_SETS]
+    if bad:
+        raise ConfigError(f"unknown feature set(s) {bad}; choose from {list(FEATURE_SETS)}", key="post_hoc.feature_sets")
+    if not 0.0 <= ph.val_fraction < 1.0:
+        raise ConfigError(f"expected a value in [0, 1); got {ph.val_fraction}", key="post_hoc.val_fraction")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(ph[key], int) or ph[key] < 1:
+            raise ConfigError(f"expected an integer >= 1; got {ph[key]!r}", key=f"post_hoc.{key}")
+    if ph.enabled and not ph.seeds:
+        raise ConfigError("expected at least one seed", key="post_hoc.seeds")
 
 
-def train_post_hoc(r: Run, cfg: DictConfig, records: dict[str, Any], features: str, seed: int) -> PostHocDeferral:
-    """Fit one post-hoc rule on the training records (a held-out part monitors it through the callback)."""
-    ph = cfg.post_hoc
-    L.seed_everything(seed, verbose=False)
-    data = post_hoc_dataset(records, features, ph.alphas, cfg.task.quality)
+def post_hoc_data(records: dict[str, Any], features: str, alphas: list[float], quality: str, val_fraction: float,
+                  batch_size: int, seed: int) -> tuple[pl.LightningDataModule, torch.Tensor, bool]:
+    """Train/held-out split of the post-hoc examples (seeded); returns ``(datamodule, train features, has_val)``."""
+    data = post_hoc_dataset(records, features, alphas, quality)
     n = len(data)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = round(ph.val_fraction * n)
+    n_val = round(val_fraction * n)
     train_idx, val_idx = perm[n_val:], perm[:n_val]
     train = torch.utils.data.Subset(data, train_idx.tolist())
-    rule = PostHocDeferral(data.records["features"].shape[1], features=features, alphas=list(ph.alphas),
-                           hidden=ph.hidden, num_layers=ph.num_layers, dropout=ph.dropout, lr=ph.lr,
-                           weight_decay=ph.weight_decay, label=ph.label)
-    rule.fit_normalizer(data.records["features"][train_idx])
-    stage = f"post_hoc_{features.replace('+', '_')}_seed{seed}"
-    val_loader = None
-    callbacks = []
-    if n_val > 0:
-        val_loader = DataLoader(torch.utils.data.Subset(data, val_idx.tolist()), batch_size=1024)
-        callbacks = [DeferralCurveLogger(rate=cfg.eval.rate, ideal=cfg.eval.ideal, output_dir=r.dir / "post_hoc",
-                                         tag=stage)]
-    trainer = r.trainer(stage, callbacks=callbacks, checkpoint=False, max_epochs=ph.epochs,
-                        limit_val_batches=1.0 if n_val > 0 else 0, check_val_every_n_epoch=ph.epochs)
-    trainer.fit(rule, DataLoader(train, batch_size=ph.batch_size, shuffle=True), val_loader)
-    return rule.eval()
-
-
-def rule_rows(reports: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """The per-rule table: AUC-DF, relative gain over random, s_d, AUROC, quality at the fixed rate."""
-    rows = [[name, *(rep.scalars[k] for k in REPORTED)] for name, rep in reports.items()]
-    return ["rule", *REPORTED], rows
-
-
-def evaluate_rules(r: Run, cfg: DictConfig, cascade: LMCascade, records: dict[str, Any], tag: str) -> dict[str, Any]:
-    """Deferral reports of every rule of ``cascade`` on ``records`` (curves written by the shared callback)."""
-    cb = DeferralCurveLogger(rate=cfg.eval.rate, ideal=cfg.eval.ideal, output_dir=r.dir, tag=tag)
-    trainer = r.trainer(tag, callbacks=[cb], checkpoint=False, enable_progress_bar=False)
-    trainer.test(cascade, dataloaders=DataLoader(RecordsDataset(records), batch_size=1024), verbose=False)
-    return cb.reports["test"]
+    val = torch.utils.data.Subset(data, val_idx.tolist()) if n_val > 0 else None
+    dm = pl.LightningDataModule.from_datasets(train_dataset=train, val_dataset=val, batch_size=batch_size)
+    return dm, data.records["features"][train_idx], n_val > 0
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
     set_threads(cfg.threads)
-    pair = load_or_build_pair(cfg.pair, r)
-    dm = task_datamodule(cfg, pair)
-    task = cfg.task
-    cascade = LMCascade(pair.small, pair.large, pair.tokenizer, max_new_tokens=task.max_new_tokens,
-                        quality=task.quality, chow_alphas=list(cfg.chow_alphas), large_layer=cfg.post_hoc.large_layer,
-                        embed_large="embed1+2" in cfg.post_hoc.feature_sets, include_stop=task.include_stop)
-    records = {"train": generate_records(r, cascade, dm, "val", task.num_train, task, "train"),
-               "test": generate_records(r, cascade, dm, "test", task.num_test, task, "test")}
+    task, ph = cfg.task, cfg.post_hoc
+    check_pair_section(cfg.pair)
+    check_task(task, counts=("num_train", "num_test"))
+    check_post_hoc(ph)
+    pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
 
+    # -- build everything before any work ---------------------------------------------------------------
+    dm = build_task_datamodule(cfg.data, pair)
+    tok = dm.get_tokenizer()
+    loaders = {"train": next_line_loader(dm, task, "val", task.num_train, tok.pad_token_id),
+               "test": next_line_loader(dm, task, "test", task.num_test, tok.pad_token_id)}
+    cascade = build(cfg.cascade, "cascade", small=pair.small, large=pair.large, tokenizer=tok,
+                    embed_large=ph.enabled and "embed1+2" in ph.feature_sets)
+    quality = cascade.hparams.quality
+    alphas = list(plain(ph.module).get("alphas", []))
+    rules: dict[tuple[str, int], Any] = {}
+    for features in ph.feature_sets if ph.enabled else []:
+        width = post_hoc_in_features(features, alphas, pair.small, pair.large)
+        for seed in ph.seeds:
+            rules[(features, seed)] = build(ph.module, "post_hoc.module", in_features=width, features=features)
+    extra = build_list(cfg.callbacks, "callbacks")
+
+    # -- 1. generation (memoised per run) ---------------------------------------------------------------
+    records = {}
+    for name, split in (("train", "val"), ("test", "test")):
+        n = task.num_train if name == "train" else task.num_test
+        st = r.stage(f"generate/{name}", kind="generate", config={"split": split, "num_examples": n,
+                                                                  "task": plain(task), "cascade": plain(cfg.cascade)})
+        records[name] = st.cached("records", lambda name=name: generate_records(
+            cascade, loaders[name], desc=f"generating ({name})"))
+        st.finish({"n": len(records[name]["target"]),
+                   "small_quality": float(records[name][f"small_{quality}"].mean()),
+                   "large_quality": float(records[name][f"large_{quality}"].mean())})
+
+    # -- 2. post-hoc rules ------------------------------------------------------------------------------
     post_hoc_runs: dict[str, list[str]] = {}
-    for features in cfg.post_hoc.feature_sets if cfg.post_hoc.enabled else []:
-        for seed in cfg.post_hoc.seeds:
-            name = f"post_hoc_{features}_seed{seed}"
-            cascade.add_post_hoc(name, train_post_hoc(r, cfg, records["train"], features, seed))
-            post_hoc_runs.setdefault(features, []).append(name)
-    reports = evaluate_rules(r, cfg, cascade, records["test"], "lm_cascade")
-    r.save_table("rules", *rule_rows(reports))
+    for (features, seed), rule in rules.items():
+        name = f"post_hoc_{features}_seed{seed}"
+        st = r.stage(f"post_hoc/{features.replace('+', '_')}_seed{seed}", kind="post_hoc",
+                     config={"features": features, "seed": seed, "post_hoc": plain(ph)}, seed=seed)
+        data, train_features, has_val = post_hoc_data(records["train"], features, alphas, quality,
+                                                      ph.val_fraction, ph.batch_size, seed)
+        rule.fit_normalizer(train_features)
+        callbacks = [*extra]
+        if has_val:
+            callbacks.append(DeferralCurveLogger(rate=cfg.eval.rate, ideal=cfg.eval.ideal, output_dir=st.dir,
+                                                 tag=name))
+        st.fit(rule, data, callbacks=callbacks, max_epochs=ph.epochs, limit_val_batches=1.0 if has_val else 0,
+               check_val_every_n_epoch=ph.epochs)
+        st.finish({})
+        cascade.add_post_hoc(name, rule.eval())
+        post_hoc_runs.setdefault(features, []).append(name)
 
-    q = task.quality
+    # -- 3. every rule on the test records --------------------------------------------------------------
+    st = r.stage("evaluate", kind="evaluate", config={"eval": plain(cfg.eval), "rules": list(post_hoc_runs)})
+    reports = evaluate_rules(st, cascade, records["test"], cfg.eval.rate, cfg.eval.ideal, "lm_cascade")
+    r.save_table("rules", ["rule", *REPORTED], [[n, *(rep[k] for k in REPORTED)] for n, rep in reports.items()])
+
     test = records["test"]
+    q = quality
     results: dict[str, Any] = {
         "task": {"quality": q, "n_train": len(records["train"]["target"]), "n_test": len(test["target"]),
                  "small_quality": float(test[f"small_{q}"].mean()), "large_quality": float(test[f"large_{q}"].mean()),
@@ -140,17 +150,18 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
                  "large_token_f1": float(test["large_token_f1"].mean()),
                  "small_mean_len": float(test["small_mask"].sum(-1).float().mean()),
                  "large_better_rate": float((test[f"large_{q}"] > test[f"small_{q}"]).float().mean())},
-        "pair": pair.path or f"{cfg.pair.small} -> {cfg.pair.large}",
-        "rules": {name: {k: rep.scalars[k] for k in (*REPORTED, "auc_random", "auc_ideal")}
+        "pair": pair_name(pair, cfg.pair),
+        "rules": {name: {k: rep[k] for k in (*REPORTED, "auc_random", "auc_ideal") if k in rep}
                   for name, rep in reports.items()},
     }
+    st.finish(results["rules"])
     for features, names in post_hoc_runs.items():  # mean and spread over post-hoc training seeds
         summary = {}
         for k in REPORTED:
-            values = [reports[n].scalars[k] for n in names]
+            values = [reports[n][k] for n in names]
             summary[k] = statistics.mean(values)
             summary[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        results["rules"][f"post_hoc_{features}"] = {**summary, "seeds": list(cfg.post_hoc.seeds)}
+        results["rules"][f"post_hoc_{features}"] = {**summary, "seeds": list(ph.seeds)}
     return results
 
 

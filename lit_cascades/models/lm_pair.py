@@ -246,3 +246,42 @@ def load_pair(
     large_model = load_causal_lm(large).eval()
     check_same_vocab(small_model, large_model, tok, large_tok)
     return LMPair(small_model, large_model, tok, None if path is None else str(path), meta)
+
+
+def pair_lm(
+    tokenizer: Any = None,
+    init: str | None = None,
+    truncate_layers: int | None = None,
+    n_layer: int = 2,
+    n_embd: int = 128,
+    n_head: int = 4,
+    n_positions: int = 256,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """One model of a pair, as a config section builds it: a pretrained LM or a fresh GPT-2 config.
+
+    Args:
+        tokenizer: the pair's tokenizer (its size and eos/pad ids shape a fresh model; a pretrained one is
+            checked against it).
+        init: a hub id / directory / ``smollm2-135m-instruct`` to load instead of a fresh model (the
+            architecture arguments are then ignored).
+        truncate_layers: keep only the first k layers of ``init`` (:func:`truncated_copy`).
+        n_layer, n_embd, n_head, n_positions, dropout: the GPT-2 architecture (:func:`gpt2_config`).
+    """
+    if truncate_layers is not None and not init:
+        raise ValueError(f"`truncate_layers` ({truncate_layers}) needs `init` (a pretrained model to truncate)")
+    if init:
+        model = load_causal_lm(init)
+        if truncate_layers:
+            model = truncated_copy(model, int(truncate_layers))
+        if tokenizer is not None:
+            check_same_vocab(model, model, tokenizer, tokenizer)
+        return model
+    if tokenizer is None:
+        raise ValueError("`tokenizer` is needed to size a fresh GPT-2 model")
+    for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("n_positions", n_positions)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}")
+    config = gpt2_config(len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, dropout=dropout)
+    return build_causal_lm(config)

@@ -14,11 +14,14 @@ Two modules:
   rule.
 * :class:`PostHocDeferral` is the learned rule: an MLP on a feature vector Φ(x) trained to predict the
   golden deferral label; its deferral score feeds the same curve.
+
+:func:`predict_records` generates the records of a whole prompt loader outside a Trainer, with a progress bar
+(``Trainer.predict(cascade, loader)`` + :func:`concat_records` gives the same records under Lightning).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lit_cascades._progress import progress_bar
 from lit_cascades.data.lm import newline_counts, next_line
 from lit_cascades.functional.sequence_scores import DEFAULT_QUANTILES, quantile_features, sequence_scores
 from lit_cascades.functional.text import QUALITY_FUNCTIONS, text_quality
@@ -73,6 +77,19 @@ def post_hoc_features(
     return torch.cat([p.float() for p in parts], dim=-1)
 
 
+def post_hoc_in_features(features: str, alphas: Sequence[float], small: nn.Module, large: nn.Module) -> int:
+    """The width of :func:`post_hoc_features` for ``features`` without computing it (to build rules up front):
+    ``len(alphas)`` quantiles, + the small model's hidden size (Embed-1), + the large model's (Embed-2)."""
+    if features not in FEATURE_SETS:
+        raise ValueError(f"`features` must be one of {list(FEATURE_SETS)}; got {features!r}")
+    width = len(alphas)
+    if features in ("embed1", "embed1+2"):
+        width += int(small.config.hidden_size)
+    if features == "embed1+2":
+        width += int(large.config.hidden_size)
+    return width
+
+
 def concat_records(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Concatenate per-batch records (tensors along dim 0, lists by extension)."""
     if not batches:
@@ -82,6 +99,24 @@ def concat_records(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         values = [b[key] for b in batches]
         out[key] = torch.cat(values, 0) if isinstance(values[0], Tensor) else [v for b in values for v in b]
     return out
+
+
+@torch.no_grad()
+def predict_records(module: L.LightningModule, batches: Iterable[Mapping[str, Any]], progress: bool = True,
+                    desc: str = "generating records") -> dict[str, Any]:
+    """``module.predict_step`` over every batch of ``batches`` outside a Trainer, concatenated.
+
+    For :class:`LMCascade` (and any module whose ``predict_step`` returns record dicts, e.g. the speculative
+    cascade): tensors of each batch are moved to the module's device, the module is put in eval mode.
+    ``progress`` shows a bar over the batches (stderr), labelled ``desc``.
+    """
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    module.eval()
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    out = [module.predict_step(move_data_to_device(batch, module.device), i)
+           for i, batch in enumerate(progress_bar(batches, desc=desc, total=total, unit="batch", progress=progress))]
+    return concat_records(out)
 
 
 def merge_records(*records: Mapping[str, Any]) -> dict[str, Any]:

@@ -79,7 +79,9 @@ class SALT(CausalLM):
             ``train/selected_fraction`` during stage 1; 1.0 = no selection).
         teacher_path: where the teacher comes from (recorded in the checkpoint instead of its weights).
         student_tokenizer, teacher_tokenizer: optional tokenizers, compared before training.
-        **kwargs: :class:`~lit_cascades.modules.causal_lm.CausalLM` arguments (``lr``, ``warmup_steps``...).
+        lr, weight_decay, warmup_steps, min_lr_ratio, ignore_index: as in
+            :class:`~lit_cascades.modules.causal_lm.CausalLM` (named here so that a config section for ``SALT``
+            can be checked against this signature: the student is passed on as ``CausalLM``'s ``model``).
 
     Raises:
         ValueError: on a vocabulary/tokenizer mismatch, ``kd_steps < 0``, ω outside [0, 1], τ ≤ 0, an unknown
@@ -102,7 +104,11 @@ class SALT(CausalLM):
         teacher_path: str | None = None,
         student_tokenizer: Any = None,
         teacher_tokenizer: Any = None,
-        **kwargs: Any,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        ignore_index: int = -100,
     ) -> None:
         if not isinstance(kd_steps, int) or isinstance(kd_steps, bool) or kd_steps < 0:
             raise ValueError(f"`kd_steps` must be an int >= 0; got {kd_steps!r}")
@@ -125,7 +131,8 @@ class SALT(CausalLM):
                 )
         with warnings.catch_warnings():  # CausalLM's save_hyperparameters sees `student`/`teacher`; ours wins
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            super().__init__(student, **kwargs)
+            super().__init__(student, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                             min_lr_ratio=min_lr_ratio, ignore_index=ignore_index)
         self.save_hyperparameters(ignore=["student", "teacher", "student_tokenizer", "teacher_tokenizer",
                                           "large_model"])
         # kept out of the module tree: never in the optimizer, the state dict or the checkpoint
