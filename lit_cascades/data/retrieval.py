@@ -51,6 +51,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lit_cascades._progress import progress_bar
 from lit_cascades.data.image import EpochSeededSampler
 from lit_cascades.data.lm import split_documents, stdlib_files, stdlib_root
 from lit_cascades.functional.retrieval import Qrels
@@ -182,6 +183,8 @@ def extract_code_search_pairs(
     min_query_words: int = 3,
     max_query_words: int = 64,
     min_code_lines: int = 2,
+    progress: bool = True,
+    desc: str = "extracting code-search pairs",
 ) -> list[dict[str, str]]:
     """Docstring → code pairs of every function and method in ``files`` (see the module docstring).
 
@@ -189,6 +192,7 @@ def extract_code_search_pairs(
         files: ``(name, source)`` pairs (files that fail to parse are skipped).
         min_query_words / max_query_words: bounds on the words of the first sentence.
         min_code_lines: minimum non-blank, non-comment body lines left after removing the docstring.
+        progress: show a bar over the files (stderr); ``desc`` labels it.
 
     Returns:
         ``[{"id", "file", "name", "query", "code"}]`` in file order then source order; ``id`` is
@@ -196,7 +200,7 @@ def extract_code_search_pairs(
         duplicate documents keep their first occurrence.
     """
     raw: list[dict[str, str]] = []
-    for name, source in files:
+    for name, source in progress_bar(files, desc=desc, total=len(files), unit="file", progress=progress):
         raw.extend(_file_pairs(name, source, min_query_words, max_query_words, min_code_lines))
     counts: dict[str, int] = {}
     for p in raw:
@@ -236,17 +240,19 @@ def build_code_search_splits(
     test_fraction: float = 0.1,
     num_negatives: int = 8,
     seed: int = 0,
+    progress: bool = True,
     **extract_kwargs: Any,
 ) -> dict[str, RetrievalSplit]:
     """Train/val/test :class:`RetrievalSplit` of the code-search task over ``files`` (split by file name).
 
     Each split's corpus holds the documents of that split only; ``num_negatives`` same-file negatives are
-    stored per training query.
+    stored per training query. ``progress`` shows a bar per split while parsing.
     """
     by_split = split_documents(list(files), val_fraction, test_fraction)
     out = {}
     for split in SPLITS:
-        pairs = extract_code_search_pairs(by_split[split], **extract_kwargs)
+        pairs = extract_code_search_pairs(by_split[split], progress=progress, desc=f"code-search pairs ({split})",
+                                          **extract_kwargs)
         if not pairs:
             raise ValueError(f"the {split} split has no docstring/code pair; give more files")
         negs = _same_file_negatives(pairs, num_negatives, seed) if split == "train" else None
@@ -278,11 +284,15 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def read_tsv_texts(path: str | Path, what: str = "TSV file") -> dict[str, str]:
-    """``id<TAB>text`` lines → ``{id: text}`` (MS MARCO collection / queries). Duplicate ids raise."""
+def read_tsv_texts(path: str | Path, what: str = "TSV file", progress: bool = True) -> dict[str, str]:
+    """``id<TAB>text`` lines → ``{id: text}`` (MS MARCO collection / queries). Duplicate ids raise.
+
+    ``progress`` shows a bar over the lines (stderr; the 8.8M-passage collection takes about a minute).
+    """
     out: dict[str, str] = {}
     with open(_require(Path(path), what), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        lines = progress_bar(f, desc=f"reading {Path(path).name}", unit="line", unit_scale=True, progress=progress)
+        for n, line in enumerate(lines, 1):
             line = line.rstrip("\n")
             if not line:
                 continue
@@ -313,11 +323,15 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def read_negatives(path: str | Path) -> dict[str, list[str]]:
-    """Hard negatives: ``qid<TAB>pid[,pid...]`` lines (repeatable) or ``qid<TAB>pos<TAB>neg`` triples."""
+def read_negatives(path: str | Path, progress: bool = True) -> dict[str, list[str]]:
+    """Hard negatives: ``qid<TAB>pid[,pid...]`` lines (repeatable) or ``qid<TAB>pos<TAB>neg`` triples.
+
+    ``progress`` shows a bar over the lines (stderr; the triples file has hundreds of millions).
+    """
     out: dict[str, list[str]] = {}
     with open(_require(Path(path), "hard-negative file"), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        lines = progress_bar(f, desc=f"reading {Path(path).name}", unit="line", unit_scale=True, progress=progress)
+        for n, line in enumerate(lines, 1):
             parts = line.rstrip("\n").split("\t")
             if parts == [""]:
                 continue
@@ -338,13 +352,14 @@ def load_msmarco_split(
     qrels_file: str | Path,
     negatives_file: str | Path | None = None,
     max_queries: int | None = None,
+    progress: bool = True,
 ) -> RetrievalSplit:
     """One MS MARCO split over ``collection``: the judged queries of ``queries_file`` (file order; queries
     without judgements are kept and reported as relevant-less), the first ``max_queries`` of them."""
-    queries = read_tsv_texts(queries_file, "queries file")
+    queries = read_tsv_texts(queries_file, "queries file", progress=progress)
     qrels = read_qrels(qrels_file)
     qids = list(queries)[:max_queries] if max_queries else list(queries)
-    negatives = read_negatives(negatives_file) if negatives_file else {}
+    negatives = read_negatives(negatives_file, progress=progress) if negatives_file else {}
     return RetrievalSplit(qids, [queries[q] for q in qids], list(collection), list(collection.values()),
                           {q: qrels[q] for q in qids if q in qrels},
                           {q: [d for d in negatives[q] if d in collection] for q in qids if q in negatives})
@@ -448,6 +463,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         num_negatives: hard negatives per training item (``H``); stdlib negatives: other functions of the file.
         batch_size / eval_batch_size / num_workers / seed: loaders (the training order depends on
             ``(seed, epoch)`` only).
+        progress: progress bars while parsing the stdlib or reading the MS MARCO files (stderr; rank 0 only).
     """
 
     def __init__(
@@ -473,6 +489,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        progress: bool = True,
     ) -> None:
         super().__init__()
         if source not in ("stdlib", "msmarco"):
@@ -504,15 +521,21 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.extract_kwargs = {"min_query_words": min_query_words, "min_code_lines": min_code_lines}
         self.limits = {"train": max_train_queries, "val": max_val_queries, "test": max_test_queries}
         self.num_negatives, self.batch_size, self.eval_batch_size = num_negatives, batch_size, eval_batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.progress = num_workers, seed, progress
         self.splits: dict[str, RetrievalSplit] = {}
         self.description = ""
 
     # -- loading -------------------------------------------------------------------------------------------
+    def _progress(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return self.progress and (trainer is None or trainer.is_global_zero)
+
     def load(self) -> dict[str, RetrievalSplit]:
+        show = self._progress()
         if self.source == "stdlib":
             return build_code_search_splits(stdlib_code_search_files(), self.val_fraction, self.test_fraction,
-                                            num_negatives=max(8, self.num_negatives), seed=0, **self.extract_kwargs)
+                                            num_negatives=max(8, self.num_negatives), seed=0, progress=show,
+                                            **self.extract_kwargs)
         root, f = Path(self.root).expanduser(), self.files
         if not root.is_dir():
             raise FileNotFoundError(f"root: the MS MARCO root {root} is not a directory. {MSMARCO_HELP}")
@@ -520,11 +543,13 @@ class RetrievalDataModule(pl.LightningDataModule):
             if name and not (root / name).is_file():
                 raise FileNotFoundError(f"{arg}: no such file: {root / name} (set {arg}=<file name under root>). "
                                         f"{MSMARCO_HELP}")
-        collection = read_tsv_texts(root / f["collection"], "collection file")
+        collection = read_tsv_texts(root / f["collection"], "collection file", progress=show)
         train = load_msmarco_split(collection, root / f["train_queries"], root / f["train_qrels"],
-                                   root / f["negatives"] if f["negatives"] else None, self.limits["train"])
+                                   root / f["negatives"] if f["negatives"] else None, self.limits["train"],
+                                   progress=show)
         n_eval = max(self.limits["val"] or 0, self.limits["test"] or 0) or None
-        dev = load_msmarco_split(collection, root / f["eval_queries"], root / f["eval_qrels"], None, n_eval)
+        dev = load_msmarco_split(collection, root / f["eval_queries"], root / f["eval_qrels"], None, n_eval,
+                                 progress=show)
         keep = {d for s in (train, dev) for j in s.qrels.values() for d in j}
         keep |= {d for negs in train.negatives.values() for d in negs}
         limited = _limit_corpus(collection, keep, self.max_corpus)

@@ -10,11 +10,13 @@ events token ``v`` carries (e.g. how many newlines it decodes to) and a row stop
 have carried ``num_stops`` of them. Next-line completion prompts end *before* the last newline (tokenizers
 such as GPT-2's or SmolLM2's merge a newline with the next line's indentation, so a prompt ending in a bare
 newline would not tokenize as the text does) and stop at the second newline.
+
+:func:`generate_batches` runs :func:`greedy_generate` over every batch of a loader with a progress bar.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_cascades._progress import progress_bar
 from lit_cascades.models.lm_pair import context_length, model_vocab_size
 
 
@@ -151,6 +154,33 @@ def greedy_generate(
     new = new.masked_fill(past_stop, pad_token_id)
     logprobs = logprobs.masked_fill(~mask, 0.0)
     return Generation(new, logprobs, mask, stopped)
+
+
+def generate_batches(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    max_new_tokens: int,
+    stop_counts: Tensor | Sequence[int],
+    pad_token_id: int,
+    num_stops: int = 1,
+    include_stop: bool = True,
+    temperature: float = 0.0,
+    progress: bool = True,
+    desc: str = "generating",
+) -> Iterator[tuple[Mapping[str, Any], Generation]]:
+    """:func:`greedy_generate` over every batch of ``batches`` (e.g. a DataLoader of
+    :func:`~lit_cascades.data.lm.collate_prompts` batches), yielding ``(batch, generation)`` in order.
+
+    Each batch's ``input_ids``/``attention_mask`` are moved to the model's device. ``progress`` shows a bar over
+    the batches (stderr), labelled ``desc``. The other arguments are :func:`greedy_generate`'s.
+    """
+    device = next(model.parameters()).device
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    for batch in progress_bar(batches, desc=desc, total=total, unit="batch", progress=progress):
+        gen = greedy_generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                              max_new_tokens, stop_counts, pad_token_id, num_stops=num_stops,
+                              include_stop=include_stop, temperature=temperature)
+        yield batch, gen
 
 
 @torch.no_grad()

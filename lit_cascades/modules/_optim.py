@@ -26,7 +26,7 @@ def total_steps(module: Any) -> int:
 
 def linear_warmup_decay(opt: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total`` (transformers' schedule)."""
-    from transformers import get_linear_schedule_with_warmup
+    from transformers.optimization import get_linear_schedule_with_warmup
 
     return get_linear_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
 
@@ -34,7 +34,7 @@ def linear_warmup_decay(opt: torch.optim.Optimizer, total: int, warmup: int) -> 
 def cosine_warmup_decay(opt: torch.optim.Optimizer, total: int, warmup: int = 0, min_lr_ratio: float = 0.0
                         ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup`` steps, then half-cosine decay to ``lr · min_lr_ratio`` at ``total``."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"`min_lr_ratio` must be in [0, 1]; got {min_lr_ratio}")

@@ -60,6 +60,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_cascades._progress import progress_bar
 from lit_cascades.functional._checks import check_choice
 from lit_cascades.functional.contrastive import gather_with_grad, info_nce
 from lit_cascades.functional.retrieval import Qrels, chunked_topk, metric_names, rerank
@@ -211,7 +212,9 @@ class RetrievalModule(pl.LightningModule):
         rank = dist.get_rank() if world > 1 else 0
         rows = list(range(rank, len(docs), world))
         bs = self.hparams.encode_batch_size
-        parts = [self.embed_docs([docs[i] for i in rows[j : j + bs]]) for j in range(0, len(rows), bs)]
+        starts = progress_bar(range(0, len(rows), bs), desc="encoding corpus", unit="batch",
+                              progress=self._show_progress())
+        parts = [self.embed_docs([docs[i] for i in rows[j : j + bs]]) for j in starts]
         local = torch.cat(parts) if parts else torch.empty(0, 0, device=self.device)
         if world == 1:
             return local
@@ -220,6 +223,14 @@ class RetrievalModule(pl.LightningModule):
         out = torch.empty_like(gathered)
         out[ids] = gathered
         return out
+
+    def _show_progress(self) -> bool:
+        """Progress bars for corpus encoding: on rank 0, when the Trainer shows its own (none without one)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        return bool(trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None
+                    and not getattr(trainer, "sanity_checking", False))
 
     @torch.no_grad()
     def retrieve(self, query_emb: Tensor, corpus_emb: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -581,14 +592,20 @@ class USTADStudent(RetrievalModule):
             self._doc_cache = self.cache_doc_embeddings(dm.splits["train"].docs)
 
     @torch.no_grad()
-    def cache_doc_embeddings(self, docs: Sequence[str]) -> Tensor:
-        """The teacher's DE embeddings ``[N, D]`` of the training corpus (asymmetric students reuse them)."""
-        self.teacher_model.eval()
-        return self.encode_corpus_with(self.teacher_model.embed_docs, docs)
+    def cache_doc_embeddings(self, docs: Sequence[str], progress: bool | None = None) -> Tensor:
+        """The teacher's DE embeddings ``[N, D]`` of the training corpus (asymmetric students reuse them).
 
-    def encode_corpus_with(self, fn: Any, docs: Sequence[str]) -> Tensor:
+        ``progress``: a bar over the batches (stderr); default: on rank 0 when the Trainer shows its own bar.
+        """
+        self.teacher_model.eval()
+        return self.encode_corpus_with(self.teacher_model.embed_docs, docs, progress=progress)
+
+    def encode_corpus_with(self, fn: Any, docs: Sequence[str], progress: bool | None = None) -> Tensor:
         bs = self.hparams.encode_batch_size
-        return torch.cat([fn(docs[j : j + bs]) for j in range(0, len(docs), bs)])
+        show = self._show_progress() if progress is None else progress
+        starts = progress_bar(range(0, len(docs), bs), desc="encoding documents (teacher)", unit="batch",
+                              progress=show)
+        return torch.cat([fn(docs[j : j + bs]) for j in starts])
 
     # -- losses ------------------------------------------------------------------------------------------
     @torch.no_grad()
