@@ -171,6 +171,10 @@ class GatekeeperLM(CausalLM):
     """
 
     def __init__(self, model: nn.Module, alpha: float = 0.5, normalize: str = "batch", **kwargs: Any) -> None:
+        if normalize not in ("batch", "subset"):
+            raise ValueError(f"`normalize` must be one of ['batch', 'subset']; got {normalize!r}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1]; got {alpha}")
         super().__init__(model, **kwargs)
         self.save_hyperparameters(ignore=["model", "large_model"])
 

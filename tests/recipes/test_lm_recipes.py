@@ -1,27 +1,42 @@
-"""Smoke presets of the LM recipes through their real entry points, asserting on the files they write."""
+"""Smoke presets of the LM recipes (lm_pair, lm_cascade, gatekeeper_lm) through the runner, asserting on the run
+directories they write, and config errors that stop a run before any work."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 CHOW = {"chow_sum", "chow_average", "chow_quantile_0", "chow_quantile_0.25", "chow_quantile_0.5"}
 
 
-def run_recipe(name: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", f"recipes.{name}", *args], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def run_lm_recipe(name: str, *args: str):
+    """``run_recipe`` of ``recipes.<name>`` in this process; returns ``(run, metrics)``."""
+    import importlib
+
+    from lit_cascades.runner import run_recipe
+
+    module = importlib.import_module(f"recipes.{name}")
+    return run_recipe(name, module.run, list(args))
+
+
+def config_error(name: str, capsys, *args: str) -> str:
+    """Run ``recipes.<name>``'s command line; assert exit status 2 and one ``error:`` line (the last on stderr)."""
+    import importlib
+
+    from lit_cascades.runner import main
+
+    module = importlib.import_module(f"recipes.{name}")
+    with pytest.raises(SystemExit) as exc:
+        main(name, module.run, list(args))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()  # loading bars of transformers may come first
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err[-3:]
+    return errors[0]
 
 
 def check_rule_metrics(m: dict) -> None:
@@ -29,33 +44,38 @@ def check_rule_metrics(m: dict) -> None:
     assert 0.0 <= m["quality_at_rate"] <= 1.0
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.mark.slow
 def test_lm_pair_smoke_saves_a_reloadable_pair(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    run_recipe("lm_pair", "preset=smoke", f"output_dir={out}", f"publish_dir={tmp_path / 'latest'}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["small"]["params"] < metrics["large"]["params"]
-    assert metrics["vocab_size"] == 384 and metrics["small"]["steps"] == 30
+    run_lm_recipe("lm_pair", "preset=smoke", f"output_dir={out}", "logger.wandb=false")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["small"]["params"] < saved["large"]["params"]
+    assert saved["vocab_size"] == 384 and saved["small"]["steps"] == 30
     for role in ("small", "large"):
-        assert math.isfinite(metrics[role]["test_loss"]) and metrics[role]["test_loss"] < math.log(384)
-        assert (out / "checkpoints" / role / "final.ckpt").exists()
+        assert math.isfinite(saved[role]["test_loss"]) and saved[role]["test_loss"] < math.log(384)
+        for f in ("metrics.json", "config.yaml", "model.pt", "logs/fit/metrics.csv", "logs/test/metrics.csv"):
+            assert (out / role / f).exists(), f
     info = json.loads((out / "pair" / "pair.json").read_text())
     assert info["corpus"]["max_docs"] == 24
-    for pair_dir in (out / "pair", tmp_path / "latest"):
-        tok = AutoTokenizer.from_pretrained(pair_dir / "tokenizer")
-        model = AutoModelForCausalLM.from_pretrained(pair_dir / "large")
-        ids = tok("import os\n", return_tensors="pt")
-        gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert gen.shape[1] == ids["input_ids"].shape[1] + 5
-    assert list((out / "wandb").glob("offline-run-*"))
+    tok = AutoTokenizer.from_pretrained(out / "pair" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(out / "pair" / "large")
+    ids = tok("import os\n", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # nothing written elsewhere
 
 
 @pytest.mark.slow
 def test_lm_cascade_smoke_compares_every_rule(tmp_path, tiny_pair_dir):
     out = tmp_path / "run"
-    run_recipe("lm_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}")
+    run_lm_recipe("lm_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"]["n_train"] == 24 and metrics["task"]["n_test"] == 24
     for key in ("small_quality", "large_quality"):
@@ -64,28 +84,34 @@ def test_lm_cascade_smoke_compares_every_rule(tmp_path, tiny_pair_dir):
     assert CHOW <= set(rules)
     for features in ("quantile", "embed1", "embed1+2"):
         assert f"post_hoc_{features}_seed0" in rules and rules[f"post_hoc_{features}"]["seeds"] == [0]
+        stage = out / "post_hoc" / f"{features.replace('+', '_')}_seed0"
+        assert (stage / "model.pt").exists() and (stage / "logs" / "fit" / "metrics.csv").exists()
     for m in rules.values():
         check_rule_metrics(m)
-    # every rule is compared on the same generations: the random line is the same for all of them
-    assert len({round(m.get("auc_random", -1), 9) for m in rules.values() if "auc_random" in m}) == 1
-    table = list(csv.reader(open(out / "deferral_lm_cascade_test.csv")))
+    table = list(csv.reader(open(out / "evaluate" / "deferral_lm_cascade_test.csv")))
     assert table[0][:5] == ["rate", "small_only", "large_only", "random", "ideal"]
     assert set(table[0][5:]) == {k for k in rules if "seed" in k or k.startswith("chow")}
     assert len(table) == 24 + 2
-    assert (out / "deferral_lm_cascade_test.png").stat().st_size > 5000
-    rows = list(csv.DictReader(open(out / "rules.csv")))
-    assert {r["rule"] for r in rows} == set(table[0][5:])
-    records = torch.load(out / "records_test.pt", weights_only=False)
+    assert {r["rule"] for r in csv.DictReader(open(out / "rules.csv"))} == set(table[0][5:])
+    from lit_cascades.io import safe_torch_load
+
+    records = safe_torch_load(out / "generate" / "test" / "records.pt")
     assert records["small_logprobs"].shape == (24, 12) and len(records["small_text"]) == 24
-    assert torch.equal(records[f"small_{metrics['task']['quality']}"].float().mean(),
-                       torch.tensor(metrics["task"]["small_quality"], dtype=torch.float32))
+    assert float(records["small_token_f1"].float().mean()) == pytest.approx(metrics["task"]["small_quality"])
 
 
 @pytest.mark.slow
-def test_gatekeeper_lm_smoke_builds_its_pair_and_compares_finetunes(tmp_path):
+def test_lm_cascade_generation_is_per_run(tmp_path, tiny_pair_dir):
+    """A second run with fewer prompts generates its own records (nothing is reused across runs)."""
+    _, m = run_lm_recipe("lm_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={tmp_path / 'a'}",
+                         "task.num_test=8", "task.num_train=8", "post_hoc.enabled=false")
+    assert m["task"]["n_test"] == 8 and m["task"]["n_train"] == 8
+
+
+@pytest.mark.slow
+def test_gatekeeper_lm_smoke_compares_finetunes(tmp_path, tiny_pair_dir):
     out = tmp_path / "run"
-    run_recipe("gatekeeper_lm", "preset=smoke", f"output_dir={out}")
-    assert (out / "lm_pair" / "pair" / "pair.json").exists()  # no pair given: built with lm_pair preset=smoke
+    run_lm_recipe("gatekeeper_lm", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}")
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"pretrained", "next_token", "gatekeeper_a0.5"} <= set(metrics)
     for variant in ("next_token", "gatekeeper_a0.5"):
@@ -93,10 +119,33 @@ def test_gatekeeper_lm_smoke_builds_its_pair_and_compares_finetunes(tmp_path):
         assert CHOW == set(m["rules"])
         assert 0.0 <= m["small_quality"] <= 1.0
         assert 0.0 <= m["token_small_quality"] <= 1.0 and 0.0 <= m["token_auroc"] <= 1.0
-        assert (out / "checkpoints" / variant / "final.ckpt").exists()
-        assert (out / f"deferral_{variant}_test.csv").exists()
-        assert (out / "token_level" / f"deferral_{variant}_val.png").exists()
+        assert (out / "finetune" / variant / "model.pt").exists()
+        assert (out / "finetune" / variant / f"deferral_{variant}_val.png").exists()
+        assert (out / "evaluate" / variant / f"deferral_{variant}_test.csv").exists()
         for rule in m["rules"].values():
             check_rule_metrics(rule)
-    rows = list(csv.DictReader(open(out / "variants.csv")))
-    assert len(rows) == 3 * len(CHOW)
+    assert len(list(csv.DictReader(open(out / "variants.csv")))) == 3 * len(CHOW)
+
+
+def test_lm_recipes_reject_bad_values_before_work(tmp_path, tiny_pair_dir, capsys):
+    pair = f"pair.path={tiny_pair_dir}"
+    cases = [
+        ("lm_cascade", ["cascade.quality=foo"], "error: cascade.quality:"),
+        ("lm_cascade", ["task.num_test=0"], "error: task.num_test:"),
+        ("lm_cascade", ["+post_hoc.module.depth=3"], "error: post_hoc.module.depth: not an argument of"),
+        ("gatekeeper_lm", ["finetune.module.normalize=foo"], "error: finetune.module.normalize:"),
+        ("lm_pair", ["+small.model.width=3"], "error: small.model.width: not an argument of"),
+    ]
+    for i, (name, args, expected) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        line = config_error(name, capsys, "preset=smoke", pair if name != "lm_pair" else "seed=0",
+                            f"output_dir={out}", *args)
+        assert line.startswith(expected), line
+        assert not out.exists()
+
+
+def test_missing_pair_is_a_config_error(tmp_path, capsys):
+    line = config_error("lm_cascade", capsys, f"pair.path={tmp_path / 'nope'}", "pair.build_preset=null",
+                        f"output_dir={tmp_path / 'run'}")
+    assert line.startswith("error: pair.path: no LM pair")
+    assert not Path(tmp_path / "run").exists()

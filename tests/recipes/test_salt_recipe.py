@@ -1,4 +1,5 @@
-"""The SALT recipe's smoke preset through its real entry point, asserting on the files it writes."""
+"""The SALT recipe's smoke preset through the runner (one shared 1-process run), a config error, and the same
+metrics under ``trainer.devices=2 trainer.strategy=ddp_spawn``."""
 
 from __future__ import annotations
 
@@ -7,16 +8,33 @@ import json
 import math
 
 import pytest
-import torch
 
-from tests.recipes.test_lm_recipes import run_recipe
+from tests.recipes.test_lm_recipes import config_error, run_lm_recipe
+
+#: DDP splits every global batch over 2 processes: the same optimisation up to float reduction order
+DDP_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def salt_run(tmp_path_factory, tiny_pair_dir):
+    out = tmp_path_factory.mktemp("salt") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIT_CASCADES_CACHE", str(out.parent / "cache"))
+        run_lm_recipe("salt", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}")
+    return out
+
+
+def comparable(metrics: dict) -> dict:
+    """metrics.json without what differs between runs by nature (run ids, wall times, the process count)."""
+    out = {k: v for k, v in metrics.items() if k not in ("run", "world_size")}
+    out["methods"] = {m: {k: v for k, v in res.items() if not k.endswith("_seconds")}
+                      for m, res in metrics["methods"].items()}
+    return out
 
 
 @pytest.mark.slow
-def test_salt_smoke_runs_the_three_methods_and_plots_them(tmp_path, tiny_pair_dir):
-    out = tmp_path / "run"
-    run_recipe("salt", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}",
-               f"select.cache_dir={tmp_path / 'cache'}")
+def test_salt_smoke_runs_the_three_methods_and_plots_them(salt_run):
+    out = salt_run
     m = json.loads((out / "metrics.json").read_text())
     methods = m["methods"]
     assert set(methods) == {"baseline", "salt", "salt_ds"}
@@ -26,20 +44,65 @@ def test_salt_smoke_runs_the_three_methods_and_plots_them(tmp_path, tiny_pair_di
         assert res["final_val_ppl"] == pytest.approx(math.exp(res["final_val_loss"]))
         assert res["student_params"] > m["teacher_params"] > 0
         assert res["kd_steps"] == (0 if name == "baseline" else 6)
-        ckpt = torch.load(out / "checkpoints" / name / "final.ckpt", map_location="cpu", weights_only=False)
-        assert all(k.startswith("model.") for k in ckpt["state_dict"])  # the student only
+        for f in ("metrics.json", "config.yaml", "model.pt", "logs/fit/metrics.csv"):
+            assert (out / name / f).exists(), (name, f)
+        from lit_cascades.io import safe_torch_load
+
+        assert all(k.startswith("model.") for k in safe_torch_load(out / name / "model.pt"))  # the student only
     assert methods["baseline"]["steps_to_baseline_final"] == 12
     ds = methods["salt_ds"]
     assert ds["selected"] == round(0.5 * ds["train_sequences"]) and not ds["score_cache_hit"]
-    assert len(list((tmp_path / "cache").glob("salt_scores-*.pt"))) == 1
+    assert (out / "salt_ds" / "selection.pt").exists()
+    assert not (out.parent / "cache" / "selection_scores").exists()  # score_cache=false in the smoke preset
     # logged components: KD only during the first 6 steps, stage 1 then 2, selected fraction 0.5 for SALT_DS
-    rows = list(csv.DictReader(open(out / "logs" / "salt_ds" / "metrics.csv")))
-    train = [r for r in rows if r["train/stage"]]
+    rows = list(csv.DictReader(open(out / "salt_ds" / "logs" / "fit" / "metrics.csv")))
+    train = [r for r in rows if r.get("train/stage")]
     assert {int(r["step"]) < 6 for r in train if float(r["train/stage"]) == 1.0} == {True}
     assert all(float(r["train/selected_fraction"]) == pytest.approx(0.5, abs=1e-3) for r in train
                if float(r["train/stage"]) == 1.0)
     assert all(r["train/kd"] == "nan" for r in train if float(r["train/stage"]) == 2.0)
     assert any(r["val/ppl"] for r in rows)
-    table = list(csv.DictReader(open(out / "results.csv")))
-    assert [r["method"] for r in table] == ["baseline", "salt", "salt_ds"]
+    assert [r["method"] for r in csv.DictReader(open(out / "results.csv"))] == ["baseline", "salt", "salt_ds"]
     assert (out / "val_loss.png").stat().st_size > 5000
+
+
+def test_salt_rejects_bad_values_before_work(tmp_path, tiny_pair_dir, capsys, monkeypatch):
+    monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "cache"))
+    cases = [(["method=foo"], "error: method: unknown method"),
+             (["student.module.temperature=0.0"], "error: student.module.temperature:"),
+             (["kd.steps=99"], "error: kd.steps:"),
+             (["select.fraction=0.0"], "error: select.fraction:")]
+    for i, (args, expected) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        line = config_error("salt", capsys, "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}", *args)
+        assert line.startswith(expected), line
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_salt_ddp_spawn_gives_the_same_metrics(salt_run, tmp_path, tiny_pair_dir, monkeypatch):
+    monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ddp"
+    run_lm_recipe("salt", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}", "trainer.devices=2",
+                  "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu")
+    one = comparable(json.loads((salt_run / "metrics.json").read_text()))
+    two = comparable(json.loads((out / "metrics.json").read_text()))
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    flat_one, flat_two = _flat(one), _flat(two)
+    assert flat_two.keys() == flat_one.keys()
+    for key, value in flat_one.items():
+        if isinstance(value, float):
+            assert flat_two[key] == pytest.approx(value, rel=DDP_RTOL), key
+        else:
+            assert flat_two[key] == value, key
+
+
+def _flat(d, prefix=""):
+    """``{"a/b/0/1": number}`` of every leaf (pytest.approx does not recurse into nested dicts and lists)."""
+    out = {}
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else None
+    if items is None:
+        return {prefix: d}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}/{k}"))
+    return out

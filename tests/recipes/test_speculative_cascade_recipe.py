@@ -1,4 +1,4 @@
-"""The speculative-cascade recipe's smoke preset through its real entry point, asserting on its outputs."""
+"""The speculative-cascade recipe's smoke preset through the runner, and its config errors."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ import json
 
 import pytest
 
-from tests.recipes.test_lm_recipes import run_recipe
+from tests.recipes.test_lm_recipes import config_error, run_lm_recipe
 
 
 @pytest.mark.slow
 def test_speculative_cascade_smoke_writes_methods_and_exact_spec_decode(tmp_path, tiny_pair_dir):
     out = tmp_path / "run"
-    run_recipe("speculative_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}")
+    run_lm_recipe("speculative_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}")
     m = json.loads((out / "metrics.json").read_text())
     methods = m["methods"]
     for name in ("spec_decode", "spec_token_v3_0.3", "spec_token_v3_0.8", "spec_lossy_0.5"):
         assert name in methods, sorted(methods)
-    large = next(v for k, v in methods.items() if k.startswith("large"))
-    small = next(v for k, v in methods.items() if k.startswith("small"))
+        assert (out / "decode" / name / "records.pt").exists() and (out / "decode" / name / "metrics.json").exists()
+    large, small = methods["large_only"], methods["small_only"]
     # greedy exact speculative decoding reproduces the verifier's outputs, hence its quality exactly
     assert methods["spec_decode"]["quality"] == pytest.approx(large["quality"], abs=1e-9)
     for name, row in methods.items():
@@ -27,7 +27,18 @@ def test_speculative_cascade_smoke_writes_methods_and_exact_spec_decode(tmp_path
             assert 0.0 <= row["acceptance_rate"] <= 1.0, name
             assert row["tokens_per_verifier_call"] >= 1.0 - 1e-9, name
             assert 0.0 <= row["quality"] <= 1.0, name
-    assert 0.0 <= small["quality"] <= 1.0
-    rows = list(csv.DictReader(open(out / "methods.csv")))
-    assert {r["method"] for r in rows} == set(methods)
+    assert 0.0 <= small["quality"] <= 1.0 and m["task"]["n_test"] == 16
+    assert {r["method"] for r in csv.DictReader(open(out / "methods.csv"))} == set(methods)
     assert (out / "quality_latency.png").stat().st_size > 5000
+
+
+def test_speculative_cascade_rejects_bad_values_before_work(tmp_path, tiny_pair_dir, capsys):
+    cases = [(["cascade.gamma=0"], "error: cascade.gamma:"), (["rule=foo"], "error: rule: unknown rule"),
+             (["rule=token_v3", "alpha=7.0"], "error: alpha:"), (["task.split=train"], "error: task.split:"),
+             (["task.quality=x"], "error: task.quality: unknown config key")]
+    for i, (args, expected) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        line = config_error("speculative_cascade", capsys, "preset=smoke", f"pair.path={tiny_pair_dir}",
+                            f"output_dir={out}", *args)
+        assert line.startswith(expected), line
+        assert not out.exists()
