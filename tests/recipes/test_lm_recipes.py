@@ -69,7 +69,7 @@ def test_lm_pair_smoke_saves_a_reloadable_pair(tmp_path):
     ids = tok("import os\n", return_tensors="pt")
     gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # nothing written elsewhere
+    assert {p.name for p in tmp_path.iterdir()} <= {"cache", "run"}  # nothing written elsewhere
 
 
 @pytest.mark.slow
