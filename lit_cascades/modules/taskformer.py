@@ -151,9 +151,22 @@ class TaskFormer(pl.LightningModule):
         bad = [m for m in classify if m not in MODALITIES]
         if bad:
             raise ValueError(f"`classify` must hold modalities from {list(MODALITIES)}; got {list(classify)}")
-        if not (0 < init_temperature and max_logit_scale > 1):
-            raise ValueError(f"need init_temperature > 0 and max_logit_scale > 1; got {init_temperature}, "
-                             f"{max_logit_scale}")
+        if not init_temperature > 0:
+            raise ValueError(f"`init_temperature` must be > 0; got {init_temperature}")
+        if not max_logit_scale > 1:
+            raise ValueError(f"`max_logit_scale` must be > 1; got {max_logit_scale}")
+        for name, n, low in (("image_size", image_size, 8), ("embed_dim", embed_dim, 1),
+                             ("max_text_length", max_text_length, 2), ("max_caption_length", max_caption_length, 2),
+                             ("warmup_steps", warmup_steps, 0), ("eval_chunk_size", eval_chunk_size, 1)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}; got {n!r}")
+        for name, x in (("lr", lr), ("text_lr", lr if text_lr is None else text_lr)):
+            if not x > 0:
+                raise ValueError(f"`{name}` must be > 0; got {x}")
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}")
+        if not recall_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_ks):
+            raise ValueError(f"`recall_ks` must be a non-empty list of integers >= 1; got {list(recall_ks)}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"`class_names` has {len(class_names)} names for num_classes={num_classes}")
         self.save_hyperparameters()
