@@ -33,7 +33,6 @@ import pickle
 import struct
 import tarfile
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from lit_cascades.data.sampling import EpochSeededSampler, process_batch_size
 from lit_cascades.functional._checks import check_choice
 from lit_cascades.io import cache_dir, file_md5
 
@@ -250,27 +250,6 @@ def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
     return padded[:, i : i + h, j : j + w]
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffling sampler whose order depends only on ``(seed, epoch)``.
-
-    Lightning calls :meth:`set_epoch` every epoch, so a run resumed from a checkpoint sees exactly the same
-    batches as an uninterrupted one.
-    """
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 # --------------------------------------------------------------------------------------------------------
 # the DataModule
 # --------------------------------------------------------------------------------------------------------
@@ -402,8 +381,9 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.setup()
         ds = self.splits[split]
         if shuffle:
-            return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
-                              num_workers=self.num_workers, drop_last=False)
+            return DataLoader(ds, batch_size=process_batch_size(self.batch_size, self.trainer),
+                              sampler=EpochSeededSampler(len(ds), self.seed), num_workers=self.num_workers,
+                              drop_last=False)
         return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lit_cascades.data.image import EpochSeededSampler
+from lit_cascades.data.sampling import EpochSeededSampler, process_batch_size
 
 DIGIT_LABELS: dict[str, list[int]] = {"even": [0, 2, 4, 6, 8], "zero": [0]}
 """Default label definitions of :func:`load_digits_ranking`: a balanced label and a skewed one (π ≈ 0.1)."""
@@ -590,7 +590,7 @@ class MultiLabelDataModule(pl.LightningDataModule):
                               batch_sampler=GroupBatchSampler(data.groups, self.batch_size, self.split_seed))
         return DataLoader(
             RankingDataset(data),
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            batch_size=process_batch_size(self.batch_size, self.trainer) if train else self.eval_batch_size,
             sampler=EpochSeededSampler(len(data), self.split_seed) if train else None,
             drop_last=train and len(data) > self.batch_size,
             num_workers=self.num_workers,

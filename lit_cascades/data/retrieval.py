@@ -52,8 +52,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_cascades._progress import progress_bar
-from lit_cascades.data.image import EpochSeededSampler
 from lit_cascades.data.lm import split_documents, stdlib_files, stdlib_root
+from lit_cascades.data.sampling import EpochSeededSampler, process_batch_size
 from lit_cascades.functional.retrieval import Qrels
 
 SPLITS = ("train", "val", "test")
@@ -580,7 +580,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
+        return DataLoader(ds, batch_size=process_batch_size(self.batch_size, self.trainer),
+                          sampler=EpochSeededSampler(len(ds), self.seed),
                           collate_fn=collate_retrieval, num_workers=self.num_workers,
                           drop_last=len(ds) > self.batch_size)
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_cascades.data.image import EpochSeededSampler
+from lit_cascades.data.sampling import EpochSeededSampler, process_batch_size
 
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
@@ -158,7 +158,8 @@ class TextSketchImageDataModule(pl.LightningDataModule):
         self.setup()
         ds = self.splits[split]
         if shuffle:
-            return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed),
+            return DataLoader(ds, batch_size=process_batch_size(self.batch_size, self.trainer),
+                              sampler=EpochSeededSampler(len(ds), self.seed),
                               num_workers=self.num_workers, drop_last=len(ds) > self.batch_size,
                               persistent_workers=self.num_workers > 0)
         return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)

@@ -29,6 +29,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 TARGET = "_target_"
 PARTIAL = "_partial_"
+#: plain sections whose keys are a constructor's arguments all the same (``trainer`` -> ``lightning.Trainer``,
+#: checked by building one before any work), so ``+trainer.<arg>=...`` is allowed
+OPEN_SECTIONS = ("trainer",)
 
 
 class ConfigError(ValueError):
@@ -189,7 +192,8 @@ def _check_addition(cfg: DictConfig, key: str) -> None:
         node = OmegaConf.select(cfg, parent_key) if parent_key else cfg
         if node is None and depth:
             continue
-        if isinstance(node, DictConfig) and (TARGET in node or len(node) == 0 or parts[depth] == TARGET):
+        if isinstance(node, DictConfig) and (TARGET in node or len(node) == 0 or parts[depth] == TARGET
+                                             or parent_key in OPEN_SECTIONS):
             return
         where = f"section '{parent_key}'" if parent_key else "the top level"
         raise ConfigError(f"cannot add a key to {where}: nothing would read it. '+' adds arguments to a section "

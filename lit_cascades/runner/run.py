@@ -141,6 +141,16 @@ class EpochSeed(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+        # Lightning wraps a custom sampler for DDP (DistributedSamplerWrapper) without passing set_epoch on:
+        # pass it on, or an epoch-seeded sampler would repeat epoch 0's order under DDP
+        loaders = trainer.train_dataloader
+        for loader in loaders.values() if isinstance(loaders, dict) else \
+                (loaders if isinstance(loaders, list | tuple) else [loaders]):
+            for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
+                                                                        "sampler", None)):
+                inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+                if inner is not None and callable(getattr(inner, "set_epoch", None)):
+                    inner.set_epoch(trainer.current_epoch)
 
 
 class AtomicCheckpoint(pl.callbacks.ModelCheckpoint):

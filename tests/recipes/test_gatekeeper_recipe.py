@@ -139,10 +139,12 @@ def test_ddp_spawn_two_processes_equal_one(smoke_run, tmp_path):
     out = tmp_path / "ddp"
     run_recipe("gatekeeper", run, ["preset=smoke", f"output_dir={out}", "gatekeeper.module.alpha=0.3",
                                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
-                                   "logger.wandb=false"])
+                                   "trainer.sync_batchnorm=true", "logger.wandb=false", "baseline.enabled=false"])
     one, two = _results(smoke_run / "metrics.json"), _results(out / "metrics.json")
-    # the predictions are gathered exactly; training differs only through DDP's gradient averaging order
+    # global batches: each process loads half of every batch of the same permutation, DDP averages the two
+    # halves' gradients and BatchNorm statistics are synced, so training matches one process up to float
+    # summation order; predictions are gathered exactly
     assert two["data"] == one["data"] and two["params"] == one["params"]
-    for stage in ("small_ce", "gatekeeper", "ce_finetune"):
+    for stage in ("small_ce", "gatekeeper"):  # stages are seeded apart: the baseline's absence changes nothing
         for key, value in one[stage].items():
             assert two[stage][key] == pytest.approx(value, abs=1e-4), (stage, key)
