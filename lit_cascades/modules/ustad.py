@@ -162,6 +162,24 @@ def truncate_layers(encoder: TextEncoder, num_layers: int) -> TextEncoder:
     return enc
 
 
+def _check_common(**values: tuple[int, int]) -> None:
+    """Constructor checks: each ``name=(value, low)`` must be an integer >= ``low``."""
+    for name, (n, low) in values.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}; got {n!r}")
+
+
+def _check_rates(recall_ks: Sequence[int], weight_decay: float, **rates: float) -> None:
+    """Constructor checks: learning rates > 0, ``weight_decay`` >= 0, ``recall_ks`` positive integers."""
+    for name, x in rates.items():
+        if not x > 0:
+            raise ValueError(f"`{name}` must be > 0; got {x}")
+    if weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}")
+    if not recall_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_ks):
+        raise ValueError(f"`recall_ks` must be a non-empty list of integers >= 1; got {list(recall_ks)}")
+
+
 def _lr_schedule(opt: torch.optim.Optimizer, total: int, warmup: int) -> Any:
     """Linear warm-up over ``min(warmup, total // 2)`` steps, then linear decay to 0 (see ``modules._optim``)."""
     return linear_warmup_decay(opt, total, min(warmup, total // 2))
@@ -376,12 +394,16 @@ class USTAD(RetrievalModule):
         check_choice("ce_head", ce_head, CE_HEADS)
         if not temperature > 0:
             raise ValueError(f"`temperature` must be > 0; got {temperature}")
-        if lambda_de < 0 or lambda_ce < 0 or lambda_de + lambda_ce == 0:
-            raise ValueError(f"loss weights must be >= 0 with a positive sum; got lambda_de={lambda_de}, "
-                             f"lambda_ce={lambda_ce}")
-        if ce_batch_negatives < 0 or rerank_depth < 0:
-            raise ValueError(f"`ce_batch_negatives` and `rerank_depth` must be >= 0; got {ce_batch_negatives}, "
-                             f"{rerank_depth}")
+        for name, w in (("lambda_de", lambda_de), ("lambda_ce", lambda_ce)):
+            if w < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {w}")
+        if lambda_de + lambda_ce == 0:
+            raise ValueError("`lambda_de` + `lambda_ce` must be > 0 (loss weights); got both 0")
+        _check_common(ce_batch_negatives=(ce_batch_negatives, 0), rerank_depth=(rerank_depth, 0),
+                      max_query_length=(max_query_length, 2), max_doc_length=(max_doc_length, 2),
+                      max_pair_length=(max_pair_length, 3), warmup_steps=(warmup_steps, 0),
+                      eval_chunk_size=(eval_chunk_size, 1), encode_batch_size=(encode_batch_size, 1))
+        _check_rates(lr=lr, head_lr=head_lr, weight_decay=weight_decay, recall_ks=recall_ks)
         self.save_hyperparameters()
         self.recall_ks = tuple(recall_ks)
         self.encoder = build_encoder(encoder, max(max_pair_length, max_doc_length), **(encoder_kwargs or {}))
@@ -533,9 +555,22 @@ class USTADStudent(RetrievalModule):
         check_choice("student", student, ("asymmetric", "symmetric"))
         check_choice("distill_scores", distill_scores, ("ce", "de", "both"))
         check_choice("emb_distance", emb_distance, EMBEDDING_DISTANCES)
-        if min(alpha_score, beta_emb, gamma_label) < 0 or alpha_score + beta_emb + gamma_label == 0:
-            raise ValueError(f"loss weights must be >= 0 with a positive sum; got alpha_score={alpha_score}, "
-                             f"beta_emb={beta_emb}, gamma_label={gamma_label}")
+        for name, w in (("alpha_score", alpha_score), ("beta_emb", beta_emb), ("gamma_label", gamma_label)):
+            if w < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {w}")
+        if alpha_score + beta_emb + gamma_label == 0:
+            raise ValueError("`gamma_label` must be > 0 when alpha_score = beta_emb = 0 (the loss would be 0)")
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0 (or None: the teacher's); got {temperature}")
+        n_layers = len(teacher.encoder.model.encoder.layer) if student_encoder is None else student_layers
+        _check_common(student_layers=(student_layers, 1), warmup_steps=(warmup_steps, 0),
+                      eval_chunk_size=(eval_chunk_size, 1), encode_batch_size=(encode_batch_size, 1))
+        if student_layers > n_layers:
+            raise ValueError(f"`student_layers` must be <= the teacher's {n_layers} layers; got {student_layers}")
+        for name, n in (("max_query_length", max_query_length), ("max_doc_length", max_doc_length)):
+            if n is not None:
+                _check_common(**{name: (n, 2)})
+        _check_rates(lr=lr, weight_decay=weight_decay, recall_ks=recall_ks)
         if not kd_temperature > 0:
             raise ValueError(f"`kd_temperature` must be > 0; got {kd_temperature}")
         th = teacher.hparams
