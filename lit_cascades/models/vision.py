@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """``depth`` blocks of (3×3 conv, BatchNorm, ReLU, 2×2 max-pool while the map is ≥ 4 px), pooling and a
+    """``depth`` blocks of (3×3 conv, normalisation, ReLU, 2×2 max-pool while the map is ≥ 4 px), pooling and a
     linear head. Width doubles every block.
 
     Args:
@@ -44,18 +45,24 @@ class CNN(nn.Module):
         pool: ``"avg"`` (global average pooling, translation invariant), ``"flatten"`` (the final feature map
             flattened, which keeps *where* things are: useful for sketch/layout retrieval) or ``"both"`` (the two
             concatenated: what is there, wherever it is, and where it is).
+        norm: ``"batch"`` (BatchNorm, the default), ``"group"`` (GroupNorm with up to 8 groups: per example, so
+            DDP on CPU, where SyncBatchNorm is unavailable, trains exactly as one process) or ``"none"``.
     """
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 32, depth: int = 3,
-                 pool: str = "avg") -> None:
+                 pool: str = "avg", norm: str = "batch") -> None:
         super().__init__()
         if pool not in ("avg", "flatten", "both"):
             raise ValueError(f"`pool` must be 'avg', 'flatten' or 'both'; got {pool!r}")
+        if norm not in ("batch", "group", "none"):
+            raise ValueError(f"norm: expected 'batch', 'group' or 'none'; got {norm!r}")
         c, h, w = in_shape
         layers: list[nn.Module] = []
         for i in range(depth):
             out = width * 2**i
-            layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            normalise = {"batch": lambda n: nn.BatchNorm2d(n), "group": lambda n: nn.GroupNorm(math.gcd(8, n), n),
+                         "none": lambda n: nn.Identity()}[norm]
+            layers += [nn.Conv2d(c, out, 3, padding=1, bias=norm == "none"), normalise(out), nn.ReLU()]
             if h >= 4:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2

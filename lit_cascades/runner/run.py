@@ -151,6 +151,10 @@ class EpochSeed(pl.Callback):
                 inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
                 if inner is not None and callable(getattr(inner, "set_epoch", None)):
                     inner.set_epoch(trainer.current_epoch)
+                    # the inner sampler does the seeded shuffling; the wrapper must only shard it (rows r, r + W,
+                    # ...). Lightning builds it with shuffle=True for training, which reshuffles the order again
+                    # and gives other global batches than one process
+                    sampler.shuffle = False
 
 
 class AtomicCheckpoint(pl.callbacks.ModelCheckpoint):
@@ -158,7 +162,10 @@ class AtomicCheckpoint(pl.callbacks.ModelCheckpoint):
     killed while saving never leaves a truncated checkpoint)."""
 
     def __init__(self, dirpath: str | Path) -> None:
-        super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, every_n_epochs=1)
+        # no monitor and top-1: Lightning re-saves "last.ckpt" after every epoch (validation end when there is
+        # a validation loop, else training epoch end), overwriting it in place
+        super().__init__(dirpath=str(dirpath), filename="last", save_last=False, save_top_k=1, every_n_epochs=1,
+                         enable_version_counter=False)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         tmp = str(Path(filepath).with_name(f".{Path(filepath).name}.tmp"))

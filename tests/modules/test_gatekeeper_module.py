@@ -34,9 +34,8 @@ def test_confidence_hook_and_bad_args():
         Classifier(_net(), 10, confidence="softmax")
 
 
-def _run(tmp_path, name, epochs, resume=None, callbacks=()):
+def _run(tmp_path, name, epochs, callbacks=()):
     cfg = OmegaConf.create({
-        "resume": resume,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "enable_progress_bar": False,
                     "enable_model_summary": False, "num_sanity_val_steps": 0, "log_every_n_steps": 5},
         "logger": {"wandb": False},
@@ -44,8 +43,10 @@ def _run(tmp_path, name, epochs, resume=None, callbacks=()):
     r = Run(name="test", cfg=cfg, dir=tmp_path / name)
     dm = ImageClassificationDataModule("digits", batch_size=32, seed=0)
     module = GatekeeperClassifier(_net(), 10, alpha=0.3, lr=3e-3)
-    r.fit("gatekeeper", module, dm, callbacks=callbacks)
-    return module, r.trainer("eval", checkpoint=False).validate(module, datamodule=dm, verbose=False)[0]
+    st = r.stage("gatekeeper", seed=7)
+    st.fit(module, dm, callbacks=callbacks)
+    trainer = st.trainer("eval", logger=False)
+    return module, trainer.validate(module, datamodule=dm, verbose=False)[0]
 
 
 class _Interrupt(Exception):
@@ -67,18 +68,19 @@ class _StopAfter:
 
 
 @pytest.mark.slow
-def test_resume_from_mid_training_checkpoint_reproduces_uninterrupted_run(tmp_path):
+def test_a_stage_continues_its_fit_from_the_last_checkpoint_exactly(tmp_path):
     full_module, full = _run(tmp_path, "full", epochs=4)
     with pytest.raises(_Interrupt):
         _run(tmp_path, "resumed", epochs=4, callbacks=[_StopAfter(1)])
-    last = tmp_path / "resumed" / "checkpoints" / "gatekeeper" / "last.ckpt"
-    assert last.exists() and not (tmp_path / "resumed" / "checkpoints" / "gatekeeper" / "final.ckpt").exists()
-    assert torch.load(last, weights_only=False)["epoch"] < 3  # a mid-training checkpoint
-    resumed_module, resumed = _run(tmp_path, "resumed", epochs=4, resume=str(last))
+    last = tmp_path / "resumed" / "gatekeeper" / "checkpoints" / "last.ckpt"
+    assert last.exists() and not (tmp_path / "resumed" / "gatekeeper" / "model.pt").exists()
+    assert torch.load(last, weights_only=True)["epoch"] < 3  # a mid-training checkpoint, safe to load
+    resumed_module, resumed = _run(tmp_path, "resumed", epochs=4)
     assert resumed["val/acc"] == pytest.approx(full["val/acc"], abs=1e-6)
     assert resumed["val/loss"] == pytest.approx(full["val/loss"], rel=1e-5)
     for a, b in zip(full_module.parameters(), resumed_module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # a finished stage is reloaded, not retrained
-    _reloaded, again = _run(tmp_path, "resumed", epochs=4, resume=str(last))
+    # a finished fit is reloaded, not retrained
+    assert (tmp_path / "resumed" / "gatekeeper" / "model.pt").exists()
+    _reloaded, again = _run(tmp_path, "resumed", epochs=4, callbacks=[_StopAfter(0)])  # would raise if it trained
     assert again["val/loss"] == pytest.approx(resumed["val/loss"], rel=1e-6)

@@ -29,7 +29,9 @@ def _results(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gk") / "run"
-    run_recipe("gatekeeper", run, ["preset=smoke", f"output_dir={out}", "gatekeeper.module.alpha=0.3"])
+    # M_L with GroupNorm: the DDP test compares against this run (see test_ddp_spawn_two_processes_equal_one)
+    run_recipe("gatekeeper", run, ["preset=smoke", f"output_dir={out}", "gatekeeper.module.alpha=0.3",
+                                   "+large.model.norm=group"])
     return out
 
 
@@ -139,11 +141,12 @@ def test_ddp_spawn_two_processes_equal_one(smoke_run, tmp_path):
     out = tmp_path / "ddp"
     run_recipe("gatekeeper", run, ["preset=smoke", f"output_dir={out}", "gatekeeper.module.alpha=0.3",
                                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
-                                   "trainer.sync_batchnorm=true", "logger.wandb=false", "baseline.enabled=false"])
+                                   "+large.model.norm=group", "logger.wandb=false", "baseline.enabled=false"])
     one, two = _results(smoke_run / "metrics.json"), _results(out / "metrics.json")
-    # global batches: each process loads half of every batch of the same permutation, DDP averages the two
-    # halves' gradients and BatchNorm statistics are synced, so training matches one process up to float
-    # summation order; predictions are gathered exactly
+    # global batches: each process loads half of every batch of the same permutation and DDP averages the two
+    # halves' gradients, so training matches one process up to float summation order; predictions are gathered
+    # exactly. BatchNorm statistics would be per process (SyncBatchNorm needs a GPU): M_L uses GroupNorm here
+    # (both runs), M_S is an MLP
     assert two["data"] == one["data"] and two["params"] == one["params"]
     for stage in ("small_ce", "gatekeeper"):  # stages are seeded apart: the baseline's absence changes nothing
         for key, value in one[stage].items():
