@@ -12,8 +12,8 @@ Lukasik et al., "Bipartite Ranking From Multiple Labels: On Loss Versus Label Ag
 
 Batches are dicts ``{"x": [B, D], "labels": [B, K], "index": [B]}`` (optionally ``"group": [B]``: pairs only
 within a group). ``validation_step``/``test_step`` return ``{"ranking": {"scores", "labels", "ids"}}``,
-the contract of :class:`~lit_cascades.callbacks.RankingAUCLogger`, which logs ``rank/auc_<label>``,
-``rank/auc_min``... Under DDP the training loss gathers the scores of all processes (with gradients), so
+the contract of :class:`~lit_cascades.callbacks.RankingAUCLogger`, which logs ``<split>/rank/auc_<label>``,
+``<split>/rank/auc_min``... Under DDP the training loss gathers the scores of all processes (with gradients), so
 ``2 × B/2`` pairs exactly as ``1 × B``.
 
 Subclass hooks: :meth:`build_scorer` (the network), :meth:`forward` (batch features → ``[B]`` scores),
@@ -22,6 +22,7 @@ Subclass hooks: :meth:`build_scorer` (the network), :meth:`forward` (batch featu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,6 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lit_cascades.functional._checks import check_choice
 from lit_cascades.functional.auroc import PAIR_COSTS
 from lit_cascades.functional.ranking import (
     LABEL_AGGS,
@@ -53,7 +53,7 @@ class MultiLabelRanker(pl.LightningModule):
         scorer: any ``nn.Module`` mapping features ``[B, D]`` to ``[B]`` or ``[B, 1]`` scores; built by
             :meth:`build_scorer` (an MLP over ``num_features``) when ``None``.
         num_features: input width ``D`` for the default scorer.
-        label_names: names of the ``K`` labels (log keys ``rank/auc_<name>``).
+        label_names: names of the ``K`` labels (log keys ``<split>/rank/auc_<name>``).
         aggregation: ``"loss"`` (LoA) or ``"label"`` (LaA).
         weights: ``[K]`` label weights (LoA's ``a``; LaA's weights of the sum). Default equal. Must be
             non-negative with a positive sum; they are normalised.
@@ -85,29 +85,60 @@ class MultiLabelRanker(pl.LightningModule):
         gather_distributed: bool = True,
     ) -> None:
         super().__init__()
-        check_choice("aggregation", aggregation, AGGREGATIONS)
-        check_choice("cost", cost, PAIR_COSTS)
-        check_choice("label_agg", label_agg, LABEL_AGGS)
-        check_choice("surrogate", surrogate, SURROGATES)
-        label_names = [str(n) for n in label_names]
-        if not label_names:
-            raise ValueError("`label_names` is empty; expected one name per label")
+        label_names = self._check_arguments(scorer, num_features, label_names, aggregation, weights, cost,
+                                            label_agg, surrogate, num_pairs, pair_fraction, hidden, lr, weight_decay)
         if weights is not None:
             weights = [float(w) for w in weights]
-            check_weights(weights, len(label_names))
-            if aggregation == "label" and label_agg == "product":
-                raise ValueError("`weights` have no effect with label_agg='product'; pass weights=None")
-        if num_pairs is not None and pair_fraction is not None:
-            raise ValueError("give at most one of `num_pairs` and `pair_fraction`; got both")
         self.save_hyperparameters(ignore=["scorer"])
         self.label_names = label_names
         self.scorer = scorer if scorer is not None else self.build_scorer()
+
+    @staticmethod
+    def _check_arguments(scorer: nn.Module | None, num_features: int | None, label_names: Sequence[str],
+                         aggregation: str, weights: Sequence[float] | None, cost: str, label_agg: str,
+                         surrogate: str, num_pairs: int | None, pair_fraction: float | None, hidden: Sequence[int],
+                         lr: float, weight_decay: float) -> list[str]:
+        """Validate the constructor's arguments (messages start with the argument's name); return the names."""
+        for name, value, choices in (("aggregation", aggregation, AGGREGATIONS), ("cost", cost, PAIR_COSTS),
+                                     ("label_agg", label_agg, LABEL_AGGS), ("surrogate", surrogate, SURROGATES)):
+            if value not in choices:
+                raise ValueError(f"{name}: expected one of {list(choices)}; got {value!r}")
+        if isinstance(label_names, str):
+            raise ValueError(f"label_names: expected a list of names; got the string {label_names!r}")
+        names = [str(n) for n in label_names]
+        if not names:
+            raise ValueError("label_names: expected one name per label; got an empty list")
+        if len(set(names)) != len(names):
+            raise ValueError(f"label_names: expected distinct names; got {names}")
+        if weights is not None:
+            check_weights([float(w) for w in weights], len(names))
+            if aggregation == "label" and label_agg == "product":
+                raise ValueError("weights: they have no effect with label_agg='product'; pass weights=None")
+        if scorer is not None and not isinstance(scorer, nn.Module):
+            raise TypeError(f"scorer: expected an nn.Module; got {type(scorer).__name__}")
+        if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
+                                         or num_features < 1):
+            raise ValueError(f"num_features: expected an integer >= 1; got {num_features!r}")
+        if isinstance(hidden, str) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden: expected a list of layer widths >= 1 ([] = linear); got {hidden!r}")
+        if num_pairs is not None and pair_fraction is not None:
+            raise ValueError("num_pairs: give at most one of `num_pairs` and `pair_fraction`; got both")
+        if num_pairs is not None and (isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1):
+            raise ValueError(f"num_pairs: expected an integer >= 1 or None; got {num_pairs!r}")
+        if pair_fraction is not None and not 0.0 < float(pair_fraction) <= 1.0:
+            raise ValueError(f"pair_fraction: expected a fraction in (0, 1] or None; got {pair_fraction!r}")
+        if not math.isfinite(float(lr)) or float(lr) <= 0:
+            raise ValueError(f"lr: expected a positive learning rate; got {lr!r}")
+        if not math.isfinite(float(weight_decay)) or float(weight_decay) < 0:
+            raise ValueError(f"weight_decay: expected a number >= 0; got {weight_decay!r}")
+        return names
 
     # -- hooks --------------------------------------------------------------------------------------------
     def build_scorer(self) -> nn.Module:
         """The default scorer: an MLP ``[B, D] → [B, 1]`` with ``hidden`` ReLU layers."""
         if self.hparams.num_features is None:
-            raise ValueError("pass `scorer=` or `num_features=` (the input width of the default MLP scorer)")
+            raise ValueError("num_features: pass `num_features=` (the input width of the default MLP scorer) "
+                             "or `scorer=`")
         return MLP((int(self.hparams.num_features),), 1, list(self.hparams.hidden))
 
     def forward(self, x: Tensor) -> Tensor:
