@@ -49,3 +49,22 @@ class DoctorGatekeeper(GatekeeperClassifier):
 
     def confidence(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(-1).pow(2).sum(-1)
+
+
+# a user's post-hoc deferral rule, run through the lm_cascade recipe by
+# `post_hoc.module._target_=tests.helpers.TemperedPostHocDeferral`
+from lit_cascades.modules.lm_cascade import PostHocDeferral  # noqa: E402
+
+
+class TemperedPostHocDeferral(PostHocDeferral):
+    """Post-hoc rule whose deferral score is divided by a ``temperature`` (kept as a buffer, so it is saved
+    with the weights: a run's ``model.pt`` shows that this class was built, with the configured value)."""
+
+    def __init__(self, in_features: int, temperature: float = 1.0, **kwargs) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature: expected a value > 0; got {temperature}")
+        super().__init__(in_features, **kwargs)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def deferral_score(self, features: torch.Tensor) -> torch.Tensor:
+        return super().deferral_score(features) / self.temperature

@@ -149,3 +149,45 @@ def test_missing_pair_is_a_config_error(tmp_path, capsys):
                         f"output_dir={tmp_path / 'run'}")
     assert line.startswith("error: pair.path: no LM pair")
     assert not Path(tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_lm_cascade_runs_a_post_hoc_subclass(tmp_path, tiny_pair_dir):
+    """``post_hoc.module._target_`` swaps in a user's subclass; its own argument is added with ``+``."""
+    from lit_cascades.io import safe_torch_load
+
+    out = tmp_path / "run"
+    _, m = run_lm_recipe("lm_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}",
+                         "task.num_train=8", "task.num_test=8", "post_hoc.feature_sets=[quantile]",
+                         "post_hoc.module._target_=tests.helpers.TemperedPostHocDeferral",
+                         "+post_hoc.module.temperature=0.5")
+    state = safe_torch_load(out / "post_hoc" / "quantile_seed0" / "model.pt")
+    assert float(state["temperature"]) == 0.5  # the subclass's buffer: it was built, with the configured value
+    assert set(m["rules"]) == CHOW | {"post_hoc_quantile_seed0", "post_hoc_quantile"}
+    check_rule_metrics(m["rules"]["post_hoc_quantile_seed0"])
+
+
+@pytest.mark.slow
+def test_lm_cascade_resume_reloads_generation_and_fits(tmp_path, tiny_pair_dir, monkeypatch):
+    """``resume=<run dir>`` replays the recipe: generation records and post-hoc weights are reloaded from the
+    stage directories (generating or fitting again would raise here) and the results are the same."""
+    import lightning.pytorch as pl
+
+    import recipes.lm_cascade
+    from lit_cascades.modules.lm_cascade import LMCascade
+
+    out = tmp_path / "run"
+    run_lm_recipe("lm_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}")
+    first = json.loads((out / "metrics.json").read_text())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed run must reload this, not recompute it")
+
+    monkeypatch.setattr(LMCascade, "predict_step", refuse)
+    monkeypatch.setattr(recipes.lm_cascade, "generate_records", refuse)
+    monkeypatch.setattr(pl.Trainer, "fit", refuse)
+    run_lm_recipe("lm_cascade", f"resume={out}")
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["run"]["run_id"] == first["run"]["run_id"]
+    assert {k: v for k, v in again.items() if k != "run"} == {k: v for k, v in first.items() if k != "run"}
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

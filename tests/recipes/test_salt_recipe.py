@@ -12,6 +12,7 @@ import pytest
 from tests.recipes.test_lm_recipes import config_error, run_lm_recipe
 
 #: DDP splits every global batch over 2 processes: the same optimisation up to float reduction order
+#: (measured on CPU: at most 9.5e-7 relative, on final_val_ppl of the salt method)
 DDP_RTOL = 1e-5
 
 
