@@ -4,7 +4,7 @@
     python -m recipes.salt method=baseline              # plain next-token training, same budget, same seed
     python -m recipes.salt method=salt_ds kd.steps=300 student.module.kd_weight=0.5
     python -m recipes.salt method=all                   # baseline, SALT and SALT_DS in one run + one plot
-    python -m recipes.salt pair.path=<pair dir>         # another teacher (the pair's `teacher.role` model)
+    python -m recipes.salt pair.path=<run>/pair         # the pair of an lm_pair run (its `teacher.role` model teaches)
     python -m recipes.salt preset=smoke                 # seconds (tests)
     python -m recipes.salt preset=smoke trainer.devices=2 trainer.strategy=ddp_spawn   # same results, 2 processes
 
