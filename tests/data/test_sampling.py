@@ -46,12 +46,16 @@ def test_epoch_seed_passes_the_epoch_through_lightnings_wrapper():
     from torch.utils.data import DataLoader
 
     inner = EpochSeededSampler(10, seed=1)
+    # Lightning builds the training wrapper with shuffle=True: the runner turns that off (the inner sampler
+    # already shuffles; the wrapper must only shard), or two processes would see other global batches
     loader = DataLoader(list(range(10)), batch_size=2, sampler=DistributedSamplerWrapper(
-        inner, num_replicas=2, rank=0, shuffle=False))
+        inner, num_replicas=2, rank=0, shuffle=True))
 
     class _T:
         current_epoch = 4
         train_dataloader = loader
 
     EpochSeed(0).on_train_epoch_start(_T(), None)  # type: ignore[arg-type]
-    assert inner.epoch == 4
+    assert inner.epoch == 4 and loader.sampler.shuffle is False
+    inner.set_epoch(4)
+    assert list(loader.sampler) == list(inner)[0::2]
