@@ -3,7 +3,8 @@
 Composition (:func:`load_config`): ``configs/_base.yaml`` (keys every recipe has), ``configs/<name>/default.yaml``,
 the chosen preset (which lists only what it changes), config-group selections (``data=coco`` replaces section
 ``data`` by ``configs/<name>/data/coco.yaml``), then command-line ``key=value`` items. Unknown keys and values
-whose type differs from the default's are rejected; ``+key=value`` adds a key on purpose.
+whose type differs from the default's are rejected; ``+key=value`` adds a key on purpose and ``~key`` removes an
+argument of a ``_target_`` section (to swap in a class that does not take it).
 
 Building (:func:`build`): a section with ``_target_: package.module.Name`` is built by calling ``Name`` with the
 section's other keys (nested ``_target_`` sections are built first). The constructor signature is the schema: a
@@ -133,6 +134,9 @@ def split_argv(argv: Sequence[str]) -> dict[str, str]:
     """``["a.b=1", "preset=x"] -> {"a.b": "1", "preset": "x"}``; a malformed item is a :class:`ConfigError`."""
     out = {}
     for item in argv:
+        if item.startswith("~") and "=" not in item:  # ~key: remove an argument
+            out[item] = ""
+            continue
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r} (try --help)")
         key, value = item.split("=", 1)
@@ -150,10 +154,12 @@ def load_config(name: str, argv: Sequence[str], config_dir: str | Path) -> tuple
     presets = available_presets(config_dir, name)
     if "default" not in presets:
         raise ConfigError(f"recipe '{name}' has no configs/{name}/default.yaml in {config_dir}")
-    preset, items, additions, groups = "default", [], [], []
+    preset, items, additions, groups, removals = "default", [], [], [], []
     for key, value in split_argv(argv).items():
         if key == "preset":
             preset = value
+        elif key.startswith("~"):
+            removals.append(key[1:])
         elif key.startswith("+"):
             additions.append((key[1:], value))
         elif _is_group(config_dir, name, key):
@@ -173,6 +179,8 @@ def load_config(name: str, argv: Sequence[str], config_dir: str | Path) -> tuple
                            f"preset '{preset}'")
     for key, value in groups:
         cfg = _select_group(cfg, config_dir, name, key, value)
+    for key in removals:
+        _remove(cfg, key)
     if items:
         cfg = _merge_strict(cfg, OmegaConf.from_dotlist(items), "the command line")
     for key, value in additions:
@@ -180,6 +188,19 @@ def load_config(name: str, argv: Sequence[str], config_dir: str | Path) -> tuple
         OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"x={value}"]).x, force_add=True)
     OmegaConf.set_struct(cfg, True)
     return cfg, preset
+
+
+def _remove(cfg: DictConfig, key: str) -> None:
+    """``~key`` on the command line: drop an argument of a ``_target_`` section (to swap a class whose
+    constructor does not take it: ``large.model._target_=pkg.MLP ~large.model.width``)."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise ConfigError(f"cannot remove: no such key; {_valid_keys_message(cfg, key)}", key=key)
+    if TARGET not in parent or leaf == TARGET:
+        raise ConfigError(f"'~' removes arguments of a section with {TARGET} only", key=key)
+    with open_dict(parent):
+        del parent[leaf]
 
 
 def _check_addition(cfg: DictConfig, key: str) -> None:

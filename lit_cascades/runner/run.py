@@ -742,7 +742,7 @@ def _usage(name: str, config_dir: Path) -> str:
     group_lines = "".join(f"{g}={'|'.join(sorted(p.stem for p in (config_dir / name / g).glob('*.yaml')))}  "
                           "(config group)\n" for g in groups)
     return (
-        f"usage: python -m recipes.{name} [preset=<preset>] [key=value ...] [+new.key=value ...]\n"
+        f"usage: python -m recipes.{name} [preset=<preset>] [key=value ...] [+new.key=value ...] [~section.arg ...]\n"
         f"       python -m recipes.{name} resume=<run dir>\n\n"
         f"presets: {', '.join(available_presets(config_dir, name))}\n{group_lines}\n"
         "Sections with _target_ are built by calling that class with the section's other keys: set "

@@ -58,6 +58,16 @@ def test_plus_adds_only_where_something_reads_it():
         load_config("gatekeeper", ["+gatekeeper.weight_decay=0.1"], CONFIGS)
 
 
+def test_tilde_removes_an_argument_to_swap_a_class():
+    cfg, _ = load_config("gatekeeper", ["large.model._target_=lit_cascades.models.MLP", "~large.model.width",
+                                        "~large.model.depth", "+large.model.hidden=[32]"], CONFIGS)
+    assert dict(cfg.large.model) == {"_target_": "lit_cascades.models.MLP", "hidden": [32]}
+    with pytest.raises(ConfigError, match="^large.model.nope: cannot remove: no such key"):
+        load_config("gatekeeper", ["~large.model.nope"], CONFIGS)
+    with pytest.raises(ConfigError, match="^eval.rate: '~' removes arguments of a section with _target_ only"):
+        load_config("gatekeeper", ["~eval.rate"], CONFIGS)
+
+
 def test_help_lists_presets(capsys):
     def never(cfg, r):
         raise AssertionError("--help must not run the recipe")
