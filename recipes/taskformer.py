@@ -108,14 +108,14 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
     if int(cfg.eval.examples) > 0:
         emb = st.predict(module, dataloaders=dm.test_dataloader())
         r.save_figure("retrieval_examples", example_figure(module, dm, emb, int(cfg.eval.examples)))
-    st.finish({"test": test, "logit_scale": float(module.temperature.reciprocal())})
+    st.finish({"test": test, "logit_scale": float(module.temperature.detach().reciprocal())})
     r.save_table("retrieval", ["query", *names], [[qt, *(round(v[n], 4) for n in names)] for qt, v in test.items()])
     return {
         "data": {"description": dm.description, **{f"n_{k}": len(v) for k, v in dm.splits.items()},
                  "num_classes": dm.num_classes, "vocab_size": len(dm.vocab)},
         "query": module.hparams.query,
         "params": count_parameters(module),
-        "logit_scale": float(module.temperature.reciprocal()),
+        "logit_scale": float(module.temperature.detach().reciprocal()),
         "test": test,
     }
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -291,10 +292,19 @@ class TaskFormer(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ losses
     def modality_masks(self, batch_size: int) -> tuple[Tensor | None, Tensor | None]:
-        """Training query-modality dropout: ``(text_present [B], sketch_present [B])`` (``None`` = all)."""
+        """Training query-modality dropout: ``(text_present [B], sketch_present [B])`` (``None`` = all).
+
+        Under DDP with ``W`` processes the uniforms of the whole global batch (``B·W`` rows) are drawn from the
+        global RNG, which is in the same state on every process (the runner seeds each epoch), and this process
+        keeps rows ``rank, rank + W, ...``: the rows the distributed sampler gave it. The masks are then those of
+        one process with the global batch, as long as nothing else draws from the global RNG per row (sketch
+        augmentation in the data, dropout in the towers).
+        """
         if self.hparams.query != "text+sketch":
             return None, None
-        u = torch.rand(batch_size, device=self.device)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        u = torch.rand(batch_size * world, device=self.device)[rank::world]
         text_only = u < self.hparams.p_text_only
         sketch_only = (u >= self.hparams.p_text_only) & (u < self.hparams.p_text_only + self.hparams.p_sketch_only)
         return ~sketch_only, ~text_only

@@ -18,7 +18,8 @@ alternates were not retrieved):
 * ``L_DE``: InfoNCE with in-batch negatives (gathered across processes with gradients) plus the hard negatives
   (:func:`~lit_cascades.functional.contrastive.info_nce`, shared pool, duplicates of a query's positive masked);
 * ``L_CE``: listwise softmax cross-entropy over each query's candidates ``[d⁺, d⁻_1..d⁻_H]`` plus
-  ``ce_batch_negatives`` positives of other queries in the batch
+  ``ce_batch_negatives`` positives of other queries in the global batch (under DDP the processes' positives are
+  gathered, so the lists do not depend on the number of processes)
   (:func:`~lit_cascades.functional.score_distillation.listwise_softmax_loss`).
 
 ``model="separate"`` is the baseline with the same budget: a second encoder (a copy of the same starting
@@ -34,7 +35,7 @@ passes, twice the parameters.
 Loss ``L = γ · L_label + α · L_score + β · L_emb``: ``L_label`` the student's InfoNCE on the labels;
 ``L_score`` the KL between teacher and student score distributions at temperature ``T``
 (:func:`~lit_cascades.functional.score_distillation.score_distillation_loss`) — from the teacher's **CE** scores over
-each query's own candidate list and/or its **DE** scores over the in-batch candidate set (``distill_scores``:
+each query's own candidate list and/or its **DE** scores over the in-batch candidate set, gathered across processes (``distill_scores``:
 ``"ce"``, ``"de"``, ``"both"``); ``L_emb`` EmbedDistill's embedding matching of the student's query embedding
 (and document embedding, symmetric) to the teacher's DE embedding
 (:func:`~lit_cascades.functional.score_distillation.embedding_matching_loss`). ``α = β = 0`` is the same student
@@ -223,6 +224,14 @@ class RetrievalModule(pl.LightningModule):
             raise ValueError(f"no {stage} corpus: call set_eval_corpus() or use a datamodule with eval_corpus()")
         return dm.eval_corpus(stage)
 
+    def _show_progress(self) -> bool:
+        """Progress bars for corpus encoding: on rank 0, when the Trainer shows its own (none without one)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        return bool(trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None
+                    and not getattr(trainer, "sanity_checking", False))
+
     @torch.no_grad()
     def encode_corpus(self, docs: Sequence[str]) -> Tensor:
         """``[N, D]`` embeddings of ``docs``: this process encodes rows ``rank::world``, all are gathered."""
@@ -241,14 +250,6 @@ class RetrievalModule(pl.LightningModule):
         out = torch.empty_like(gathered)
         out[ids] = gathered
         return out
-
-    def _show_progress(self) -> bool:
-        """Progress bars for corpus encoding: on rank 0, when the Trainer shows its own (none without one)."""
-        trainer = self._trainer
-        if trainer is None:
-            return False
-        return bool(trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None
-                    and not getattr(trainer, "sanity_checking", False))
 
     @torch.no_grad()
     def retrieve(self, query_emb: Tensor, corpus_emb: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -449,11 +450,26 @@ class USTAD(RetrievalModule):
 
     # -- losses ------------------------------------------------------------------------------------------
     def ce_candidates(self, batch: dict[str, Any]) -> list[list[str]]:
-        """Each query's CE candidate list: ``[positive, *hard negatives, *positives of the next m queries]``."""
+        """Each query's CE candidate list: ``[positive, *hard negatives, *positives of the next m queries]``.
+
+        The next queries are those of the global batch: under DDP with ``W`` processes the positives of every
+        process are gathered and put back in the global batch's order (process ``r`` holds its rows ``r, r + W,
+        ...``, as the distributed sampler shards), so the lists are those of one process with the global batch.
+        """
         b = len(batch["query"])
-        m = min(self.hparams.ce_batch_negatives, b - 1)
         negs = batch.get("negatives") or [[] for _ in range(b)]
-        return [[batch["positive"][i], *negs[i], *(batch["positive"][(i + j) % b] for j in range(1, m + 1))]
+        positives, rows = list(batch["positive"]), list(range(b))
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.hparams.ce_batch_negatives > 0 and world > 1:
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, positives)
+            if all(len(p) == b for p in parts):  # equal shards (else: this process's rows only)
+                rank = dist.get_rank()
+                positives = [parts[g % world][g // world] for g in range(b * world)]
+                rows = [i * world + rank for i in range(b)]
+        n = len(positives)
+        m = min(self.hparams.ce_batch_negatives, n - 1)
+        return [[batch["positive"][i], *negs[i], *(positives[(rows[i] + j) % n] for j in range(1, m + 1))]
                 for i in range(b)]
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -690,16 +706,13 @@ class USTADStudent(RetrievalModule):
             score = torch.zeros((), device=self.device)
             if hp.distill_scores in ("de", "both"):
                 tpos, tneg = td[:b], (td[b:].view(b, n_h, -1) if n_h else None)
+                # the teacher scores the same candidate set as the student's label loss: the in-batch candidates
+                # gathered across processes (no gradient to send back), so DDP distils what one process does
                 t_logits = info_nce(tq, tpos, tneg, temperature=t.hparams.temperature,
                                     key_ids=batch.get("positive_id"),
                                     hard_negative_ids=batch.get("negative_ids") if n_h and "positive_id" in batch
-                                    else None, gather=False).logits
-                s_logits = res.logits if res.logits.shape == t_logits.shape else None
-                if s_logits is None:  # gathered across processes: score the local candidate set only
-                    s_logits = info_nce(q, pos, neg, temperature=hp.temperature, key_ids=batch.get("positive_id"),
-                                        hard_negative_ids=batch.get("negative_ids") if n_h and "positive_id" in batch
-                                        else None, gather=False).logits
-                out["score_de"] = score_distillation_loss(s_logits, t_logits, hp.kd_temperature)
+                                    else None).logits
+                out["score_de"] = score_distillation_loss(res.logits, t_logits, hp.kd_temperature)
                 score = score + out["score_de"]
             if hp.distill_scores in ("ce", "both"):
                 if not n_h:
