@@ -213,9 +213,11 @@ def _check_addition(cfg: DictConfig, key: str) -> None:
         node = OmegaConf.select(cfg, parent_key) if parent_key else cfg
         if node is None and depth:
             continue
+        ancestors = [OmegaConf.select(cfg, ".".join(parts[:d])) if d else cfg for d in range(depth)]
         if isinstance(node, DictConfig) and (TARGET in node or len(node) == 0 or parts[depth] == TARGET
-                                             or parent_key in OPEN_SECTIONS):
-            return
+                                             or parent_key in OPEN_SECTIONS
+                                             or any(isinstance(a, DictConfig) and TARGET in a for a in ancestors)):
+            return  # a constructor argument, or an entry of a mapping argument (image_encoder_kwargs.norm)
         where = f"section '{parent_key}'" if parent_key else "the top level"
         raise ConfigError(f"cannot add a key to {where}: nothing would read it. '+' adds arguments to a section "
                           f"with {TARGET} (then its constructor checks them) or entries to an empty mapping; "

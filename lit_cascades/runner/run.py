@@ -371,12 +371,17 @@ class Stage:
         return (self.dir / MODEL_FILE).exists()
 
     def fit(self, module: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
-            callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.LightningModule:
+            callbacks: Sequence[pl.Callback] = (), train_dataloaders: Any = None, val_dataloaders: Any = None,
+            **overrides: Any) -> pl.LightningModule:
         """Train ``module`` (or reload this stage's finished weights) and save ``<stage>/model.pt``.
 
-        An unfinished fit of an earlier attempt continues from ``<stage>/checkpoints/last.ckpt``.
-        ``overrides`` are ``Trainer`` arguments (``max_epochs=...``).
+        Data comes from ``datamodule`` or from ``train_dataloaders`` / ``val_dataloaders``. An unfinished fit of an
+        earlier attempt continues from ``<stage>/checkpoints/last.ckpt``. ``overrides`` are ``Trainer``
+        arguments (``max_epochs=...``).
         """
+        if datamodule is not None and not isinstance(datamodule, pl.LightningDataModule):
+            raise TypeError(f"datamodule: expected a LightningDataModule; got {type(datamodule).__name__} "
+                            "(pass dataloaders as train_dataloaders= / val_dataloaders=)")
         if self.fitted:
             module.load_state_dict(safe_torch_load(self.dir / MODEL_FILE))
             self._log_event(f"reloaded finished fit from {self.dir / MODEL_FILE}")
@@ -387,7 +392,8 @@ class Stage:
             self._log_event(f"continuing the fit from {last}")
         pl.seed_everything(self.seed, workers=True, verbose=False)
         self._run_trainer("fit", "fit", [*callbacks, EpochSeed(self.seed)], True, overrides, model=module,
-                          datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+                          datamodule=datamodule, train_dataloaders=train_dataloaders,
+                          val_dataloaders=val_dataloaders, ckpt_path=ckpt_path, weights_only=True)
         if self.run.writer:
             atomic_save(module.state_dict(), self.dir / MODEL_FILE)
             shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)

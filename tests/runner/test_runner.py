@@ -54,6 +54,8 @@ def test_plus_adds_only_where_something_reads_it():
     cfg, _ = load_config("gatekeeper", ["+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
                                         "+callbacks.stop.monitor=val/loss"], CONFIGS)
     assert cfg.callbacks.stop.monitor == "val/loss"
+    cfg, _ = load_config("gatekeeper", ["+small.model.extra.depth=2"], CONFIGS)  # inside an argument's mapping
+    assert cfg.small.model.extra.depth == 2
     with pytest.raises(ConfigError, match="^gatekeeper.weight_decay: cannot add a key to section 'gatekeeper'"):
         load_config("gatekeeper", ["+gatekeeper.weight_decay=0.1"], CONFIGS)
 

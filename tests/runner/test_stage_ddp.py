@@ -1,0 +1,84 @@
+"""Stages under ddp_spawn (2 CPU processes): weights come back, predictions are gathered across ranks in
+example order with the sampler's padding dropped, and callbacks get their rank-0 results back."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from lit_cascades.runner import Run
+
+
+class _Rows(Dataset):
+    def __init__(self, n):
+        self.x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "index": i}
+
+
+class _Affine(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, i):
+        return (self.lin(batch["x"]) - 2 * batch["x"]).pow(2).mean()
+
+    def test_step(self, batch, i):
+        self.log("test/n", float(batch["x"].shape[0]), reduce_fx="sum", sync_dist=True)
+
+    def predict_step(self, batch, i):
+        return {"y": self.lin(batch["x"]).squeeze(1), "rank": torch.full_like(batch["index"], self.global_rank),
+                "index": batch["index"]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class _SeenRows(pl.Callback):
+    """Counts the test rows its process saw; exports them so the main process can read rank 0's count."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.rows += int(batch["x"].shape[0])
+
+    def export_results(self):
+        return {"rows": self.rows}
+
+    def import_results(self, state):
+        self.rows = state["rows"]
+
+
+def _stage(tmp_path, devices):
+    cfg = OmegaConf.create({"seed": 0, "logger": {"wandb": False}, "trainer": {
+        "accelerator": "cpu", "devices": devices, "strategy": "ddp_spawn" if devices > 1 else "auto",
+        "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1}})
+    return Run("toy", cfg, tmp_path / f"d{devices}").stage("toy")
+
+
+@pytest.mark.slow
+def test_fit_predict_and_callback_results_across_two_processes(tmp_path):
+    data = _Rows(7)  # odd: the processes hold 4 and 3 rows (Lightning's predict sampler does not pad)
+    for devices in (1, 2):
+        st = _stage(tmp_path, devices)
+        torch.manual_seed(0)
+        module = _Affine()
+        init = module.lin.weight.detach().clone()
+        st.fit(module, train_dataloaders=DataLoader(data, batch_size=2))
+        assert not torch.equal(module.lin.weight, init)  # under ddp_spawn: rank 0's weights came back
+        seen = _SeenRows()
+        st.test(module, callbacks=[seen], dataloaders=DataLoader(data, batch_size=2))
+        # rank 0's count reached the main process: all 7 rows, or 4 of the 8 the test sampler pads to
+        assert seen.rows == (7 if devices == 1 else 4)
+        pred = st.predict(module, DataLoader(data, batch_size=2))
+        assert torch.equal(pred["index"], torch.arange(7))  # every example once, in dataset order
+        with torch.no_grad():
+            torch.testing.assert_close(pred["y"], module.lin(data.x).squeeze(1))  # each row's own output
+        assert set(pred["rank"].tolist()) == ({0} if devices == 1 else {0, 1})
