@@ -110,7 +110,7 @@ def _fit_one_step(devices: int, tmp_path) -> tuple[dict, dict]:
 
     # 102 examples: 19 val (odd: DistributedSampler pads one), 19 test, 64 train = one global batch
     dm = SyntheticRankingDataModule(n=102, priors=(0.5, 0.2), val_fraction=0.19, test_fraction=0.19,
-                                    batch_size=64 // devices, eval_batch_size=4, seed=3)
+                                    batch_size=64, eval_batch_size=4, seed=3)  # global: 32 per process on 2
     torch.manual_seed(0)
     m = _SGDRanker(num_features=8, aggregation="loss", weights=[0.6, 0.4], hidden=[16])
     before = {k: v.clone() for k, v in m.state_dict().items()}
