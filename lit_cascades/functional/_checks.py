@@ -6,6 +6,8 @@ input fails early with a message naming the argument, what was expected and what
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -53,3 +55,22 @@ def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) ->
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}")
+
+
+def check_ints(**values: tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless each ``name=(value, low)`` is an integer (not a bool) >= ``low``."""
+    for name, (n, low) in values.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}; got {n!r}")
+
+
+def check_optimizer_args(recall_ks: Sequence[int], weight_decay: float, **rates: float) -> None:
+    """Constructor checks of the retrieval modules: learning rates > 0, ``weight_decay`` >= 0, ``recall_ks`` a
+    non-empty list of integers >= 1."""
+    for name, x in rates.items():
+        if not x > 0:
+            raise ValueError(f"`{name}` must be > 0; got {x}")
+    if weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}")
+    if not recall_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_ks):
+        raise ValueError(f"`recall_ks` must be a non-empty list of integers >= 1; got {list(recall_ks)}")

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from lit_cascades.data.drawing import luminance, to_rgb
 from lit_cascades.data.text_sketch import WordVocab
-from lit_cascades.functional._checks import check_choice, check_range
+from lit_cascades.functional._checks import check_choice, check_ints, check_optimizer_args, check_range
 from lit_cascades.functional.asymmetric import asymmetric_loss
 from lit_cascades.functional.contrastive import gather_with_grad, info_nce
 from lit_cascades.functional.fusion import late_fusion
@@ -156,18 +156,10 @@ class TaskFormer(pl.LightningModule):
             raise ValueError(f"`init_temperature` must be > 0; got {init_temperature}")
         if not max_logit_scale > 1:
             raise ValueError(f"`max_logit_scale` must be > 1; got {max_logit_scale}")
-        for name, n, low in (("image_size", image_size, 8), ("embed_dim", embed_dim, 1),
-                             ("max_text_length", max_text_length, 2), ("max_caption_length", max_caption_length, 2),
-                             ("warmup_steps", warmup_steps, 0), ("eval_chunk_size", eval_chunk_size, 1)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}; got {n!r}")
-        for name, x in (("lr", lr), ("text_lr", lr if text_lr is None else text_lr)):
-            if not x > 0:
-                raise ValueError(f"`{name}` must be > 0; got {x}")
-        if weight_decay < 0:
-            raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}")
-        if not recall_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_ks):
-            raise ValueError(f"`recall_ks` must be a non-empty list of integers >= 1; got {list(recall_ks)}")
+        check_ints(image_size=(image_size, 8), embed_dim=(embed_dim, 1), max_text_length=(max_text_length, 2),
+                   max_caption_length=(max_caption_length, 2), warmup_steps=(warmup_steps, 0),
+                   eval_chunk_size=(eval_chunk_size, 1))
+        check_optimizer_args(recall_ks, weight_decay, lr=lr, text_lr=lr if text_lr is None else text_lr)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"`class_names` has {len(class_names)} names for num_classes={num_classes}")
         self.save_hyperparameters()

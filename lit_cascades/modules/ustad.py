@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_cascades._progress import progress_bar
-from lit_cascades.functional._checks import check_choice
+from lit_cascades.functional._checks import check_choice, check_ints, check_optimizer_args
 from lit_cascades.functional.contrastive import gather_with_grad, info_nce
 from lit_cascades.functional.retrieval import Qrels, chunked_topk, metric_names, rerank
 from lit_cascades.functional.score_distillation import (
@@ -161,24 +161,6 @@ def truncate_layers(encoder: TextEncoder, num_layers: int) -> TextEncoder:
     enc.model.config.num_hidden_layers = num_layers
     enc.truncated, enc.seen = {}, {}
     return enc
-
-
-def _check_common(**values: tuple[int, int]) -> None:
-    """Constructor checks: each ``name=(value, low)`` must be an integer >= ``low``."""
-    for name, (n, low) in values.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < low:
-            raise ValueError(f"`{name}` must be an integer >= {low}; got {n!r}")
-
-
-def _check_rates(recall_ks: Sequence[int], weight_decay: float, **rates: float) -> None:
-    """Constructor checks: learning rates > 0, ``weight_decay`` >= 0, ``recall_ks`` positive integers."""
-    for name, x in rates.items():
-        if not x > 0:
-            raise ValueError(f"`{name}` must be > 0; got {x}")
-    if weight_decay < 0:
-        raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}")
-    if not recall_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in recall_ks):
-        raise ValueError(f"`recall_ks` must be a non-empty list of integers >= 1; got {list(recall_ks)}")
 
 
 def _lr_schedule(opt: torch.optim.Optimizer, total: int, warmup: int) -> Any:
@@ -400,11 +382,11 @@ class USTAD(RetrievalModule):
                 raise ValueError(f"`{name}` must be >= 0; got {w}")
         if lambda_de + lambda_ce == 0:
             raise ValueError("`lambda_de` + `lambda_ce` must be > 0 (loss weights); got both 0")
-        _check_common(ce_batch_negatives=(ce_batch_negatives, 0), rerank_depth=(rerank_depth, 0),
+        check_ints(ce_batch_negatives=(ce_batch_negatives, 0), rerank_depth=(rerank_depth, 0),
                       max_query_length=(max_query_length, 2), max_doc_length=(max_doc_length, 2),
                       max_pair_length=(max_pair_length, 3), warmup_steps=(warmup_steps, 0),
                       eval_chunk_size=(eval_chunk_size, 1), encode_batch_size=(encode_batch_size, 1))
-        _check_rates(lr=lr, head_lr=head_lr, weight_decay=weight_decay, recall_ks=recall_ks)
+        check_optimizer_args(lr=lr, head_lr=head_lr, weight_decay=weight_decay, recall_ks=recall_ks)
         self.save_hyperparameters()
         self.recall_ks = tuple(recall_ks)
         self.encoder = build_encoder(encoder, max(max_pair_length, max_doc_length), **(encoder_kwargs or {}))
@@ -579,14 +561,14 @@ class USTADStudent(RetrievalModule):
         if temperature is not None and not temperature > 0:
             raise ValueError(f"`temperature` must be > 0 (or None: the teacher's); got {temperature}")
         n_layers = len(teacher.encoder.model.encoder.layer) if student_encoder is None else student_layers
-        _check_common(student_layers=(student_layers, 1), warmup_steps=(warmup_steps, 0),
+        check_ints(student_layers=(student_layers, 1), warmup_steps=(warmup_steps, 0),
                       eval_chunk_size=(eval_chunk_size, 1), encode_batch_size=(encode_batch_size, 1))
         if student_layers > n_layers:
             raise ValueError(f"`student_layers` must be <= the teacher's {n_layers} layers; got {student_layers}")
         for name, n in (("max_query_length", max_query_length), ("max_doc_length", max_doc_length)):
             if n is not None:
-                _check_common(**{name: (n, 2)})
-        _check_rates(lr=lr, weight_decay=weight_decay, recall_ks=recall_ks)
+                check_ints(**{name: (n, 2)})
+        check_optimizer_args(lr=lr, weight_decay=weight_decay, recall_ks=recall_ks)
         if not kd_temperature > 0:
             raise ValueError(f"`kd_temperature` must be > 0; got {kd_temperature}")
         th = teacher.hparams
