@@ -28,9 +28,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from lit_cascades.callbacks import DeferralCurveLogger
 from lit_cascades.lm_tasks import (
@@ -68,8 +68,9 @@ def check_post_hoc(ph: DictConfig) -> None:
 
 
 def post_hoc_data(records: dict[str, Any], features: str, alphas: list[float], quality: str, val_fraction: float,
-                  batch_size: int, seed: int) -> tuple[pl.LightningDataModule, torch.Tensor, bool]:
-    """Train/held-out split of the post-hoc examples (seeded); returns ``(datamodule, train features, has_val)``."""
+                  batch_size: int, seed: int) -> tuple[dict[str, DataLoader | None], torch.Tensor, bool]:
+    """Train/held-out split of the post-hoc examples (seeded); returns ``(loaders, train features, has_val)``
+    with ``loaders = {"train_dataloaders": ..., "val_dataloaders": ... | None}`` (picklable, for ddp_spawn)."""
     data = post_hoc_dataset(records, features, alphas, quality)
     n = len(data)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -77,8 +78,9 @@ def post_hoc_data(records: dict[str, Any], features: str, alphas: list[float], q
     train_idx, val_idx = perm[n_val:], perm[:n_val]
     train = torch.utils.data.Subset(data, train_idx.tolist())
     val = torch.utils.data.Subset(data, val_idx.tolist()) if n_val > 0 else None
-    dm = pl.LightningDataModule.from_datasets(train_dataset=train, val_dataset=val, batch_size=batch_size)
-    return dm, data.records["features"][train_idx], n_val > 0
+    loaders = {"train_dataloaders": DataLoader(train, batch_size=batch_size, shuffle=True),
+               "val_dataloaders": DataLoader(val, batch_size=batch_size) if val is not None else None}
+    return loaders, data.records["features"][train_idx], n_val > 0
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
@@ -130,7 +132,7 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
         if has_val:
             callbacks.append(DeferralCurveLogger(rate=cfg.eval.rate, ideal=cfg.eval.ideal, output_dir=st.dir,
                                                  tag=name))
-        st.fit(rule, data, callbacks=callbacks, max_epochs=ph.epochs, limit_val_batches=1.0 if has_val else 0,
+        st.fit(rule, callbacks=callbacks, **data, max_epochs=ph.epochs, limit_val_batches=1.0 if has_val else 0,
                check_val_every_n_epoch=ph.epochs)
         st.finish({})
         cascade.add_post_hoc(name, rule.eval())
