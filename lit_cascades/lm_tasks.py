@@ -350,8 +350,10 @@ def evaluate_rules(stage: Any, cascade: Any, records: Mapping[str, Any], rate: f
     from lit_cascades.modules.lm_cascade import RecordsDataset
 
     cb = DeferralCurveLogger(rate=rate, ideal=ideal, output_dir=stage.dir, tag=tag)
+    # one process: the rules score precomputed records (cheap), and a module holding Hugging Face models that
+    # have run cannot be sent to spawned workers (transformers installs closures as forward hooks)
     logged = stage.test(cascade, dataloaders=DataLoader(RecordsDataset(records), batch_size=1024),
-                        callbacks=[cb, *callbacks])
+                        callbacks=[cb, *callbacks], devices=1, strategy="auto")
     return rules_from_logged(logged)
 
 
