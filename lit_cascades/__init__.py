@@ -9,4 +9,18 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["CalibrationReport", "Cascade", "CascadeOutput", "__version__"]
+
+_LAZY = {"Cascade": "lit_cascades.cascade", "CascadeOutput": "lit_cascades.cascade",
+         "CalibrationReport": "lit_cascades.cascade"}
+
+
+def __getattr__(name: str):
+    """``lit_cascades.Cascade`` & co., imported on first use (``import lit_cascades`` stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lit_cascades' has no attribute {name!r}")
