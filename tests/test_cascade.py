@@ -360,3 +360,14 @@ def test_from_gatekeeper_run(tmp_path):
         back = Cascade.load(cascade.save(tmp_path / "deploy"))
     assert back.source["run_dir"] == str(out.resolve())
     assert torch.equal(back.predict(test.x).predictions, pred.predictions)
+
+
+@pytest.mark.slow
+def test_package_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, lit_cascades; assert 'torch' not in sys.modules; "
+            "from lit_cascades import Cascade; assert Cascade.__module__ == 'lit_cascades.cascade'; "
+            "assert 'lightning' not in sys.modules and 'omegaconf' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
