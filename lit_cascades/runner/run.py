@@ -47,7 +47,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_cascades.io import (
     atomic_path,
@@ -420,7 +420,6 @@ class Stage:
         path = self.dir / f"{name}.pt"
         if path.exists():
             return safe_torch_load(path)
-        overrides.setdefault("enable_progress_bar", bool(self.run.cfg.trainer.get("enable_progress_bar", True)))
         gather = GatherPredictions(path)
         self._run_trainer("predict", "predict", [gather], False, {**overrides, "logger": False}, model=module,
                           dataloaders=dataloaders, datamodule=datamodule, return_predictions=False)
@@ -692,7 +691,7 @@ def setup_run(name: str, argv: Sequence[str], config_dir: str | Path) -> Run:
     if items.get("resume"):
         run_dir = Path(items["resume"])
         cfg, preset = _resume_config(name, argv, config_dir, run_dir)
-        with _open(cfg):
+        with open_dict(cfg):
             cfg.resume, cfg.output_dir = str(run_dir), str(run_dir)
         resumed = True
     else:
@@ -719,20 +718,6 @@ def setup_run(name: str, argv: Sequence[str], config_dir: str | Path) -> Run:
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     return r
-
-
-class _open:
-    """``open_dict`` for a struct config (tiny local helper)."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-
-    def __enter__(self) -> DictConfig:
-        OmegaConf.set_struct(self.cfg, False)
-        return self.cfg
-
-    def __exit__(self, *exc: Any) -> None:
-        OmegaConf.set_struct(self.cfg, True)
 
 
 def _default_config_dir(run_fn: Callable[..., Any]) -> Path:
