@@ -30,6 +30,7 @@ This module is plain torch: Lightning (through :mod:`lit_cascades.runner`) is im
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -40,7 +41,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,106 @@ def _threshold_at_rank(sorted_scores: Tensor, rank: int) -> float:
     return float(sorted_scores[rank - 1])
 
 
+def check_calibration_args(target_rate: float, method: str, confidence: float | None) -> tuple[float, float | None]:
+    """Check the arguments of a calibration; returns ``(target_rate, confidence)`` as floats (or None)."""
+    target_rate = _check_target(target_rate)
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}; got {method!r}")
+    if method == "clopper_pearson":
+        if confidence is None or isinstance(confidence, bool) or not isinstance(confidence, int | float) \
+                or not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence: method='clopper_pearson' needs a level in (0, 1), e.g. 0.95; "
+                             f"got {confidence!r}")
+        confidence = float(confidence)
+    elif confidence is not None:
+        raise ValueError(f"confidence: only method='clopper_pearson' takes a confidence level; method={method!r} "
+                         "gives no high-probability bound")
+    return target_rate, confidence
+
+
+def calibrate_scores(
+    scores: Tensor,
+    target_rate: float,
+    method: str = "quantile",
+    confidence: float | None = None,
+    *,
+    small_correct: Tensor | None = None,
+    large_correct: Tensor | None = None,
+    name: str = "scores",
+    stacklevel: int = 2,
+) -> CalibrationReport:
+    """The threshold of the rule "defer iff score < τ" on calibration scores ``[N]`` (higher = keep), and its
+    report; the methods and their guarantees are those of :meth:`Cascade.calibrate`, which calls this (as
+    does :meth:`lit_cascades.cascade_lm.GenerationCascade.calibrate`).
+
+    Args:
+        scores: ``[N]`` deferral scores of the calibration rows.
+        target_rate, method, confidence: as in :meth:`Cascade.calibrate`.
+        small_correct, large_correct: ``[N]`` quality of each model on the rows (both or neither): the report
+            then has qualities and the deferral curve.
+        name: how errors name ``scores``.
+        stacklevel: of the warning when ``"clopper_pearson"`` cannot defer anything.
+    """
+    target_rate, confidence = check_calibration_args(target_rate, method, confidence)
+    if (small_correct is None) != (large_correct is None):
+        missing = "large_correct" if large_correct is None else "small_correct"
+        raise ValueError(f"{missing}: small_correct and large_correct go together; pass both or neither")
+    if not isinstance(scores, Tensor) or scores.ndim != 1:
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"{name}: expected deferral scores of shape [N]; got {got}")
+    scores = scores.detach().float().cpu()
+    n = scores.shape[0]
+    if n == 0:
+        raise ValueError(f"{name}: no calibration rows (shape [0])")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(f"{name}: {int(torch.isnan(scores).sum())} NaN scores; calibration needs "
+                         "real-valued scores")
+    for key, t in (("small_correct", small_correct), ("large_correct", large_correct)):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (n,)):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{key}: expected a tensor of shape [N] = [{n}]; got {got}")
+
+    srt = torch.sort(scores.double()).values
+    bound: float | None
+    if method == "quantile":
+        rank, bound = quantile_rank(n, target_rate), None
+        threshold = calibrate_threshold(scores, target_rate)
+        guarantee = (f"the realised deferral rate on these {n} calibration rows is <= {target_rate:g}; "
+                     "no guarantee on new rows")
+    elif method == "conformal":
+        rank = conformal_rank(n, target_rate)
+        bound = min(rank / (n + 1), 1.0)
+        threshold = _threshold_at_rank(srt, rank)
+        guarantee = (f"E[deferral rate on a new exchangeable row] <= {bound:.6g} <= {target_rate:g}, "
+                     f"over the draw of the {n} calibration rows")
+    else:
+        assert confidence is not None
+        rank, bound = clopper_pearson_rank(n, target_rate, confidence)
+        threshold = _threshold_at_rank(srt, rank)
+        guarantee = (f"with probability >= {confidence:g} over the draw of the {n} calibration rows, the true "
+                     f"deferral rate is <= {bound:.6g} <= {target_rate:g}")
+        if rank == 0 and target_rate > 0:
+            need = math.ceil(math.log(1 - confidence) / math.log(1 - target_rate))
+            warnings.warn(f"clopper_pearson: {n} calibration rows are too few to defer anything at target "
+                          f"{target_rate:g} with confidence {confidence:g} (needs n >= {need}); the threshold "
+                          "is -inf (never defer)", stacklevel=stacklevel)
+    deferred = scores.double() < threshold
+    rate = float(deferred.double().mean())
+    report = CalibrationReport(method=method, n=n, target_rate=target_rate, confidence=confidence,
+                               threshold=float(threshold), rate=rate, bound=bound, guarantee=guarantee,
+                               rank=rank, cost=1.0 + rate)
+    if small_correct is not None and large_correct is not None:
+        sq, lq = small_correct.detach().double().cpu(), large_correct.detach().double().cpu()
+        dm = deferral_metrics(scores, sq, lq, rate=target_rate)
+        report.small_quality = float(sq.mean())
+        report.large_quality = float(lq.mean())
+        report.cascade_quality = float(torch.where(deferred, lq, sq).mean())
+        report.curve_rates = dm.curve.rates.tolist()
+        report.curve_quality = dm.curve.quality.tolist()
+        report.deferral = dm.scalars
+    return report
+
+
 # --------------------------------------------------------------------------------------------------------
 # the cascade
 # --------------------------------------------------------------------------------------------------------
@@ -240,6 +341,42 @@ def _check_spec(name: str, spec: Mapping[str, Any] | None) -> dict[str, Any] | N
     if out != jsonable(dict(spec)):
         raise ValueError(f"{name}: constructor arguments must be JSON values (numbers, strings, lists, dicts)")
     return out
+
+
+def check_save_directory(directory: str | Path, overwrite: bool) -> Path:
+    """``directory`` as a Path, if a cascade may be saved there (missing, empty, or ``overwrite``)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"directory: {directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"directory: {directory} is not empty; pass overwrite=True to replace it")
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``directory``; on success it replaces ``directory`` (whose old content
+    is removed only after the swap), on error it is deleted and ``directory`` is left as it was."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    old: Path | None = None
+    try:
+        yield tmp
+        if directory.is_dir() and any(directory.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            os.replace(directory, old)  # onto an empty directory: allowed
+        try:
+            os.replace(tmp, directory)  # a missing or empty target directory is replaced
+        except BaseException:
+            if old is not None:
+                os.replace(old, directory)
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -480,18 +617,7 @@ class Cascade(nn.Module):
         Returns:
             :class:`CalibrationReport` (also kept as ``self.calibration`` and saved with the cascade).
         """
-        target_rate = _check_target(target_rate)
-        if method not in METHODS:
-            raise ValueError(f"method: expected one of {list(METHODS)}; got {method!r}")
-        if method == "clopper_pearson":
-            if confidence is None or isinstance(confidence, bool) or not isinstance(confidence, int | float) \
-                    or not 0.0 < confidence < 1.0:
-                raise ValueError(f"confidence: method='clopper_pearson' needs a level in (0, 1), e.g. 0.95; "
-                                 f"got {confidence!r}")
-            confidence = float(confidence)
-        elif confidence is not None:
-            raise ValueError(f"confidence: only method='clopper_pearson' takes a confidence level; method={method!r} "
-                             "gives no high-probability bound")
+        target_rate, confidence = check_calibration_args(target_rate, method, confidence)
         if (small_correct is None) != (large_correct is None):
             missing = "large_correct" if large_correct is None else "small_correct"
             raise ValueError(f"{missing}: small_correct and large_correct go together; pass both or neither")
@@ -504,56 +630,9 @@ class Cascade(nn.Module):
             if small_correct is not None:
                 raise ValueError("small_correct: given with input data; pass labels instead (both models are run)")
             scores, small_correct, large_correct = self._evaluate(scores_or_data, labels)
-        n = scores.shape[0]
-        if n == 0:
-            raise ValueError("scores_or_data: no calibration rows (shape [0])")
-        if bool(torch.isnan(scores).any()):
-            raise ValueError(f"scores_or_data: {int(torch.isnan(scores).sum())} NaN scores; calibration needs "
-                             "real-valued scores")
-        for name, t in (("small_correct", small_correct), ("large_correct", large_correct)):
-            if t is not None and (not isinstance(t, Tensor) or t.shape != (n,)):
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name}: expected a tensor of shape [N] = [{n}]; got {got}")
-
-        srt = torch.sort(scores.double()).values
-        bound: float | None
-        if method == "quantile":
-            rank, bound = quantile_rank(n, target_rate), None
-            threshold = calibrate_threshold(scores, target_rate)
-            guarantee = (f"the realised deferral rate on these {n} calibration rows is <= {target_rate:g}; "
-                         "no guarantee on new rows")
-        elif method == "conformal":
-            rank = conformal_rank(n, target_rate)
-            bound = min(rank / (n + 1), 1.0)
-            threshold = _threshold_at_rank(srt, rank)
-            guarantee = (f"E[deferral rate on a new exchangeable row] <= {bound:.6g} <= {target_rate:g}, "
-                         f"over the draw of the {n} calibration rows")
-        else:
-            assert confidence is not None
-            rank, bound = clopper_pearson_rank(n, target_rate, confidence)
-            threshold = _threshold_at_rank(srt, rank)
-            guarantee = (f"with probability >= {confidence:g} over the draw of the {n} calibration rows, the true "
-                         f"deferral rate is <= {bound:.6g} <= {target_rate:g}")
-            if rank == 0 and target_rate > 0:
-                need = math.ceil(math.log(1 - confidence) / math.log(1 - target_rate))
-                warnings.warn(f"clopper_pearson: {n} calibration rows are too few to defer anything at target "
-                              f"{target_rate:g} with confidence {confidence:g} (needs n >= {need}); the threshold "
-                              "is -inf (never defer)", stacklevel=2)
-        deferred = scores.double() < threshold
-        rate = float(deferred.double().mean())
-        report = CalibrationReport(method=method, n=n, target_rate=target_rate, confidence=confidence,
-                                   threshold=float(threshold), rate=rate, bound=bound, guarantee=guarantee,
-                                   rank=rank, cost=1.0 + rate)
-        if small_correct is not None and large_correct is not None:
-            sq, lq = small_correct.detach().double().cpu(), large_correct.detach().double().cpu()
-            dm = deferral_metrics(scores, sq, lq, rate=target_rate)
-            report.small_quality = float(sq.mean())
-            report.large_quality = float(lq.mean())
-            report.cascade_quality = float(torch.where(deferred, lq, sq).mean())
-            report.curve_rates = dm.curve.rates.tolist()
-            report.curve_quality = dm.curve.quality.tolist()
-            report.deferral = dm.scalars
-        self.threshold = float(threshold)
+        report = calibrate_scores(scores, target_rate, method, confidence, small_correct=small_correct,
+                                  large_correct=large_correct, name="scores_or_data", stacklevel=3)
+        self.threshold = report.threshold
         self.calibration = report
         return report
 
@@ -601,34 +680,12 @@ class Cascade(nn.Module):
             FileExistsError: ``directory`` is not empty and ``overwrite`` is False.
             ValueError: a model's spec is unknown, or the score is a callable that cannot be imported by name.
         """
-        directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"directory: {directory} exists and is not a directory")
-        if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-            raise FileExistsError(f"directory: {directory} is not empty; pass overwrite=True to replace it")
+        directory = check_save_directory(directory, overwrite)
         meta = self.metadata()  # fails before anything is written
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-        old: Path | None = None
-        try:
+        with atomic_directory(directory) as tmp:
             atomic_save({k: v.detach().cpu() for k, v in self.small.state_dict().items()}, tmp / "small.pt")
             atomic_save({k: v.detach().cpu() for k, v in self.large.state_dict().items()}, tmp / "large.pt")
             atomic_write_json(tmp / "cascade.json", meta)
-            if directory.is_dir() and any(directory.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-                os.replace(directory, old)  # onto an empty directory: allowed
-            try:
-                os.replace(tmp, directory)  # a missing or empty target directory is replaced
-            except BaseException:
-                if old is not None:
-                    os.replace(old, directory)
-                    old = None
-                raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @classmethod
