@@ -1,47 +1,146 @@
-"""Shared helpers for benchmark scripts: timing, peak memory in a fresh process, JSON output."""
+"""Shared helpers for benchmark scripts: interleaved timing, peak memory in a fresh process, JSON output.
+
+Timing (:func:`interleaved_ratios`): the functions being compared run in alternation after a warm-up, the
+order reversed every other alternation (``A B``, ``B A``, ...) so neither side always runs first; each
+alternation gives one time per side and one ratio per side against the baseline, and the median ratio is
+reported with its min–max. A change of machine load during the run hits both sides of an alternation alike,
+so the per-alternation ratio is far more stable than the ratio of two separately taken best times.
+
+Memory (:func:`peak_memory_mib`): the peak resident set size (RSS) added by one call, measured in a fresh
+child process started with a fixed glibc allocator setting. Why RSS in a child and not allocator statistics:
+the comparisons include numpy/scikit-learn, whose buffers no torch or tracemalloc counter sees, and RSS counts
+every byte whatever allocated it. Why the fixed setting: glibc's default *dynamic* mmap threshold rises after
+large blocks are freed, so a second call may take its buffers from an already-resident heap (RSS does not
+move) or give freed memory back below the baseline (a negative "peak"); runs then differ by 100+ MiB.
+``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (it also turns the dynamic adjustment off) puts every large block
+in its own mapping that is returned to the OS on free, ``MALLOC_ARENA_MAX=1`` keeps one arena, and
+``MALLOC_TRIM_THRESHOLD_`` trims the heap top eagerly. The child prepares its inputs, runs the function once
+(warm-up: lazy imports, thread pools), resets the kernel's peak counter (``/proc/self/clear_refs``), reads the
+baseline RSS, runs the function again and reports ``VmHWM − baseline``. The kernel's peak is at least every
+RSS seen since the reset, so the value cannot go negative except by the kernel's per-thread counter lag
+(a few pages); it is clamped at 0 and the raw value kept. Linux only.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
+import os
 import platform
+import queue as queue_mod
+import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results" / "benchmarks"
+
+#: the allocator setting every memory measurement's child process starts with (see module docstring)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "131072",
+              "MALLOC_TOP_PAD_": "0"}
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]],
+    alternations: int = 10,
+    warmup: int = 2,
+    inner: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Per-alternation wall time (seconds per call) of each function, the functions run in alternation.
+
+    Args:
+        fns: name -> zero-argument callable. Every callable runs ``warmup`` times first (in the same order).
+        alternations: number of alternations measured (``>= 1``; use ``>= 10`` for published numbers).
+        warmup: untimed calls of each function before the first alternation.
+        inner: calls per timed block (the block time is divided by ``inner``), for functions too fast to
+            time one call at a time.
+        clock: the time source (injected by tests).
+
+    Returns:
+        name -> ``[alternations]`` seconds per call; in alternation ``i`` the functions run in the given order
+        for even ``i`` and reversed for odd ``i``.
+    """
+    if not fns:
+        raise ValueError("`fns` must hold at least one function to time; got an empty dict")
+    if alternations < 1 or inner < 1 or warmup < 0:
+        raise ValueError(f"need alternations >= 1, inner >= 1, warmup >= 0; got {alternations}, {inner}, {warmup}")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(alternations):
+        for name in names if i % 2 == 0 else names[::-1]:
+            fn = fns[name]
+            start = clock()
+            for _ in range(inner):
+                fn()
+            times[name].append((clock() - start) / inner)
+    return times
+
+
+def summarize_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, Any]:
+    """Median / min / max over alternations of ``time[name] / time[baseline]`` for every other name.
+
+    Returns ``{"baseline": ..., "seconds": times, "median_s": {...}, "ratios": {name: {"median", "min", "max",
+    "per_alternation"}}}``.
+    """
+    if baseline not in times:
+        raise ValueError(f"`baseline` must be one of {sorted(times)}; got {baseline!r}")
+    base = times[baseline]
+    ratios = {}
+    for name, ts in times.items():
+        if name == baseline:
+            continue
+        per = [t / b for t, b in zip(ts, base, strict=True)]
+        ratios[name] = {"median": statistics.median(per), "min": min(per), "max": max(per), "per_alternation": per}
+    return {"baseline": baseline, "alternations": len(base), "seconds": times,
+            "median_s": {name: statistics.median(ts) for name, ts in times.items()}, "ratios": ratios}
+
+
+def interleaved_ratios(
+    fns: dict[str, Callable[[], Any]],
+    baseline: str,
+    alternations: int = 10,
+    warmup: int = 2,
+    inner: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """:func:`interleaved_times` followed by :func:`summarize_ratios` against ``baseline``."""
+    return summarize_ratios(interleaved_times(fns, alternations, warmup, inner, clock), baseline)
 
 
 def best_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """Minimum wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (seconds)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Minimum wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (seconds).
+
+    For absolute throughput figures only; compare two functions with :func:`interleaved_ratios`.
+    """
+    return min(interleaved_times({"fn": fn}, alternations=repeats, warmup=warmup)["fn"])
 
 
 def interleaved_best_times(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Best time of each function, timed in alternation so a change of machine load hits all of them."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
+    """Best time of each function, timed in alternation (kept for older scripts; prefer :func:`interleaved_ratios`)."""
+    return {k: min(v) for k, v in interleaved_times(fns, alternations=repeats, warmup=warmup).items()}
 
 
-def _rss_kb(field: str) -> int:
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -49,38 +148,146 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_worker(target: Callable[[], Callable[[], Any]], threads: int, queue: Any) -> None:
-    torch.set_num_threads(threads)
-    fn = target()  # setup (data creation) happens before the baseline reading
-    fn()  # warm-up: allocator pools and lazy imports are not the measured cost
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter (VmHWM) to the current RSS
-        f.write("5")
-    base = _rss_kb("VmRSS")
-    fn()
-    queue.put((_rss_kb("VmHWM") - base) / 1024.0)
+def _peak_worker(target: Callable[[], Callable[[], Any]], threads: int, out: Any) -> None:
+    try:
+        torch.set_num_threads(threads)
+        fn = target()  # setup (data creation) happens before the baseline reading
+        fn()  # warm-up: lazy imports, thread pools and one-off caches are not the measured cost
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak counter (VmHWM) to the current RSS
+            f.write("5")
+        base = _status_kb("VmRSS")
+        fn()
+        out.put(("ok", (_status_kb("VmHWM") - base) / 1024.0, base / 1024.0))
+    except BaseException:  # reported to the parent, which raises
+        out.put(("error", traceback.format_exc(), 0.0))
 
 
-def peak_extra_memory_mb(target: Callable[[], Callable[[], Any]], threads: int = 1) -> float:
-    """Peak resident memory added by running ``target()()`` in a fresh process, in MiB (Linux).
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    ``target`` is an importable zero-argument function that prepares the inputs and returns the callable to
-    measure, so input creation is not counted; the peak counter is reset after one warm-up call.
+
+def peak_extra_memory_mb(target: Callable[[], Callable[[], Any]], threads: int = 1, timeout: float = 600.0,
+                         malloc_env: dict[str, str] | None = None) -> float:
+    """Peak resident memory added by one call of ``target()()`` in a fresh process, in MiB (Linux).
+
+    ``target`` is an importable (picklable) zero-argument function that prepares the inputs and returns the
+    callable to measure, so input creation is not counted. See the module docstring for the method.
+
+    Raises:
+        TimeoutError: the child did not report within ``timeout`` seconds (it is killed first).
+        RuntimeError: the child raised (its traceback is in the message) or died without reporting.
     """
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_worker, args=(target, threads, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
+    out = ctx.Queue()
+    with _env(MALLOC_ENV if malloc_env is None else malloc_env):  # the child reads these at start-up
+        proc = ctx.Process(target=_peak_worker, args=(target, threads, out), daemon=True)
+        proc.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status, value, _base = out.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+                break
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"memory-measurement child for {target!r} exited with code "
+                                       f"{proc.exitcode} without reporting") from None
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"memory-measurement child for {target!r} did not finish within "
+                                       f"{timeout:.0f} s; it was killed") from None
+        if status != "ok":
+            raise RuntimeError(f"memory-measurement child for {target!r} failed:\n{value}")
+        return max(float(value), 0.0)
+    finally:
+        if proc.is_alive():
+            proc.join(timeout=5.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5.0)
+        out.close()
+
+
+def peak_memory_mib(target: Callable[[], Callable[[], Any]], repeats: int = 5, threads: int = 1,
+                    timeout: float = 600.0) -> dict[str, Any]:
+    """:func:`peak_extra_memory_mb` repeated in ``repeats`` fresh processes: median, min, max and the raw values."""
+    values = [peak_extra_memory_mb(target, threads, timeout) for _ in range(repeats)]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values,
+            "method": "peak RSS over a post-warm-up baseline in a fresh process", "malloc_env": MALLOC_ENV}
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU, torch version and threads, and the load average (the machine may be shared)."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+class Run:
+    """Records the start time and load of a benchmark run; :meth:`write` stores the results with them."""
+
+    def __init__(self, name: str, note: str = "") -> None:
+        self.name, self.note = name, note
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.load_start = os.getloadavg()
+        self.t0 = time.perf_counter()
+
+    def write(self, results: dict[str, Any], targets: Sequence[dict[str, Any]] = ()) -> Path:
+        """Write ``results`` (and ``targets``: rows for the summary table) to ``RESULTS/<name>.json``."""
+        payload = {
+            "benchmark": self.name, "command": "python -m benchmarks." + self.name + " " + " ".join(sys.argv[1:]),
+            "git_commit": _git_commit(), "started_utc": self.started, "wall_s": time.perf_counter() - self.t0,
+            "machine": machine_info(),
+            "load": {"loadavg_start": self.load_start, "loadavg_end": os.getloadavg(),
+                     "note": self.note or "shared machine: other processes may have been running; see loadavg"},
+            "targets": list(targets), **results,
+        }
+        return _dump(self.name, payload)
+
+
+def target_row(what: str, target: float, ratio: dict[str, Any], unit: str = "time") -> dict[str, Any]:
+    """One row of the summary table: ``ratio`` holds ``median``/``min``/``max``; pass iff median <= target."""
+    return {"what": what, "unit": unit, "target": target, "median": ratio["median"], "min": ratio["min"],
+            "max": ratio["max"], "pass": bool(ratio["median"] <= target)}
+
+
+def _dump(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    text = json.dumps(payload, indent=2, default=float)
+    path.write_text(text + "\n")
+    print(text)
+    return path
 
 
 def write_results(name: str, results: dict[str, Any]) -> Path:
-    """Print ``results`` and write them to ``benchmarks/results/<name>.json`` with machine info."""
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"benchmark": name, "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                              "threads": torch.get_num_threads()}, **results}
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
-    print(json.dumps(payload, indent=2))
-    return path
+    """Print ``results`` and write them to ``RESULTS/<name>.json`` with machine info and load average."""
+    payload = {"benchmark": name, "machine": machine_info(),
+               "load": {"loadavg_end": os.getloadavg()}, **results}
+    return _dump(name, payload)

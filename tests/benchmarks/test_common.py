@@ -1,0 +1,135 @@
+"""The benchmark helpers: interleaved timing reports the right per-alternation ratios, the memory helper
+measures a known allocation, stays non-negative and stable, and never hangs on a stuck child."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from benchmarks import _common as common
+
+MIB = 1024 * 1024
+
+
+class FakeClock:
+    """A clock the timed functions advance by known amounts, with a log of who ran when."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.log: list[str] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def cost(self, name: str, costs: list[float]):
+        it = iter(costs)
+
+        def fn() -> None:
+            self.log.append(name)
+            self.now += next(it)
+
+        return fn
+
+
+def test_interleaved_ratios_with_a_fake_clock():
+    clock = FakeClock()
+    warm, alt = 2, 6
+    a_costs = [9.0] * warm + [1.0, 2.0, 1.0, 4.0, 1.0, 1.0]
+    b_costs = [9.0] * warm + [2.0, 3.0, 5.0, 4.0, 1.5, 2.0]
+    out = common.interleaved_ratios({"a": clock.cost("a", a_costs), "b": clock.cost("b", b_costs)}, baseline="a",
+                                    alternations=alt, warmup=warm, clock=clock)
+    # warm-up in order, then alternations with the order reversed every other time
+    assert clock.log == ["a", "b"] * warm + ["a", "b", "b", "a"] * (alt // 2)
+    assert out["seconds"]["a"] == a_costs[warm:] and out["seconds"]["b"] == b_costs[warm:]
+    expected = [b / a for a, b in zip(a_costs[warm:], b_costs[warm:], strict=True)]  # 2, 1.5, 5, 1, 1.5, 2
+    r = out["ratios"]["b"]
+    assert r["per_alternation"] == pytest.approx(expected)
+    assert r["median"] == pytest.approx(1.75) and r["min"] == pytest.approx(1.0) and r["max"] == pytest.approx(5.0)
+    # the ratio of best times would say 1.5; the per-alternation median is what is reported
+    assert out["median_s"]["a"] == pytest.approx(1.0)
+    assert "a" not in out["ratios"]
+
+
+def test_inner_repeats_divide_the_block_time():
+    clock = FakeClock()
+    out = common.interleaved_times({"a": clock.cost("a", [2.0] * 9)}, alternations=3, warmup=0, inner=3, clock=clock)
+    assert out["a"] == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_interleaved_ratios_with_real_sleeps():
+    out = common.interleaved_ratios({"short": lambda: time.sleep(0.01), "long": lambda: time.sleep(0.03)},
+                                    baseline="short", alternations=10, warmup=1)
+    assert out["alternations"] == 10 and len(out["ratios"]["long"]["per_alternation"]) == 10
+    assert 2.0 < out["ratios"]["long"]["median"] < 3.5  # sleep overshoot makes the ratio a little below 3
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="baseline"):
+        common.summarize_ratios({"a": [1.0]}, baseline="b")
+    with pytest.raises(ValueError, match="alternations"):
+        common.interleaved_times({"a": lambda: None}, alternations=0)
+    with pytest.raises(ValueError, match="empty"):
+        common.interleaved_times({})
+
+
+def _alloc_100mib():
+    import torch
+
+    def fn():
+        x = torch.ones(100 * MIB // 4, dtype=torch.float32)  # touch every page
+        return float(x[-1])
+
+    return fn
+
+
+def _alloc_nothing():
+    return lambda: sum(range(100))
+
+
+def _hang():
+    def fn():
+        time.sleep(3600)
+
+    return fn
+
+
+def _fail():
+    raise KeyError("broken setup")
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_known_allocation_is_stable():
+    out = common.peak_memory_mib(_alloc_100mib, repeats=5)
+    assert all(v >= 0 for v in out["values"])
+    assert out["median"] == pytest.approx(100, abs=10)
+    assert out["max"] - out["min"] < 5  # stable across fresh processes
+    small = common.peak_memory_mib(_alloc_nothing, repeats=3)
+    assert 0 <= small["max"] < 5
+    assert statistics.median(small["values"]) == small["median"]
+
+
+@pytest.mark.slow
+def test_peak_memory_child_that_hangs_times_out():
+    t = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish"):
+        common.peak_extra_memory_mb(_hang, timeout=8)
+    assert time.monotonic() - t < 30
+
+
+def test_peak_memory_child_error_is_reported():
+    with pytest.raises(RuntimeError, match="broken setup"):
+        common.peak_extra_memory_mb(_fail, timeout=60)
+
+
+def test_run_writes_json_with_load(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    run = common.Run("demo")
+    row = common.target_row("x / y", 1.0, {"median": 0.9, "min": 0.8, "max": 1.2})
+    path = run.write({"value": 1}, [row])
+    data = json.loads(path.read_text())
+    assert data["value"] == 1 and len(data["load"]["loadavg_start"]) == 3 and data["targets"][0]["pass"] is True
+    assert data["machine"]["torch"]
