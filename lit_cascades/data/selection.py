@@ -4,7 +4,7 @@ Reference: Rawat et al., arXiv:2410.18779, SALT_DS (``shared/papers/training.md`
 sequence gets a score from the small model (:class:`SequenceSelector`; default: the median loss of the
 tokens whose true id is in the small model's top-k, k = 10, :func:`~lit_cascades.functional.distillation.
 topk_median_score`). The **highest**-scored ``fraction`` of sequences ("challenging yet learnable") is served
-during the KD stage; from ``kd_steps`` on the full training data is served (:class:`StagedBatchSampler`).
+during the KD stage; from ``kd_steps`` on the batches are the common stream's, the baseline's (:class:`StagedBatchSampler`).
 The selection fraction is not reported in the paper (UNVERIFIED; default 0.5 here). The paper scores with an
 early checkpoint of the small model; here the given teacher scores (pass another model to :meth:`select`).
 
@@ -19,6 +19,7 @@ another corpus or teacher is recomputed). The default cache directory is ``<cach
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -165,22 +166,41 @@ class SequenceSelector:
         return scores, False
 
 
-class StagedBatchSampler(Sampler[list[int]]):
-    """Batches from ``selected`` while ``step < kd_steps``, from all ``num_items`` afterwards.
+def stream_permutation(seed: int, epoch: int, num_items: int) -> Tensor:
+    """``[num_items]`` permutation of epoch ``epoch`` of the common batch stream of ``seed``."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(num_items, generator=g)
 
-    The batch of each step is a pure function of ``(seed, step)``: positions ``step·G … step·G + G − 1``
-    (global batch ``G = batch_size · world_size``) of an endless sequence of seeded permutations of the pool
-    (the selected subset in stage 1, everything in stage 2, restarted at ``kd_steps``). So a resumed run
-    (:meth:`set_step` with the restored ``global_step``) sees the same batches as an uninterrupted one, and
-    each of ``world_size`` processes takes its own contiguous slice of the global batch (pass
-    ``use_distributed_sampler=False`` to the Trainer). One "epoch" is ``num_items // G`` batches.
+
+class StagedBatchSampler(Sampler[list[int]]):
+    """One seeded batch stream shared by every method; SALT_DS's KD stage draws the selected items from it.
+
+    **The common stream.** Global position ``p = 0, 1, …`` holds item ``perm_e[p mod N]`` with
+    ``e = p // N`` and ``perm_e`` the ``e``-th permutation of the ``N = num_items`` items drawn from a
+    generator seeded by ``(seed, e)`` only. The global batch of optimizer step ``s`` is positions
+    ``s·G … s·G + G − 1`` (``G = batch_size · world_size``; with gradient accumulation, micro-batch ``b``
+    takes positions ``b·G …``). It does not depend on ``kd_steps``: the baseline (``kd_steps = 0``), SALT and a
+    KD-weight-0 control get the identical batch at every step, and stage 2 *continues* the stream (step
+    ``kd_steps + k`` is the baseline's step ``kd_steps + k``), it does not restart it.
+
+    **SALT_DS** (``selected`` given). During stage 1 (``step < kd_steps``) the batches come from the
+    *selected stream*: the same permutations restricted to the selected items (``perm_e`` with the
+    unselected items removed), so the selected items keep the relative order in which the common stream visits
+    them; step ``s`` takes positions ``s·G …`` of it. Selection therefore decides which examples form the
+    stage-1 batches (each selected item is seen about ``1/fraction`` times as often, the unselected ones not
+    at all); from step ``kd_steps`` on the batches are the common stream's, identical to the baseline's.
+
+    The batch of each step is a pure function of ``(seed, step)``, so a resumed run (:meth:`set_step` with the
+    restored ``global_step``) sees the same batches as an uninterrupted one, and each of ``world_size``
+    processes takes its own contiguous slice of the global batch (pass ``use_distributed_sampler=False`` to
+    the Trainer). One "epoch" (one ``iter``) is ``num_items // G`` batches; iteration continues the stream.
 
     Args:
         num_items: size of the full training set.
-        selected: indices served during stage 1 (``None``: everything, i.e. plain SALT).
+        selected: indices served during stage 1 (``None``: everything, i.e. plain SALT / the baseline).
         kd_steps: optimizer steps of stage 1.
         batch_size: per-process batch size.
-        seed: shuffling seed.
+        seed: shuffling seed (the stream's only seed).
         world_size, rank: data-parallel layout.
         accumulate_grad_batches: batches per optimizer step (the stage follows optimizer steps).
     """
@@ -196,13 +216,17 @@ class StagedBatchSampler(Sampler[list[int]]):
                              f"accumulate_grad_batches={accumulate_grad_batches}")
         self.num_items, self.kd_steps, self.batch_size = num_items, kd_steps, batch_size
         self.seed, self.world_size, self.rank, self.accumulate = seed, world_size, rank, accumulate_grad_batches
-        self.selected = torch.arange(num_items) if selected is None else torch.as_tensor(selected, dtype=torch.long)
-        if self.selected.numel() == 0:
-            raise ValueError("`selected` is empty; select at least one sequence")
-        if int(self.selected.min()) < 0 or int(self.selected.max()) >= num_items:
-            raise ValueError(f"`selected` indices must be in [0, {num_items})")
+        self.selected = None if selected is None else torch.as_tensor(selected, dtype=torch.long).reshape(-1)
+        if self.selected is not None:
+            if self.selected.numel() == 0:
+                raise ValueError("`selected` is empty; select at least one sequence")
+            if int(self.selected.min()) < 0 or int(self.selected.max()) >= num_items:
+                raise ValueError(f"`selected` indices must be in [0, {num_items})")
+            self._mask = torch.zeros(num_items, dtype=torch.bool)
+            self._mask[self.selected] = True
+            self.num_selected = int(self._mask.sum())
         self.batch_index = 0
-        self._perms: dict[tuple[int, int], Tensor] = {}
+        self._perms: dict[tuple[bool, int], Tensor] = {}
 
     @property
     def global_batch(self) -> int:
@@ -213,33 +237,37 @@ class StagedBatchSampler(Sampler[list[int]]):
         self.batch_index = step * self.accumulate
 
     def stage(self, batch_index: int) -> int:
+        """1 for a micro-batch of an optimizer step ``< kd_steps``, else 2."""
         return 1 if batch_index // self.accumulate < self.kd_steps else 2
 
-    def _perm(self, phase: int, number: int) -> Tensor:
-        if (phase, number) not in self._perms:
-            size = self.selected.numel() if phase == 1 else self.num_items
-            g = torch.Generator().manual_seed(((self.seed * 7 + phase) * 1_000_003 + number) % (2**63))
+    def _perm(self, selected_only: bool, epoch: int) -> Tensor:
+        """Epoch ``epoch`` of the common stream (all items), or of the selected stream (its selected items)."""
+        key = (selected_only, epoch)
+        if key not in self._perms:
+            perm = stream_permutation(self.seed, epoch, self.num_items)
+            if selected_only:
+                perm = perm[self._mask[perm]]
             if len(self._perms) > 8:
                 self._perms.clear()
-            self._perms[(phase, number)] = torch.randperm(size, generator=g)
-        return self._perms[(phase, number)]
+            self._perms[key] = perm
+        return self._perms[key]
 
     def global_batch_at(self, batch_index: int) -> list[int]:
-        """All ``G`` indices of the global batch number ``batch_index``."""
-        phase = self.stage(batch_index)
-        pool = self.selected if phase == 1 else None
-        offset = batch_index if phase == 1 else batch_index - self.kd_steps * self.accumulate
-        size = self.selected.numel() if phase == 1 else self.num_items
-        out = []
-        for pos in range(offset * self.global_batch, (offset + 1) * self.global_batch):
-            j = int(self._perm(phase, pos // size)[pos % size])
-            out.append(int(pool[j]) if pool is not None else j)
-        return out
+        """All ``G`` indices of the global (micro-)batch number ``batch_index``."""
+        selected_only = self.selected is not None and self.stage(batch_index) == 1
+        size = self.num_selected if selected_only else self.num_items
+        start = batch_index * self.global_batch
+        return [int(self._perm(selected_only, pos // size)[pos % size])
+                for pos in range(start, start + self.global_batch)]
 
     def batch_at(self, batch_index: int) -> list[int]:
         """This process's slice of :meth:`global_batch_at`."""
         g = self.global_batch_at(batch_index)
         return g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def stream(self, steps: int) -> list[list[int]]:
+        """The global batches of optimizer steps ``0 … steps − 1`` (all micro-batches; does not move the sampler)."""
+        return [self.global_batch_at(b) for b in range(steps * self.accumulate)]
 
     def __len__(self) -> int:
         return max(1, self.num_items // self.global_batch)
@@ -251,32 +279,64 @@ class StagedBatchSampler(Sampler[list[int]]):
             yield batch
 
 
+def stream_fingerprint(batches: Sequence[Sequence[int]]) -> str:
+    """A short hash of a sequence of batches of item indices (equal streams have equal fingerprints)."""
+    h = hashlib.sha1()
+    for batch in batches:
+        h.update(torch.as_tensor(list(batch), dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
 class SALTDataModule(LMCorpusDataModule):
     """:class:`~lit_cascades.data.lm.LMCorpusDataModule` whose training batches follow SALT's two stages.
 
-    Call :meth:`select` with the small model before ``fit`` for SALT_DS (the selected subset during KD);
-    without it the staged sampler serves the full data in both stages (plain SALT / the baseline).
+    Without :meth:`select` every step's batch is the common stream's (:class:`StagedBatchSampler`): the
+    baseline, SALT and a KD-weight-0 control train on identical batches. Call :meth:`select` with the small
+    model before ``fit`` for SALT_DS: it scores a *pool* of training sequences and keeps the selector's top
+    fraction, which forms the stage-1 batches; stage 2 is the common stream again, from step ``kd_steps``.
+
+    Pools (``select_pool``):
+
+    * ``"window"`` (default): the sequences at the common stream's first ``⌈kd_steps·G / fraction⌉`` positions
+      (``G`` the global batch). With ``fraction = f`` the window holds ``1/f`` times the sequences the baseline
+      sees during the KD stage and the selection keeps ``f`` of them, so SALT_DS's stage 1 sees as many
+      distinct sequences as the baseline's, the selected ones of the same candidates, each once, in stream
+      order. The cost: ``kd_steps·G/f`` scored sequences instead of the whole training set. The unselected
+      window sequences beyond position ``kd_steps·G`` are seen in stage 2 like everyone's; the selected ones
+      among them are seen twice.
+    * ``"all"``: every training sequence is scored (the paper's global selection); the selected set (``f`` of
+      the data) is cycled through during stage 1.
 
     Args:
         kd_steps: optimizer steps of the KD stage.
         selector: the :class:`SequenceSelector` (default: top-k median, k = 10, fraction 0.5).
         score_cache_dir: where scores are cached: a directory, ``True`` for ``<cache root>/selection_scores``,
             ``None`` to recompute every time (see :meth:`SequenceSelector.cached_scores`).
-        seed: shuffling seed of the staged sampler.
+        seed: the batch stream's seed (:class:`StagedBatchSampler`).
         accumulate_grad_batches: match the Trainer's.
-        **kwargs: :class:`LMCorpusDataModule` arguments.
+        select_pool: ``"window"`` or ``"all"`` (see above).
+        **kwargs: :class:`LMCorpusDataModule` arguments; ``batch_size`` is the global batch (a data-parallel
+            recipe divides ``hparams.batch_size`` per process; :attr:`global_batch_size` keeps the global one).
     """
+
+    POOLS = ("window", "all")
 
     def __init__(self, kd_steps: int = 0, selector: SequenceSelector | None = None,
                  score_cache_dir: str | os.PathLike | bool | None = None, seed: int = 0, accumulate_grad_batches: int = 1,
-                 **kwargs: Any) -> None:
+                 select_pool: str = "window", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["tokenizer", "selector"])
-        if kd_steps < 0:
-            raise ValueError(f"`kd_steps` must be >= 0; got {kd_steps}")
+        if not isinstance(kd_steps, int) or kd_steps < 0:
+            raise ValueError(f"kd_steps: expected an integer >= 0; got {kd_steps!r}")
+        if select_pool not in self.POOLS:
+            raise ValueError(f"select_pool: expected one of {list(self.POOLS)}; got {select_pool!r}")
         self.kd_steps, self.seed, self.accumulate = kd_steps, seed, accumulate_grad_batches
+        self.select_pool = select_pool
+        self.global_batch_size = int(self.hparams.batch_size)
         self.selector = selector if selector is not None else SequenceSelector()
         self.score_cache_dir = score_cache_dir
+        self.pool: Tensor | None = None
         self.selected: Tensor | None = None
         self.scores: Tensor | None = None
         self.cache_hit: bool | None = None
@@ -284,23 +344,45 @@ class SALTDataModule(LMCorpusDataModule):
 
     @property
     def selected_fraction(self) -> float:
-        """Share of the training sequences served during KD (1.0 without a selection)."""
-        if self.selected is None:
+        """Share of the scored pool served during KD (1.0 without a selection)."""
+        if self.selected is None or self.pool is None:
             return 1.0
-        return self.selected.numel() / len(self.datasets["train"])
+        return self.selected.numel() / self.pool.numel()
+
+    def selection_pool(self) -> Tensor:
+        """``[P]`` training-item indices that :meth:`select` scores (see the class docstring)."""
+        if "train" not in self.datasets:
+            self.setup()
+        n = len(self.datasets["train"])
+        if self.select_pool == "all":
+            return torch.arange(n)
+        window = math.ceil(self.kd_steps * self.accumulate * self.global_batch_size / self.selector.fraction)
+        if window >= n:
+            return torch.arange(n)
+        return stream_permutation(self.seed, 0, n)[:max(1, window)].sort().values
 
     def select(self, model: nn.Module) -> Tensor:
-        """Score the training sequences with ``model`` (cached) and keep the selector's top fraction.
+        """Score the pool's sequences with ``model`` (cached) and keep the selector's top fraction.
 
-        The scoring bar shows when both the datamodule's ``progress`` and the selector's are on (rank 0 only).
+        Returns the selected training-item indices (ascending). The scoring bar shows when both the
+        datamodule's ``progress`` and the selector's are on (rank 0 only).
         """
         self.setup()
-        tokens = dataset_tokens(self.datasets["train"])
+        self.pool = self.selection_pool()
+        tokens = dataset_tokens(self.datasets["train"])[self.pool]
         progress = self._progress() and self.selector.progress
         self.scores, self.cache_hit = self.selector.cached_scores(model, tokens, self.score_cache_dir,
                                                                   progress=progress)
-        self.selected = self.selector.select(self.scores)
+        self.selected = self.pool[self.selector.select(self.scores)]
         return self.selected
+
+    def batch_stream(self, steps: int) -> list[list[int]]:
+        """The global batches (training-item indices) of optimizer steps ``0 … steps − 1``."""
+        if "train" not in self.datasets:
+            self.setup()
+        sampler = StagedBatchSampler(len(self.datasets["train"]), self.selected, self.kd_steps,
+                                     self.global_batch_size, self.seed, 1, 0, self.accumulate)
+        return sampler.stream(steps)
 
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.datasets:

@@ -63,6 +63,14 @@ def _numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_non_embedding_parameters(model: nn.Module) -> int:
+    """Parameters outside every ``nn.Embedding`` (token and position embeddings; a tied LM head counts once,
+    as the embedding it shares). The size measure SALT's teacher/student ratio refers to: for tiny vocab-heavy
+    models the total count is dominated by the embeddings."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+
+
 class SALT(CausalLM):
     """Small-model-aided training of ``student`` with KD from ``teacher`` for ``kd_steps`` steps.
 
@@ -143,6 +151,18 @@ class SALT(CausalLM):
     @property
     def student(self) -> nn.Module:
         return self.model
+
+    def set_teacher(self, teacher: nn.Module, teacher_path: str | None = None) -> None:
+        """Replace the teacher (e.g. by the one an earlier stage trained): frozen, eval mode, fingerprinted anew.
+
+        Raises:
+            ValueError: a vocabulary mismatch with the student.
+        """
+        check_same_vocab(teacher, self.model, names=("teacher", "student"))
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
+        self._teacher_fingerprint = model_fingerprint(teacher)
+        if teacher_path is not None:
+            self.hparams.teacher_path = teacher_path
 
     # -- stage -------------------------------------------------------------------------------------------
     def kd_weight_now(self, step: int | None = None) -> float:
