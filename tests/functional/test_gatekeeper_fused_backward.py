@@ -11,6 +11,16 @@ import torch.nn.functional as F
 from lit_cascades.functional.gatekeeper import gatekeeper_loss
 
 
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def loss_path(request, monkeypatch):
+    """Run every test on both implementations: the small-input NumPy path and the fused torch path."""
+    import lit_cascades.functional.gatekeeper as gk
+
+    monkeypatch.setattr(gk, "SMALL_MAX_ELEMENTS", 1 << 30 if request.param == "numpy" else 0)
+    return request.param
+
+
+
 def plain(logits, target, alpha, normalize, ignore_index=-100):
     """The loss written with autograd-differentiable torch ops (the reference)."""
     c = logits.shape[-1]
@@ -55,3 +65,32 @@ def test_gradcheck_of_the_fused_function():
     logits = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3, 4, -100])
     assert torch.autograd.gradcheck(lambda z: gatekeeper_loss(z, target, alpha=0.4).loss, (logits,))
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_paths_match_the_plain_formula_with_any_ignore_index(ignore_index, dtype):
+    """An ``ignore_index`` inside ``[0, C)`` and float32 logits take the same route as the reference."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 5, generator=g, dtype=dtype) * 2
+    target = torch.randint(0, 5, (40,), generator=g)
+    target[::3] = logits[::3].argmax(-1)
+    target[::7] = ignore_index
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ours = gatekeeper_loss(a, target, alpha=0.7, ignore_index=ignore_index)
+    ref = plain(b, target, 0.7, "batch", ignore_index)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(ours.loss, ref[0], **tol)
+    ours.loss.backward()
+    ref[0].backward()
+    torch.testing.assert_close(a.grad, b.grad, **tol)
+    valid = target != ignore_index
+    wrong = (logits.argmax(-1) != target) & valid
+    assert ours.error_rate.item() == pytest.approx(wrong.sum().item() / valid.sum().item())
+    assert not ours.error_rate.requires_grad
+
+
+def test_infinite_logit_is_reported():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [2.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="finite"):
+        gatekeeper_loss(logits, torch.tensor([2, 0]))

@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from lit_cascades.functional import gatekeeper_loss, kl_to_uniform
 
 
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def loss_path(request, monkeypatch):
+    """Run every test on both implementations: the small-input NumPy path and the fused torch path."""
+    import lit_cascades.functional.gatekeeper as gk
+
+    monkeypatch.setattr(gk, "SMALL_MAX_ELEMENTS", 1 << 30 if request.param == "numpy" else 0)
+    return request.param
+
+
+
 def _hand_loss(logits, target, alpha, normalize="batch", ignore_index=-100):
     """Gatekeeper loss written out example by example from the paper's formula."""
     n_classes = logits.shape[-1]
