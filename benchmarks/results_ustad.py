@@ -1,0 +1,199 @@
+"""Results of docs/ustad.md (Kim et al., *USTAD: Unified Single-model Training Achieving Diverse Scores for
+Information Retrieval*, ICML 2024; distillation after *EmbedDistill*, arXiv:2301.12005) on the embedded
+stdlib code-search task, over several seeds.
+
+    python -m benchmarks.results_ustad                     # train every run (~4 CPU minutes each), write all
+    python -m benchmarks.results_ustad --tables-only       # regenerate the tables and figure from raw.json
+    python -m benchmarks.results_ustad --seeds 0 1 2 3     # more seeds (finished run directories are reused)
+
+Runs (``python -m recipes.ustad``, one thread each, in ``runs/results_ustad/<run>-seed<s>/``): the untrained
+all-MiniLM-L6-v2 teacher (zero-shot, deterministic: one run), the USTAD teacher (one encoder) with its distilled
+asymmetric student and the same student without the teacher (``stage=distill``), and separate CE + DE encoders
+(``teacher.model=separate``), each for every seed. The setting is the default preset's with a smaller training set
+(``SETTING``): 20 steps of 16 queries instead of 40, so that 3 seeds fit a CPU budget. Writes
+``docs/results/ustad/raw.json`` (per-run test metrics, commands, commit, machine and load) and, from that file alone,
+``docs/results/ustad/table.md``, ``table_students.md`` and ``docs/img/ustad_mrr.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.results_bipartite import git_output, machine, mean_std, run_recipe_dir, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "ustad"
+IMG = ROOT / "docs" / "img"
+RUNS = ROOT / "runs" / "results_ustad"
+RECIPE = "recipes.ustad"
+SEEDS = [0, 1, 2]
+#: the reported setting: the default preset with 320 training queries (20 steps), no per-epoch validation
+SETTING = ["data.max_train_queries=320", "trainer.limit_val_batches=0", "logger.wandb=false",
+           "trainer.enable_progress_bar=false"]
+RUNS_PER_SEED = {"ustad": ["stage=distill"], "separate": ["teacher.model=separate"]}
+ZERO_SHOT = ["train.epochs=0"]
+METRICS = ("mrr@10", "recall@1", "recall@10", "recall@100")
+
+
+def collect(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a run's metrics.json that the tables use."""
+    keep = {"teacher": metrics["teacher"]}
+    for k in ("student", "student_no_teacher"):
+        if k in metrics:
+            keep[k] = metrics[k]
+    return keep
+
+
+def _vals(raw: dict[str, Any], run: str, part: str, scorer: str, metric: str) -> dict[int, float]:
+    return {r["seed"]: r["metrics"][part][scorer][metric] for r in raw["runs"] if r["run"] == run}
+
+
+def _fmt(values: dict[int, float]) -> str:
+    return mean_std(list(values.values())) if len(values) > 1 else f"{next(iter(values.values())):.3f}"
+
+
+def table_teachers(raw: dict[str, Any]) -> str:
+    seeds = sorted({r["seed"] for r in raw["runs"] if r["run"] == "ustad"})
+    data = raw["data"]
+    lines = [f"Test: {data['n_test_queries']} queries against the whole test corpus ({data['n_test_docs']} functions), "
+             f"CE reranking of the DE top 10. Mean ± sample std over seeds {seeds} (the seed sets batch order and "
+             "sampled negatives; every encoder starts from the same pretrained weights). Zero-shot is deterministic "
+             "(one run).", "",
+             "| model | params | n | DE MRR@10 | DE R@1 | DE R@10 | DE R@100 | DE+CE MRR@10 | DE+CE R@1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run, name in (("zero_shot", "MiniLM, no training (zero-shot)"), ("ustad", "**USTAD** (one encoder)"),
+                      ("separate", "separate CE + DE encoders")):
+        rows = [r for r in raw["runs"] if r["run"] == run]
+        if not rows:
+            continue
+        params = rows[0]["metrics"]["teacher"]["params"]["total"] / 1e6
+        cells = [_fmt(_vals(raw, run, "teacher", "de", m)) for m in METRICS]
+        cells += [_fmt(_vals(raw, run, "teacher", "rerank", m)) for m in ("mrr@10", "recall@1")]
+        lines.append(f"| {name} | {params:.1f}M | {len(rows)} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired by seed (USTAD − separate); verdict: *beyond seed spread* when all seeds agree in sign and "
+              "|mean Δ| > 2 × std of Δ, else *noise*.", "",
+              "| metric | Δ mean ± std | per seed | verdict |", "|---|---:|---|---|"]
+    for scorer, metric, name in (("de", "mrr@10", "DE MRR@10"), ("de", "recall@1", "DE R@1"),
+                                 ("rerank", "mrr@10", "DE+CE MRR@10"), ("rerank", "recall@1", "DE+CE R@1")):
+        a, b = _vals(raw, "ustad", "teacher", scorer, metric), _vals(raw, "separate", "teacher", scorer, metric)
+        d = [a[s] - b[s] for s in sorted(a) if s in b]
+        lines.append(f"| {name} | {mean_std(d)} | {' / '.join(f'{x:+.3f}' for x in d)} | {verdict(d)} |")
+    return "\n".join(lines) + "\n"
+
+
+def table_students(raw: dict[str, Any]) -> str:
+    rows = [r for r in raw["runs"] if r["run"] == "ustad" and "student" in r["metrics"]]
+    seeds = sorted(r["seed"] for r in rows)
+    st = rows[0]["metrics"]["student"]
+    lines = [f"Asymmetric students of the USTAD teachers above (one per seed): the teacher's embeddings + first layer, "
+             f"embeddings frozen ({st['params']['trainable'] / 1e6:.2f}M trainable, "
+             f"{st['online_params']['total'] / 1e6:.1f}M online query encoder), against the teacher's frozen document "
+             f"tower; 1 epoch, lr 2e-4, `distill_scores=both`, `emb_distance=mse`, α = β = γ = 1. Mean ± sample std "
+             f"over seeds {seeds}; retention = student DE MRR@10 / its teacher's DE MRR@10.", "",
+             "| student | n | DE MRR@10 | R@1 | R@10 | R@100 | retention of teacher MRR@10 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    teacher = _vals(raw, "ustad", "teacher", "de", "mrr@10")
+    for part, name in (("student", "distilled"), ("student_no_teacher", "no teacher (α = β = 0)")):
+        cells = [_fmt(_vals(raw, "ustad", part, "de", m)) for m in METRICS]
+        mrr = _vals(raw, "ustad", part, "de", "mrr@10")
+        ret = [mrr[s] / teacher[s] for s in sorted(mrr)]
+        lines.append(f"| {name} | {len(mrr)} | " + " | ".join(cells) + f" | {mean_std([100 * x for x in ret], 1)}% |")
+    a, b = _vals(raw, "ustad", "student", "de", "mrr@10"), _vals(raw, "ustad", "student_no_teacher", "de", "mrr@10")
+    d = [a[s] - b[s] for s in sorted(a)]
+    lines += ["", f"Distilled − no teacher, DE MRR@10 paired by seed: {mean_std(d)} "
+              f"({' / '.join(f'{x:+.3f}' for x in d)}): {verdict(d)}."]
+    return "\n".join(lines) + "\n"
+
+
+def tables(raw: dict[str, Any]) -> dict[str, str]:
+    """``{file name: markdown}`` computed from the raw results alone."""
+    out = {"table.md": table_teachers(raw)}
+    if any("student" in r["metrics"] for r in raw["runs"]):
+        out["table_students.md"] = table_students(raw)
+    return out
+
+
+def figure(raw: dict[str, Any]) -> Any:
+    from lit_cascades.plotting import new_axes
+
+    bars = [("USTAD\n(one encoder)", "ustad", "teacher"), ("separate\nCE + DE", "separate", "teacher"),
+            ("student,\ndistilled", "ustad", "student"), ("student,\nno teacher", "ustad", "student_no_teacher")]
+    fig, ax = new_axes(figsize=(7.5, 4.4))
+    n = len({r["seed"] for r in raw["runs"] if r["run"] == "ustad"})
+    for j, (scorer, color, label) in enumerate((("de", "tab:blue", "DE retrieval"),
+                                                ("rerank", "tab:orange", "DE top-10 + CE rerank"))):
+        xs, means, stds = [], [], []
+        for i, (_, run, part) in enumerate(bars):
+            vals = [r["metrics"][part][scorer]["mrr@10"] for r in raw["runs"]
+                    if r["run"] == run and part in r["metrics"] and scorer in r["metrics"][part]]
+            if not vals:
+                continue
+            x = i + (j - 0.5) * 0.38
+            xs.append(x)
+            means.append(statistics.fmean(vals))
+            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            ax.scatter([x] * len(vals), vals, color="k", s=8, zorder=3)
+        ax.bar(xs, means, 0.36, yerr=stds, capsize=3, color=color, label=f"{label} (mean ± std, {n} seeds)")
+    zs = [r["metrics"]["teacher"]["de"]["mrr@10"] for r in raw["runs"] if r["run"] == "zero_shot"]
+    if zs:
+        ax.axhline(zs[0], color="0.3", ls="--", lw=1, label=f"zero-shot MiniLM, DE ({zs[0]:.3f})")
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("test MRR@10")
+    ax.set_ylim(0, 1.0)
+    ax.set_title("USTAD on stdlib code search: one encoder vs separate CE + DE, and distilled students\n"
+                 "(dots: individual seeds)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def write_outputs(raw: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    for fname, text in tables(raw).items():
+        (OUT / fname).write_text(text)
+        print(f"wrote {(OUT / fname).relative_to(ROOT)}")
+    fig = figure(raw)
+    fig.savefig(IMG / "ustad_mrr.png", dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tables-only", action="store_true", help="regenerate tables and figure from raw.json")
+    ap.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    ap.add_argument("--rerun", action="store_true", help="train again even when a finished run directory exists")
+    args = ap.parse_args(argv)
+    raw_path = OUT / "raw.json"
+    if args.tables_only:
+        write_outputs(json.loads(raw_path.read_text()))
+        return
+    runs = []
+    plan = [("zero_shot", 0, ZERO_SHOT)] + [(name, s, extra) for s in args.seeds for name, extra in RUNS_PER_SEED.items()]
+    data = None
+    for name, seed, extra in plan:
+        out = RUNS / f"{name}-seed{seed}"
+        print(f"[results_ustad] {name} seed {seed}", flush=True)
+        info = run_recipe_dir(RECIPE, [*extra, f"seed={seed}", *SETTING], out, args.rerun)
+        metrics = json.loads((out / "metrics.json").read_text())
+        data = metrics["data"]
+        runs.append({"run": name, "seed": seed, **info, "metrics": collect(metrics)})
+    raw = {"command": "python -m benchmarks.results_ustad" + (f" --seeds {' '.join(map(str, args.seeds))}"
+                                                              if args.seeds != SEEDS else ""),
+           "commit": git_output("rev-parse", "HEAD"),
+           "dirty": bool(git_output("status", "--porcelain", "--", "lit_cascades", "recipes")),
+           "seeds": args.seeds, "setting": SETTING, "machine": machine(), "data": data,
+           "note": "one thread per run on a 2-core machine shared with other work (see loadavg per run)", "runs": runs}
+    OUT.mkdir(parents=True, exist_ok=True)
+    raw_path.write_text(json.dumps(raw, indent=1) + "\n")
+    write_outputs(raw)
+
+
+if __name__ == "__main__":
+    main()
