@@ -9,10 +9,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["CalibrationReport", "Cascade", "CascadeOutput", "__version__"]
+__all__ = ["CalibrationReport", "Cascade", "CascadeOutput", "GenerationCascade", "GenerationOutput",
+           "__version__"]
 
 _LAZY = {"Cascade": "lit_cascades.cascade", "CascadeOutput": "lit_cascades.cascade",
-         "CalibrationReport": "lit_cascades.cascade"}
+         "CalibrationReport": "lit_cascades.cascade", "GenerationCascade": "lit_cascades.cascade_lm",
+         "GenerationOutput": "lit_cascades.cascade_lm"}
 
 
 def __getattr__(name: str):

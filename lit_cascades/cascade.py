@@ -701,6 +701,10 @@ class Cascade(nn.Module):
         meta = json.loads(path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"directory: {path} is not a saved cascade (format {meta.get('format')!r})")
+        if meta.get("task") == "generation":  # a saved lit_cascades.cascade_lm.GenerationCascade
+            from lit_cascades.cascade_lm import GenerationCascade
+
+            return GenerationCascade.load(directory, map_location=map_location)  # type: ignore[return-value]
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"directory: {path} has format version {meta['format_version']}; this lit_cascades "
                              f"reads up to {FORMAT_VERSION}")
@@ -741,9 +745,15 @@ class Cascade(nn.Module):
         score: str | ScoreFn | None = None,
         datamodule: Any = None,
         batch_size: int | None = None,
+        **lm_kwargs: Any,
     ) -> Cascade:
         """The cascade of a ``gatekeeper`` recipe run (Gatekeeper, arXiv:2502.19335): its fine-tuned small
         model and its large model, uncalibrated (call :meth:`calibrate`).
+
+        A ``gatekeeper_lm``, ``lm_cascade`` or ``speculative_cascade`` run (``recipe`` in its ``run.json``) gives
+        a :class:`lit_cascades.cascade_lm.GenerationCascade` instead
+        (:meth:`~lit_cascades.cascade_lm.GenerationCascade.from_run`, which takes ``batch_size`` and the
+        ``lm_kwargs``: ``variant``, ``rule``, ``alpha``, ``method``).
 
         Reads ``<run>/config.yaml``: the nets are rebuilt from its ``small.model`` / ``large.model`` sections
         with ``in_shape`` and ``num_classes`` from the datamodule of ``config.data`` (built and set up here
@@ -762,6 +772,14 @@ class Cascade(nn.Module):
         """
         from omegaconf import OmegaConf
 
+        from lit_cascades.cascade_lm import LM_RECIPES, recipe_of_run
+
+        if recipe_of_run(run_dir) in LM_RECIPES:
+            from lit_cascades.cascade_lm import GenerationCascade
+
+            return GenerationCascade.from_run(run_dir, batch_size=batch_size, **lm_kwargs)  # type: ignore[return-value]
+        if lm_kwargs:
+            raise TypeError(f"from_run: {sorted(lm_kwargs)} apply to LM recipe runs ({list(LM_RECIPES)}) only")
         from lit_cascades.runner import build
 
         run_dir = Path(run_dir)
