@@ -521,6 +521,8 @@ class GenerationCascade(nn.Module):
     def _generate_speculative(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int) -> GenerationOutput:
         module: Any = self.spec_module
         device = _device_of(self.large)
+        if module.device != device:  # a LightningModule inside a plain module misses the parent's .to(): its
+            module.to(device)        # device (and so its sampling generator's) is set here
         step = self.batch_size or input_ids.shape[0]
         outs = []
         start = time.perf_counter()

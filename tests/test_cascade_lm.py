@@ -427,9 +427,10 @@ def test_from_lm_cascade_run_reproduces_its_records(tmp_path, tiny_pair_dir, _ca
     assert isinstance(ph.rule, PostHocDeferral)
     state = safe_torch_load(out / "post_hoc" / "quantile_seed0" / "model.pt")
     assert all(torch.equal(v, state[k]) for k, v in ph.rule.state_dict().items())
-    rep = ph.calibrate(batches, 0.5, method="quantile")
-    assert rep.n == 8 and rep.rate <= 0.5 and rep.small_quality == pytest.approx(
-        float(records["small_exact_match"].mean()))
+    rep = ph.calibrate(batches, 0.5, method="quantile")  # the batches carry the references ("target")
+    assert ph.quality == "token_f1" and rep.n == 8 and rep.rate <= 0.5
+    assert rep.small_quality == pytest.approx(float(records["small_token_f1"].mean()))
+    assert rep.large_quality == pytest.approx(float(records["large_token_f1"].mean()))
 
 
 @pytest.mark.slow
