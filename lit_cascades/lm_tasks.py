@@ -295,7 +295,9 @@ def speculative_row(name: str, rule: str, alpha: float | None, rec: Mapping[str,
             "verifier_calls_per_token": calls / max(tokens, 1),
             "drafter_calls_per_prompt": float(rec["drafter_calls"].float().mean()),
             "acceptance_rate": accept, "tokens_per_verifier_call": tokens / max(calls, 1),
-            "deferral_rate": 1.0 - accept}
+            "rejection_rate": 1.0 - accept,
+            "deferral_rate": (float(rec["deferred"].float().sum()) / max(tokens, 1) if "deferred" in rec
+                              else math.nan)}
 
 
 def sequence_cascade_rows(small: Mapping[str, Any], large: Mapping[str, Any], rates: Sequence[float],

@@ -20,12 +20,15 @@ memoised in ``<stage>/records.pt``; ``task.num_test`` prompts are decoded in bat
 * the speculative cascades: each rule of ``sweep.rules`` at each α of ``sweep.alphas.<rule>`` (lossy
   speculative decoding is the rule ``lossy``), or only ``rule``/``alpha`` when ``rule=`` is given.
 
-Outputs: ``methods.csv`` (one row per method), ``quality_latency.png`` (quality vs latency relative to
+Outputs: ``methods.csv`` (one row per method; ``deferral_rate`` is the rule's: the share of emitted tokens at
+which its target puts weight on the large model, 1 for ``spec_decode``; ``rejection_rate`` is the share of
+drafts rejected by the accept/reject step), ``quality_latency.png`` (quality vs latency relative to
 ``large_only`` and quality vs verifier calls per emitted token) and ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,7 @@ from lit_cascades.runner import ConfigError, Run, build, config_errors, main
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COLUMNS = ("method", "rule", "alpha", "quality", "exact_match", "token_f1", "seconds_per_prompt", "relative_latency",
            "tokens_per_second", "verifier_calls_per_prompt", "verifier_calls_per_token", "drafter_calls_per_prompt",
-           "acceptance_rate", "tokens_per_verifier_call", "deferral_rate")
+           "acceptance_rate", "tokens_per_verifier_call", "rejection_rate", "deferral_rate")
 
 
 def methods_to_run(cfg: DictConfig) -> list[tuple[str, float | None]]:
@@ -168,6 +171,8 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
     large_seconds = rows[1]["seconds_per_prompt"]
     for row in rows:
         row["relative_latency"] = row["seconds_per_prompt"] / max(large_seconds, 1e-12)
+    for row in rows:  # the plain and sequence-cascade rows have no draft rejections
+        row.setdefault("rejection_rate", math.nan)
     r.save_table("methods", COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
     r.save_figure("quality_latency", plot_methods(rows, q))
     methods = {row["method"]: {c: row[c] for c in COLUMNS if c != "method"} for row in rows}

@@ -168,6 +168,30 @@ def target_distribution(rule: str, q: Tensor, p: Tensor, alpha: float | None = N
     return q * accept + (q * (1.0 - accept)).sum(-1, keepdim=True) * residual
 
 
+def defers(rule: str, q: Tensor, p: Tensor, alpha: float | None = None, q_raw: Tensor | None = None,
+           p_raw: Tensor | None = None) -> Tensor:
+    """The rule's deferral decision ``[...]`` (bool): True where its target ``π`` puts weight on the verifier.
+
+    ``spec_decode``: always; ``drafter_only``: never; ``chow``/``diff``/``opt``: where the position-level rule
+    picks ``p``; ``token_v1/v2/v3``: where ``1 − Σ_v q(v)·a(v) > 0`` (the mass of ``q`` outside the accepted
+    region goes to ``p``); ``lossy``: where its output distribution differs from ``q``. This is the rule's
+    deferral rate (Narasimhan et al., arXiv:2405.19261, §3), not the rejection rate of the accept/reject step
+    (``D_TV(q, π)`` in expectation), which is smaller: a deferred position still accepts a draft that ``p``
+    likes.
+    """
+    alpha = check_rule(rule, alpha)
+    q_raw, p_raw = _check_dists(q, p, q_raw, p_raw)
+    if rule == "spec_decode":
+        return torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
+    if rule == "drafter_only":
+        return torch.zeros(q.shape[:-1], dtype=torch.bool, device=q.device)
+    if rule in ("chow", "diff", "opt"):
+        return ~keep_small(rule, q_raw, p_raw, alpha, q, p)
+    if rule.startswith("token_"):
+        return (q * accept_region(rule, q_raw, p_raw, alpha)).sum(-1) < 1.0 - 1e-6
+    return (target_distribution(rule, q, p, alpha) - q).abs().sum(-1) > 1e-6
+
+
 def _lossy_accept(q: Tensor, p: Tensor, lenience: float) -> Tensor:
     """Lossy acceptance ``min(1, p / max((1 − l)·q, MIN_PROB))`` for every token (the colab's SPEED)."""
     return (p / ((1.0 - lenience) * q).clamp(min=MIN_PROB)).clamp(max=1.0)

@@ -164,7 +164,7 @@ def test_sampling_matches_the_models_distributions():
     samples = {}
     for rule, bonus in (("spec_decode", "verifier"), ("drafter_only", "target")):
         out = speculative_generate(drafter, verifier, ids, mask, 2, rule=rule, gamma=2, temperature=temperature,
-                                   bonus=bonus, generator=torch.Generator().manual_seed(0))
+                                   bonus=bonus, stop_counts=[], generator=torch.Generator().manual_seed(0))
         samples[rule] = out.tokens[:, 0] * vocab + out.tokens[:, 1]
     p_two = _two_token_distribution(verifier, prompt, vocab, temperature)
     q_two = _two_token_distribution(drafter, prompt, vocab, temperature)
