@@ -28,33 +28,72 @@ PAIR_COSTS: tuple[str, ...] = ("uniform", "difference")
 
 class _SortedScores(NamedTuple):
     order: Tensor  # [N] argsort of the scores, ascending (least confident first); tie order is irrelevant
-    lo: Tensor  # [N + 1] for each cut k: the largest tie-group boundary <= k
+    lo: Tensor  # [N + 1] for each cut k: the largest tie-group boundary <= k (int32 below 2^31 cuts)
     hi: Tensor  # [N + 1] for each cut k: the smallest tie-group boundary >= k
     has_ties: bool
+
+
+#: elements per block of the chunked scans and reductions: bounds their temporaries (a few MiB) at any N
+CHUNK = 1 << 16
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 - 1 else torch.int64
+
+
+def _chunks(n: int) -> range:
+    return range(0, n, CHUNK)
+
+
+def _tie_bounds(boundary: Tensor) -> tuple[Tensor, Tensor]:
+    """``lo[k]`` = the largest ``j <= k`` with ``boundary[j]``, ``hi[k]`` = the smallest ``j >= k`` with it.
+
+    Running max / min over the boundary positions, block by block with the carry from the previous block
+    (``boundary[0]`` and ``boundary[-1]`` must be set), so the temporaries stay at a block's size.
+    """
+    m = boundary.shape[0]
+    dtype, dev = _index_dtype(m), boundary.device
+    lo, hi = torch.empty(m, dtype=dtype, device=dev), torch.empty(m, dtype=dtype, device=dev)
+    carry = torch.zeros((), dtype=dtype, device=dev)
+    for s in _chunks(m):
+        e = min(s + CHUNK, m)
+        k = torch.arange(s, e, dtype=dtype, device=dev)
+        lo[s:e] = torch.where(boundary[s:e], k, carry).cummax(0).values
+        carry = lo[e - 1]
+    carry = torch.full((), m - 1, dtype=dtype, device=dev)
+    for s in reversed(_chunks(m)):
+        e = min(s + CHUNK, m)
+        k = torch.arange(s, e, dtype=dtype, device=dev)
+        hi[s:e] = torch.where(boundary[s:e], k, carry).flip(0).cummin(0).values.flip(0)
+        carry = hi[s]
+    return lo, hi
 
 
 def _sort_scores(scores: Tensor) -> _SortedScores:
     """One sort of the scores plus, for every cut ``k``, the boundaries of the tie group around it.
 
     Ties are averaged everywhere, so an unstable sort is enough. ``lo``/``hi`` come from a running max/min
-    over the boundary positions (``O(N)``, no search).
+    over the boundary positions (``O(N)``, no search), in int32 below 2^31 cuts.
     """
     sorted_scores, order = torch.sort(scores)
     n = sorted_scores.shape[0]
-    k = torch.arange(n + 1, device=scores.device)
     boundary = torch.ones(n + 1, dtype=torch.bool, device=scores.device)
-    boundary[1:n] = sorted_scores[1:] != sorted_scores[:-1]
+    torch.ne(sorted_scores[1:], sorted_scores[:-1], out=boundary[1:n])
+    del sorted_scores
     has_ties = not bool(boundary.all())
     if not has_ties:
+        k = torch.arange(n + 1, dtype=_index_dtype(n + 1), device=scores.device)
         return _SortedScores(order, k, k, False)
-    lo = torch.where(boundary, k, torch.zeros_like(k)).cummax(0).values
-    hi = torch.where(boundary, k, torch.full_like(k, n)).flip(0).cummin(0).values.flip(0)
+    lo, hi = _tie_bounds(boundary)
     return _SortedScores(order, lo, hi, True)
 
 
-def _cumsum0(x: Tensor) -> Tensor:
+def _cumsum0(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Cumulative sums along dim 0 with a leading zero row: ``[N, ...] -> [N + 1, ...]``."""
-    return torch.cat([torch.zeros_like(x[:1]), torch.cumsum(x, 0)])
+    out = torch.empty((x.shape[0] + 1, *x.shape[1:]), dtype=dtype or x.dtype, device=x.device)
+    out[0] = 0
+    torch.cumsum(x, 0, dtype=out.dtype, out=out[1:])
+    return out
 
 
 def _auroc_from_sorted(srt: _SortedScores, positive: Tensor) -> Tensor:
@@ -62,18 +101,23 @@ def _auroc_from_sorted(srt: _SortedScores, positive: Tensor) -> Tensor:
 
     Each positive at sorted position ``i`` scores the expected number of negatives ranked below it under
     random tie-breaking: the negatives of lower groups plus half of those in its own group. NaN where a
-    column has no positive or no negative.
+    column has no positive or no negative. Counts are exact integers; the sum over positives is taken block by
+    block in float64.
     """
-    pos_sorted = positive[srt.order].double()
+    pos_sorted = positive[srt.order].bool()
     n = pos_sorted.shape[0]
-    n_pos = pos_sorted.sum(0)
+    n_pos = pos_sorted.sum(0).double()
     n_neg = n - n_pos
-    cum_neg = _cumsum0(1.0 - pos_sorted)  # negatives among the first k sorted
-    if srt.has_ties:
-        below = 0.5 * (cum_neg[srt.lo[:-1]] + cum_neg[srt.hi[1:]])
-    else:
-        below = cum_neg[:-1]
-    auc = (pos_sorted * below).sum(0) / (n_pos * n_neg)
+    cum_neg = _cumsum0(~pos_sorted, _index_dtype(n + 1))  # negatives among the first k sorted
+    twice_below = torch.zeros(pos_sorted.shape[1:], dtype=torch.float64, device=pos_sorted.device)
+    for s in _chunks(n):
+        e = min(s + CHUNK, n)
+        if srt.has_ties:  # 2 x below = negatives under the group's start + negatives under its end
+            b = cum_neg[srt.lo[s:e]].double() + cum_neg[srt.hi[s + 1:e + 1]]
+        else:
+            b = 2.0 * cum_neg[s:e].double()
+        twice_below += (b * pos_sorted[s:e]).sum(0)
+    auc = twice_below / (2.0 * n_pos * n_neg)
     return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_cascades.functional import auroc as _auroc
 from lit_cascades.functional._checks import (
     check_choice,
     check_finite,
@@ -68,13 +69,20 @@ def _validate(scores: Tensor, small_quality: Tensor, large_quality: Tensor | Non
 
 
 def _interpolate_ties(cum: Tensor, srt: _SortedScores) -> Tensor:
-    """Replace ``cum[k]`` inside each tie group by the interpolation between the group's boundaries."""
+    """Replace ``cum[k]`` inside each tie group by the interpolation between the group's boundaries, in place.
+
+    Block by block: a block reads ``cum`` only at boundaries, which the interpolation leaves unchanged.
+    """
     if not srt.has_ties:
         return cum
-    k = torch.arange(cum.shape[0], device=cum.device)
-    width = (srt.hi - srt.lo).clamp(min=1).to(cum.dtype)
-    frac = (k - srt.lo).to(cum.dtype) / width
-    return cum[srt.lo] + frac * (cum[srt.hi] - cum[srt.lo])
+    for s in _auroc._chunks(cum.shape[0]):
+        e = min(s + _auroc.CHUNK, cum.shape[0])
+        lo, hi = srt.lo[s:e], srt.hi[s:e]
+        k = torch.arange(s, e, dtype=cum.dtype, device=cum.device)
+        frac = (k - lo).div_((hi - lo).clamp(min=1))
+        c_lo = cum[lo]
+        cum[s:e] = frac.mul_(cum[hi] - c_lo).add_(c_lo)
+    return cum
 
 
 def _cumsum0(x: Tensor) -> Tensor:
@@ -82,6 +90,20 @@ def _cumsum0(x: Tensor) -> Tensor:
     out = torch.empty(x.shape[0] + 1, dtype=x.dtype, device=x.device)
     out[0] = 0
     torch.cumsum(x, 0, out=out[1:])
+    return out
+
+
+def _sorted_gain_cumsum(order: Tensor, small_quality: Tensor, large_quality: Tensor) -> Tensor:
+    """``[N + 1]`` float64 ``[0, g_0, g_0 + g_1, ...]`` of the gains ``large − small`` in sorted order.
+
+    Written into the output buffer and summed in place (no float64 copy of the inputs, no gain array).
+    """
+    out = torch.empty(order.shape[0] + 1, dtype=torch.float64, device=order.device)
+    out[0] = 0
+    body = out[1:]
+    body.copy_(large_quality[order])
+    body.sub_(small_quality[order])
+    body.cumsum_(0)
     return out
 
 
@@ -288,8 +310,11 @@ def _class_histograms(bin_idx: Tensor, correct: Tensor, n_bins: int, weights: Te
 
 
 def _overlap_hist(x: Tensor, correct: Tensor, lo: float, hi: float, bins: int) -> Tensor:
-    idx = ((x - lo) / (hi - lo) * bins).floor().long().clamp(0, bins - 1)
-    hist = _class_histograms(idx, correct, bins)
+    hist = torch.zeros(2, bins, dtype=torch.float64, device=x.device)
+    for s in _auroc._chunks(x.shape[0]):  # blocks bound the temporaries
+        e = min(s + _auroc.CHUNK, x.shape[0])
+        idx = ((x[s:e] - lo) / (hi - lo) * bins).floor_().long().clamp_(0, bins - 1)
+        hist += _class_histograms(idx, correct[s:e], bins)
     p = hist / hist.sum(1, keepdim=True)
     return torch.minimum(p[0], p[1]).sum()
 
@@ -298,12 +323,15 @@ def _overlap_kde(x: Tensor, correct: Tensor, lo: float, hi: float, bandwidth: fl
     h = bandwidth * (hi - lo)
     g_lo, g_hi = lo - 3 * h, hi + 3 * h
     dx = (g_hi - g_lo) / (grid_size - 1)
-    pos = (x - g_lo) / dx
-    left = pos.floor().clamp(0, grid_size - 2)
-    w_right = (pos - left).clamp(0, 1)
-    left = left.long()
-    hist = _class_histograms(left, correct, grid_size, 1.0 - w_right)  # linear binning onto the grid
-    hist += _class_histograms(left + 1, correct, grid_size, w_right)
+    hist = torch.zeros(2, grid_size, dtype=torch.float64, device=x.device)
+    for s in _auroc._chunks(x.shape[0]):  # linear binning onto the grid, block by block
+        e = min(s + _auroc.CHUNK, x.shape[0])
+        pos = (x[s:e] - g_lo) / dx
+        left = pos.floor().clamp_(0, grid_size - 2)
+        w_right = pos.sub_(left).clamp_(0, 1)
+        left = left.long()
+        hist += _class_histograms(left, correct[s:e], grid_size, 1.0 - w_right)
+        hist += _class_histograms(left + 1, correct[s:e], grid_size, w_right)
     half = math.ceil(4 * h / dx)
     offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=x.device) * dx
     kernel = torch.exp(-0.5 * (offsets / h) ** 2)
@@ -400,16 +428,23 @@ def deferral_metrics(
     _validate(scores, small_quality, large_quality)
     check_choice("ideal", ideal, IDEAL_VARIANTS)
     check_range("rate", rate, 0.0, 1.0)
-    small, large = small_quality.double(), large_quality.double()
-    qs, ql = small.mean(), large.mean()
-    gain = large - small
+    # Memory: the report's four [N + 1] float64 curves are the only O(N) float64 arrays; everything else is
+    # the sort (values + int64 order), int32 tie bounds, bool masks and block-sized temporaries.
+    n = scores.shape[0]
+    qs = torch.sum(small_quality, dtype=torch.float64) / n
+    ql = torch.sum(large_quality, dtype=torch.float64) / n
     srt = _sort_scores(scores)
-    curve = _curve_from_sorted(srt, gain, qs * small.shape[0])
-    rand = qs + curve.rates * (ql - qs)
-    best = _ideal(curve.rates, qs, ql, ideal, gain)
-    auc, auc_ideal = _area_on_grid(curve.quality), _area_on_grid(best)
+    quality = _interpolate_ties(_sorted_gain_cumsum(srt.order, small_quality, large_quality), srt)
+    quality.div_(n).add_(qs)
+    correct = small_quality >= correct_threshold
+    auroc = float(_auroc_from_sorted(srt, correct))
+    del srt
+    rates = _rates(n, scores.device)
+    curve = DeferralCurve(rates, quality)
+    rand = torch.mul(rates, ql - qs).add_(qs)
+    best = _ideal_lean(rates, qs, ql, ideal, small_quality, large_quality)
+    auc, auc_ideal = _area_on_grid(quality), _area_on_grid(best)
     auc_rand = (qs + ql) / 2
-    correct = small >= correct_threshold
     scalars = {
         "small_quality": float(qs),
         "large_quality": float(ql),
@@ -420,8 +455,25 @@ def deferral_metrics(
         "s_d": float(_s_d(auc, auc_rand, auc_ideal)),
         "s_o": float(_overlap(scores, correct, "kde", overlap_bins, overlap_bandwidth, 1000)),
         "s_o_hist": float(_overlap(scores, correct, "hist", overlap_bins, overlap_bandwidth, 1000)),
-        "auroc": float(_auroc_from_sorted(srt, correct)),
+        "auroc": auroc,
         "quality_at_rate": float(quality_at_rate(curve, rate)),
         "rate": float(rate),
     }
     return DeferralReport(curve=curve, random=rand, ideal=best, scalars=scalars)
+
+
+def _ideal_lean(rates: Tensor, qs: Tensor, ql: Tensor, variant: str, small_quality: Tensor,
+                large_quality: Tensor) -> Tensor:
+    """:func:`_ideal` without a float64 gain array when both qualities are 0/1 (the oracle curve from counts)."""
+    if variant != "oracle":
+        return _ideal(rates, qs, ql, variant, torch.empty(0))
+    binary = all(bool(((q == 0) | (q == 1)).all()) for q in (small_quality, large_quality))
+    if not binary:
+        return _ideal(rates, qs, ql, variant, _gain(small_quality, large_quality))
+    n = small_quality.shape[0]
+    n_up = int((large_quality > small_quality).sum())  # gain +1
+    n_down = int((large_quality < small_quality).sum())  # gain -1
+    out = torch.arange(n + 1, dtype=torch.float64, device=rates.device).clamp_(max=n_up)
+    if n_down:
+        out[n - n_down:] -= torch.arange(n_down + 1, dtype=torch.float64, device=rates.device)
+    return out.div_(n).add_(qs)

@@ -90,3 +90,24 @@ def test_difference_cost_auroc_is_prior_weighted_per_label_auroc():
     rhs = 0.5 * float((pn * (2 * binary_auroc(scores, labels) - 1)).sum())
     rhs += 0.25 * float((levels[:, None] - levels[None, :]).abs().sum())
     assert lhs == pytest.approx(rhs, rel=1e-12)
+
+
+@pytest.mark.parametrize("n_distinct", [4, 1000])
+def test_multi_column_and_level_auroc_with_small_blocks(monkeypatch, n_distinct):
+    """Blocks of 5 (tie groups straddle block edges) give the same per-column AUROCs as sklearn."""
+    import lit_cascades.functional.auroc as auroc_mod
+
+    monkeypatch.setattr(auroc_mod, "CHUNK", 5)
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randint(0, n_distinct, (83,), generator=g).float()
+    target = torch.rand(83, 3, generator=g) < 0.4
+    ours = binary_auroc(scores, target)
+    for k in range(3):
+        assert ours[k].item() == pytest.approx(roc_auc_score(target[:, k].numpy(), scores.numpy()), abs=1e-12)
+    levels = target.sum(1)
+    auc, _ = level_pair_auroc(scores, levels)
+    for a, b in ((1, 0), (2, 0), (3, 1)):
+        sel = (levels == a) | (levels == b)
+        if (levels == a).any() and (levels == b).any():
+            exp = roc_auc_score((levels[sel] == a).numpy(), scores[sel].numpy())
+            assert auc[a, b].item() == pytest.approx(exp, abs=1e-12)

@@ -221,3 +221,54 @@ def test_bad_options():
         calibrate_threshold(s, -0.1)
     with pytest.raises(TypeError, match="torch.Tensor"):
         deferral_curve([0.1, 0.2], s[:2], s[:2])
+
+
+@pytest.fixture(params=[1 << 16, 7], ids=["one_block", "many_blocks"])
+def block(request, monkeypatch):
+    """Run a test with the default block size and with blocks of 7, so tie groups straddle block edges."""
+    import lit_cascades.functional.auroc as auroc_mod
+
+    monkeypatch.setattr(auroc_mod, "CHUNK", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("real_valued", [False, True])
+@pytest.mark.parametrize("n_distinct", [5, 40, 10_000])
+def test_deferral_metrics_equal_oracles_across_blocks(block, n_distinct, real_valued):
+    """Every field of the single-pass report against brute force, sklearn and the separate functions."""
+    g = torch.Generator().manual_seed(n_distinct)
+    n = 97
+    scores = torch.randint(0, n_distinct, (n,), generator=g).float() / n_distinct
+    qs = (torch.rand(n, generator=g) < 0.6).float()
+    ql = torch.rand(n, generator=g) if real_valued else (torch.rand(n, generator=g) < 0.8).float()
+    rep = deferral_metrics(scores, qs, ql)
+    brute = _brute_force_threshold_curve(scores, qs, ql)
+    for k, q in brute.items():
+        assert rep.curve.quality[k].item() == pytest.approx(q, abs=1e-12)
+    torch.testing.assert_close(rep.curve.rates, torch.arange(n + 1, dtype=torch.float64) / n)
+    # the oracle ideal curve = cumulative gains sorted largest first (brute force)
+    gains = sorted((ql.double() - qs.double()).tolist(), reverse=True)
+    ideal = qs.double().mean().item() + np.concatenate([[0.0], np.cumsum(gains)]) / n
+    np.testing.assert_allclose(rep.ideal.numpy(), ideal, atol=1e-12)
+    np.testing.assert_allclose(rep.random.numpy(), qs.mean().item() + rep.curve.rates.numpy()
+                               * (ql.mean() - qs.mean()).item(), atol=1e-12)
+    assert rep.scalars["auroc"] == pytest.approx(roc_auc_score(qs.numpy(), scores.numpy()), abs=1e-12)
+    assert rep.scalars["s_d"] == pytest.approx(deferral_performance(rep.curve, qs, ql).item(), abs=1e-12)
+    correct = qs >= 0.5
+    assert rep.scalars["s_o_hist"] == pytest.approx(
+        distributional_overlap(scores, correct, method="hist").item(), abs=1e-12)
+    # histogram overlap by hand: equal-width bins over [0, 1]
+    idx = np.clip(np.floor(scores.numpy().astype(np.float64) * 100), 0, 99).astype(int)
+    hc = np.bincount(idx[correct.numpy()], minlength=100) / correct.sum().item()
+    hi_ = np.bincount(idx[~correct.numpy()], minlength=100) / (~correct).sum().item()
+    assert rep.scalars["s_o_hist"] == pytest.approx(np.minimum(hc, hi_).sum(), abs=1e-6)
+
+
+@pytest.mark.parametrize("n_distinct", [3, 50, 100_000])
+def test_auroc_across_blocks_equals_sklearn(block, n_distinct):
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, n_distinct, (300,), generator=g).double() / n_distinct  # in [0, 1]: no sigmoid
+    target = torch.rand(300, generator=g) < 0.3
+    ours = deferral_auroc(scores, target).item()
+    assert ours == pytest.approx(roc_auc_score(target.numpy(), scores.numpy()), abs=1e-12)
+    assert ours == pytest.approx(binary_auroc(scores, target.long()).item(), abs=1e-6)
