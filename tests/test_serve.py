@@ -419,3 +419,102 @@ def test_recipe_calibrates_a_gatekeeper_run_on_its_val_split(tmp_path, capsys):
                       f"save={tmp_path / 'x'}"], capsys).startswith(f"error: small_stage: no weights at {out}/nope")
     assert _error_of([f"run={out}", "target_rate=0.3", "split=holdout", "serve=false", f"save={tmp_path / 'x'}"],
                      capsys).startswith("error: split: the run's data has splits ['test', 'train', 'val']")
+
+
+# --------------------------------------------------------------------------------------------------------
+# a generation cascade behind the same server (lit_cascades.cascade_lm.GenerationAdapter)
+# --------------------------------------------------------------------------------------------------------
+PROMPTS = ["import os", "def f(x):\n    return x", "class A:", "x = [1, 2, 3]", "for i in range(3):",
+           "print('hi')", "with open(path) as fh:", "if __name__ == '__main__':", "return None", "# a comment",
+           "try:\n    pass", "y = {}"]
+
+
+@pytest.mark.slow
+def test_a_generation_cascade_is_served_with_the_same_endpoints(tmp_path):
+    """Tiny random GPT-2 / Llama pair on a tokenizer trained in a second: served texts and deferrals equal
+    ``GenerationCascade.generate`` on the same prompts; /stats counts prompts; a bad request gets a 422."""
+    import httpx
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_cascades.cascade_lm import GenerationCascade
+    from lit_cascades.data.lm import stdlib_files, train_bpe_tokenizer
+    from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
+
+    tok = train_bpe_tokenizer([p.read_text() for p in stdlib_files()[:4]], vocab_size=300, progress=False)
+    torch.manual_seed(0)
+    small = build_causal_lm(gpt2_config(len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=96,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    torch.manual_seed(1)
+    large = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=96, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id))
+    cascade = GenerationCascade(small, large, tok, rule="chow_average", max_new_tokens=5)
+    cascade.calibrate(PROMPTS, 0.5, method="conformal")
+    saved = cascade.save(tmp_path / "lm")
+    cascade = GenerationCascade.load(saved)
+    want = cascade.generate(PROMPTS)
+    assert 0 < int(want.deferred.sum()) < len(PROMPTS)  # both models answer some prompts
+
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "recipes.serve", f"cascade={saved}", f"port={port}",
+                                 "max_batch_size=4", "batch_timeout=0.02", "accelerator=cpu"], cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        children = _descendants(proc.pid)
+        rng = random.Random(0)
+        jobs = [[rng.randrange(len(PROMPTS)) for _ in range(rng.randint(1, 3))] for _ in range(24)]
+        answers: list[tuple[list[int], dict]] = []
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for job in jobs[k::4]:
+                    r = c.post("/predict", json={"inputs": [PROMPTS[i] for i in job]})
+                    assert r.status_code == 200, r.text
+                    answers.append((job, r.json()))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert len(answers) == len(jobs)
+        for job, body in answers:
+            for i, o in zip(job, body["outputs"], strict=True):
+                if abs(float(want.scores[i]) - cascade.threshold) < 1e-5:
+                    continue  # a float-noise tie with the threshold could go either way
+                assert o["deferred"] == bool(want.deferred[i]) and o["text"] == want.texts[i], (i, o)
+                assert o["score"] == pytest.approx(float(want.scores[i]), rel=1e-4, abs=1e-5)
+        r = httpx.post(f"{url}/predict", json={"inputs": ["ok", 3]}, timeout=30)
+        assert r.status_code == 422 and r.json()["detail"].startswith("inputs[1]: expected a string")
+        stats = httpx.get(f"{url}/stats", timeout=30).json()
+        assert stats["task"] == "generation" and stats["rows"] == sum(map(len, jobs))
+        assert stats["deferred_rows"] == sum(o["deferred"] for _, b in answers for o in b["outputs"])
+        assert stats["client_errors"] == 1 and stats["calibration"]["method"] == "conformal"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+    assert proc.returncode == 0
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if _alive(pid)]
