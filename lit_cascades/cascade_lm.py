@@ -91,9 +91,9 @@ class GenerationOutput:
         tokens: ``[B, M]`` generated ids of those answers (``pad_token_id`` after the end).
         mask: ``[B, M]`` bool, True on the output tokens (the stop token included unless ``include_stop=False``).
         deferred: ``[B]`` bool, True where the large model answered (sequence rules: ``score < threshold`` or a
-            NaN score; speculative: the verifier replaced at least one drafted token of the row).
-        scores: ``[B]`` the small model's deferral score, higher = keep (speculative: the row's acceptance rate
-            of drafted tokens).
+            NaN score; speculative: the rule deferred to the verifier at one or more of the row's tokens).
+        scores: ``[B]`` the small model's deferral score, higher = keep (speculative: the share of the row's
+            emitted tokens at which the rule did not defer).
         calls: ``[B]`` sequence rules: models run on the row (1 kept, 2 deferred, +1 when the post-hoc rule reads
             the large model's hidden states); speculative: the row's verifier forwards.
         seconds: ``[B]`` wall time: the small model's (and scoring) time divided over all ``B`` rows, plus, for a
@@ -537,12 +537,19 @@ class GenerationCascade(nn.Module):
             return torch.cat([getattr(o, name) for o in outs]).cpu()
 
         tokens, out_mask = cat("tokens"), cat("mask").bool()
-        accepted, drafted = cat("accepted"), cat("drafted")
+        if all(getattr(o, "deferred", None) is not None for o in outs):
+            # the rule's own decisions: emitted tokens at which its target put weight on the verifier
+            deferred_tokens = cat("deferred")
+            deferred = deferred_tokens > 0
+            scores = 1.0 - deferred_tokens.float() / cat("num_tokens").clamp(min=1).float()
+        else:  # an output without deferral counts: rejected drafts instead
+            accepted, drafted = cat("accepted"), cat("drafted")
+            deferred, scores = accepted < drafted, accepted.float() / drafted.clamp(min=1).float()
         texts = self.decode_texts(tokens, out_mask)
         b = tokens.shape[0]
-        return GenerationOutput(texts=texts, tokens=tokens, mask=out_mask, deferred=accepted < drafted,
-                                scores=accepted.float() / drafted.clamp(min=1).float(), calls=cat("verifier_calls"),
-                                seconds=torch.full((b,), seconds / b, dtype=torch.float64), small_texts=list(texts))
+        return GenerationOutput(texts=texts, tokens=tokens, mask=out_mask, deferred=deferred, scores=scores,
+                                calls=cat("verifier_calls"), seconds=torch.full((b,), seconds / b, dtype=torch.float64),
+                                small_texts=list(texts))
 
     def forward(self, prompts: Any, max_new_tokens: int | None = None) -> GenerationOutput:
         """Same as :meth:`generate`."""
@@ -805,8 +812,10 @@ class GenerationCascade(nn.Module):
             if variant is not None:
                 raise ValueError("variant: only gatekeeper_lm runs have fine-tuned variants")
             spec_rule, spec_alpha = _speculative_method(cfg, metrics, method, rule, alpha)
+            settings["stop"] = _speculative_stop(section)  # type: ignore[arg-type]
             kwargs["speculative"] = {**{k: v for k, v in section.items()  # type: ignore[union-attr]
-                                        if k not in ("_target_", "max_new_tokens", "include_stop", "quality")},
+                                        if k not in ("_target_", "max_new_tokens", "include_stop", "quality",
+                                                     "stop_counts", "num_stops")},
                                      "rule": spec_rule, "alpha": spec_alpha}
             source["method"] = _method_name(spec_rule, spec_alpha)
         else:
@@ -844,6 +853,52 @@ class GenerationCascade(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # reading runs
 # --------------------------------------------------------------------------------------------------------
+def run_prompts(run_dir: str | Path, split: str = "val", num_examples: int | None = None,
+                batch_size: int | None = None) -> Any:
+    """A DataLoader of an LM recipe run's next-line prompts, built as the recipe builds them (same corpus,
+    tokenizer, context length and seed): left-padded batches ``{"input_ids", "attention_mask", "target", ...}``
+    that :meth:`GenerationCascade.calibrate` and :meth:`GenerationCascade.generate` take.
+
+    ``split="val"`` (default) gives calibration prompts no model of the run was fitted on: for an ``lm_cascade``
+    run the first ``task.num_train`` val prompts trained its post-hoc rules, so they are skipped here (the same
+    seeded draw, continued). ``split="test"`` gives the run's own test prompts first.
+
+    Args:
+        run_dir: a finished ``gatekeeper_lm``, ``lm_cascade`` or ``speculative_cascade`` run.
+        split: ``"val"`` or ``"test"``.
+        num_examples: prompts to draw (default: the run's ``task.num_test``).
+        batch_size: prompts per batch (default: the run's ``task.batch_size``).
+    """
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader, Subset
+
+    from lit_cascades.data.lm import collate_prompts
+    from lit_cascades.lm_tasks import build_task_datamodule
+
+    run_dir = Path(run_dir)
+    recipe = recipe_of_run(run_dir)
+    if recipe not in LM_RECIPES or not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"run_dir: {run_dir} is not a run of {list(LM_RECIPES)} (recipe {recipe!r})")
+    if split not in ("val", "test"):
+        raise ValueError(f"split: expected 'val' or 'test'; got {split!r}")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    task = cfg.task
+    n = int(num_examples if num_examples is not None else task.num_test)
+    if n < 1:
+        raise ValueError(f"num_examples: expected an integer >= 1; got {num_examples!r}")
+    skip = int(task.num_train) if recipe == "lm_cascade" and split == "val" else 0
+    pair = _run_pair(run_dir, cfg, _read_json(run_dir / "metrics.json"))
+    dm = build_task_datamodule(cfg.data, pair)
+    dataset = dm.next_line_dataset(split, num_examples=skip + n, context_tokens=task.context_tokens,
+                                   max_target_tokens=task.max_new_tokens, min_context_lines=task.min_context_lines,
+                                   seed=task.seed)
+    if len(dataset) <= skip:
+        raise ValueError(f"num_examples: the {split} split has {len(dataset)} prompts, all used to train the run's "
+                         "post-hoc rules")
+    return DataLoader(Subset(dataset, range(skip, len(dataset))), batch_size=batch_size or int(task.batch_size),
+                      shuffle=False, collate_fn=collate_prompts(dm.get_tokenizer().pad_token_id))
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -919,6 +974,22 @@ def _post_hoc_rule(run_dir: Path, cfg: Any, name: str, small: nn.Module, large: 
                  features=features)
     rule.load_state_dict(safe_torch_load(path))
     return rule.eval()
+
+
+def _speculative_stop(section: Mapping[str, Any]) -> str | list[int]:
+    """The ``stop`` of a speculative_cascade run's ``cascade`` section (runs before ``stop_counts`` was a key
+    always stopped at the second newline)."""
+    if "stop_counts" not in section:
+        return "next_line"
+    counts, num_stops = section["stop_counts"], int(section.get("num_stops") or 1)
+    if counts == "newlines" and num_stops == 2:
+        return "next_line"
+    if counts is None and num_stops == 1:
+        return "eos"
+    if isinstance(counts, list) and num_stops == 1:
+        return [int(t) for t in counts]
+    raise ValueError(f"run_dir: cascade.stop_counts={counts!r} with num_stops={num_stops} has no GenerationCascade "
+                     "stop equivalent ('eos', 'next_line' or a list of stop ids)")
 
 
 def _method_name(rule: str, alpha: float | None) -> str:

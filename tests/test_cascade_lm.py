@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lit_cascades.cascade import Cascade, conformal_rank
-from lit_cascades.cascade_lm import GenerationCascade, GenerationOutput
+from lit_cascades.cascade_lm import GenerationCascade, GenerationOutput, run_prompts
 
 PROMPTS = ["import os", "def f(x):\n    return x", "class A:", "x = [1, 2, 3]", "for i in range(3):",
            "print('hi')", "with open(path) as fh:", "if __name__ == '__main__':", "return None", "# a comment",
@@ -296,7 +296,9 @@ def test_speculative_path_counts_verifier_calls_and_round_trips(tmp_path, tok, m
     ids, mask = c.encode(PROMPTS[:5])
     direct = speculative_generate(small, large, ids, mask, m, rule="spec_decode", gamma=3,
                                   stop_counts=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    assert torch.equal(out.calls, direct.verifier_calls) and torch.equal(out.deferred, direct.accepted < direct.drafted)
+    assert torch.equal(out.calls, direct.verifier_calls) and torch.equal(out.deferred, direct.deferred > 0)
+    assert bool(out.deferred.all())  # exact speculative decoding: every token follows the verifier
+    assert torch.allclose(out.scores, 1 - direct.deferred.float() / direct.num_tokens.float())
     with pytest.raises(RuntimeError, match="^calibrate: a speculative"):
         c.calibrate(PROMPTS, 0.2)
     lossy = GenerationCascade(small, large, tok, max_new_tokens=m,
@@ -382,20 +384,6 @@ def test_bad_input_errors_name_the_argument(tmp_path, tok, models):
 # --------------------------------------------------------------------------------------------------------
 # from recipe runs (smoke presets through the runner)
 # --------------------------------------------------------------------------------------------------------
-def _test_prompts(run, pair_dir):
-    """The run's test prompts, rebuilt as the recipe builds them (one batch of the run's batch size)."""
-    from omegaconf import OmegaConf
-
-    from lit_cascades.lm_tasks import build_task_datamodule, next_line_loader
-    from lit_cascades.models.lm_pair import load_pair
-
-    cfg = OmegaConf.load(run / "config.yaml")
-    pair = load_pair(pair_dir)
-    dm = build_task_datamodule(cfg.data, pair)
-    return list(next_line_loader(dm, cfg.task, cfg.task.get("split", "test"), cfg.task.num_test,
-                                 dm.get_tokenizer().pad_token_id))
-
-
 @pytest.fixture(autouse=False)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "cache"))
@@ -412,7 +400,7 @@ def test_from_lm_cascade_run_reproduces_its_records(tmp_path, tiny_pair_dir, _ca
     run_lm_recipe("lm_cascade", "preset=smoke", f"pair.path={tiny_pair_dir}", f"output_dir={out}",
                   "task.num_train=8", "task.num_test=8", "post_hoc.feature_sets=[quantile]")
     records = safe_torch_load(out / "generate" / "test" / "records.pt")
-    batches = _test_prompts(out, tiny_pair_dir)
+    batches = run_prompts(out, "test")
     c = Cascade.from_run(out, rule="chow_quantile_0.25")
     assert isinstance(c, GenerationCascade) and c.stop == "next_line" and c.max_new_tokens == 12
     assert c.source["recipe"] == "lm_cascade" and c.source["rule"] == "chow_quantile_0.25"
@@ -431,6 +419,22 @@ def test_from_lm_cascade_run_reproduces_its_records(tmp_path, tiny_pair_dir, _ca
     assert ph.quality == "token_f1" and rep.n == 8 and rep.rate <= 0.5
     assert rep.small_quality == pytest.approx(float(records["small_token_f1"].mean()))
     assert rep.large_quality == pytest.approx(float(records["large_token_f1"].mean()))
+    # calibration prompts from the val split skip the ones that trained the post-hoc rule (recipe's own loader)
+    from omegaconf import OmegaConf
+
+    from lit_cascades.lm_tasks import build_task_datamodule, next_line_loader
+    from lit_cascades.models.lm_pair import load_pair
+
+    cfg = OmegaConf.load(out / "config.yaml")
+    dm = build_task_datamodule(cfg.data, load_pair(tiny_pair_dir))
+    trained_on = {(d, int(n)) for b in next_line_loader(dm, cfg.task, "val", 8, dm.get_tokenizer().pad_token_id)
+                  for d, n in zip(b["doc"], b["line"])}
+    train_records = safe_torch_load(out / "generate" / "train" / "records.pt")
+    assert len(trained_on) == len(train_records["target"]) == 8
+    val = run_prompts(out, "val", num_examples=6, batch_size=4)
+    cal = {(d, int(n)) for b in val for d, n in zip(b["doc"], b["line"])}
+    assert len(cal) == 6 and not cal & trained_on
+    assert ph.calibrate(val, 0.5).n == 6
 
 
 @pytest.mark.slow
@@ -447,7 +451,7 @@ def test_from_gatekeeper_lm_run_uses_the_finetuned_small_model(tmp_path, tiny_pa
     assert all(torch.equal(v, state[f"model.{k}"]) for k, v in c.small.state_dict().items())
     records = safe_torch_load(out / "generate" / "gatekeeper_a0.5" / "records.pt")
     c.threshold = -math.inf
-    got = [c.generate(b) for b in _test_prompts(out, tiny_pair_dir)]
+    got = [c.generate(b) for b in run_prompts(out, "test")]
     assert [t for o in got for t in o.texts] == records["small_text"]
     pretrained = GenerationCascade.from_run(out, variant="pretrained", rule="chow_sum")
     assert pretrained.rule == "chow_sum" and pretrained.source["variant"] == "pretrained"
@@ -469,7 +473,7 @@ def test_from_speculative_cascade_run_reproduces_its_decoding(tmp_path, tiny_pai
     assert isinstance(c, GenerationCascade) and c.is_speculative
     assert c.speculative["rule"] == "token_v3" and c.speculative["alpha"] == 0.3 and c.speculative["gamma"] == 3
     records = safe_torch_load(out / "decode" / "spec_token_v3_0.3" / "records.pt")
-    got = [c.generate(b) for b in _test_prompts(out, tiny_pair_dir)]
+    got = [c.generate(b) for b in run_prompts(out, "test")]
     assert [t for o in got for t in o.texts] == records["text"]
     assert torch.equal(torch.cat([o.calls for o in got]), records["verifier_calls"])
     with pytest.raises(ValueError, match="^method: 'spec_foo_1' is not a speculative method name"):
