@@ -1,70 +1,98 @@
-"""USTAD training-step costs, as ratios measured in one run (same encoder, same batch, 1 thread by default).
+"""USTAD training-step cost against the fair baseline, as ratios measured in one run (same encoder
+architecture, same batch, 1 thread by default).
 
-1. USTAD step (DE InfoNCE + CE listwise, forward + backward + AdamW) / DE-only step (``lambda_ce=0``): the price
-   of the second score path (the CE's joint passes over each query's candidates).
+1. Target (<= 1.0): one USTAD step (one encoder; DE InfoNCE + CE listwise, forward + backward + AdamW) / the
+   baseline the joint model replaces: one step of a separate cross-encoder (``lambda_de=0``) plus one step of a
+   separate dual encoder (``lambda_ce=0``) on the same batch, each with its own AdamW. Also reported: the
+   in-module ``model="separate"`` step (two encoders, one optimiser) and the DE-only step (the price of the CE
+   path on top of a dual encoder alone).
 2. Asymmetric student step with the teacher's document embeddings cached / the same step embedding the
    documents with the frozen teacher tower every step (DE-score distillation + embedding matching).
 
+The sides alternate (``benchmarks._common.interleaved_ratios``); every model starts from the same weights.
+
     python -m benchmarks.ustad_step                       # all-MiniLM-L6-v2 (real weights), batch 16, H=1
     python -m benchmarks.ustad_step --encoder tiny-bert   # seconds
+
+Writes docs/results/benchmarks/ustad_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import best_time, write_results
+from benchmarks._common import Run, interleaved_ratios, target_row
 from lit_cascades.data.retrieval import RetrievalDataModule
 from lit_cascades.modules.ustad import USTAD, USTADStudent
 
 
+def step_fn(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
+    """One optimisation step of ``module`` on ``batch`` with a plain AdamW over its trainable parameters."""
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        module.compute_losses(batch)["loss"].backward()
+        opt.step()
+
+    return step
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--negatives", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--alternations", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-student", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    run = Run("ustad_step")
     kwargs = {"encoder_kwargs": {"hidden": 64, "layers": 2, "heads": 2}} if args.encoder == "tiny-bert" else {}
-    lengths = {"max_query_length": 32, "max_doc_length": 64, "max_pair_length": 96}
+    kwargs.update(max_query_length=32, max_doc_length=64, max_pair_length=96, ce_batch_negatives=1)
     dm = RetrievalDataModule(batch_size=args.batch_size, num_negatives=args.negatives, max_train_queries=256)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
 
-    def step_fn(module: torch.nn.Module):
-        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
-
-        def step() -> None:
-            opt.zero_grad()
-            module.compute_losses(batch)["loss"].backward()
-            opt.step()
-
-        return step
-
-    results = {}
     torch.manual_seed(0)
-    de_only = USTAD(encoder=args.encoder, lambda_ce=0.0, ce_batch_negatives=1, **kwargs, **lengths)
-    ustad = USTAD(encoder=args.encoder, ce_batch_negatives=1, **kwargs, **lengths)
-    ustad.load_state_dict(de_only.state_dict())
-    t_de = best_time(step_fn(de_only), repeats=args.repeats)
-    t_us = best_time(step_fn(ustad), repeats=args.repeats)
-    results["step"] = {"de_only_s": t_de, "ustad_s": t_us, "ustad_over_de_only": t_us / t_de,
-                       "ce_candidates_per_query": 1 + args.negatives + 1}
+    ustad = USTAD(encoder=args.encoder, **kwargs)
+    models = {"ustad": ustad, "ce_only": USTAD(encoder=args.encoder, lambda_de=0.0, **kwargs),
+              "de_only": USTAD(encoder=args.encoder, lambda_ce=0.0, **kwargs),
+              "separate_module": USTAD(encoder=args.encoder, model="separate", **kwargs)}
+    for name in ("ce_only", "de_only"):
+        models[name].load_state_dict(ustad.state_dict())
+    sep = models["separate_module"]
+    sep.encoder.load_state_dict(ustad.encoder.state_dict())
+    sep.ce_encoder.load_state_dict(ustad.encoder.state_dict())
+    sep.ce_head.load_state_dict(ustad.ce_head.state_dict())
+    steps = {name: step_fn(m, batch) for name, m in models.items()}
 
-    docs = dm.splits["train"].docs
-    cached = USTADStudent(ustad, student="asymmetric", distill_scores="de", student_layers=1)
-    live = USTADStudent(ustad, student="asymmetric", distill_scores="de", student_layers=1)
-    cached._doc_cache = cached.cache_doc_embeddings(docs)
-    t_cached = best_time(step_fn(cached), repeats=args.repeats)
-    t_live = best_time(step_fn(live), repeats=args.repeats)
-    results["student_step"] = {"cached_docs_s": t_cached, "live_docs_s": t_live,
-                               "live_over_cached": t_live / t_cached}
-    write_results("ustad_step", {"encoder": args.encoder, "batch_size": args.batch_size,
-                                 "negatives": args.negatives, **results})
+    def separate_ce_plus_de() -> None:
+        steps["ce_only"]()
+        steps["de_only"]()
+
+    timing = interleaved_ratios({"separate_ce_plus_de": separate_ce_plus_de, "ustad": steps["ustad"],
+                                 "separate_module": steps["separate_module"], "de_only": steps["de_only"]},
+                                baseline="separate_ce_plus_de", alternations=args.alternations, warmup=1)
+    results = {"step": {**timing, "ce_candidates_per_query": 1 + args.negatives + 1}}
+    targets = [target_row("USTAD step / (separate CE step + separate DE step)", 1.0, timing["ratios"]["ustad"])]
+
+    if not args.skip_student:
+        docs = dm.splits["train"].docs
+        cached = USTADStudent(ustad, student="asymmetric", distill_scores="de", student_layers=1)
+        live = USTADStudent(ustad, student="asymmetric", distill_scores="de", student_layers=1)
+        live.load_state_dict(cached.state_dict(), strict=False)
+        cached._doc_cache = cached.cache_doc_embeddings(docs)
+        results["student_step"] = interleaved_ratios({"cached_docs": step_fn(cached, batch),
+                                                      "live_docs": step_fn(live, batch)},
+                                                     baseline="cached_docs", alternations=args.alternations,
+                                                     warmup=1)
+    run.write({"encoder": args.encoder, "batch_size": args.batch_size, "negatives": args.negatives,
+               "torch_threads": args.threads, **results}, targets)
 
 
 if __name__ == "__main__":
