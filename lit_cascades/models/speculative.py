@@ -134,7 +134,8 @@ class SpeculativeOutput:
         drafted: ``[B]`` drafted tokens proposed while the row was unfinished.
         verifier_calls, drafter_calls: ``[B]`` forwards of each model while the row was unfinished.
         deferred: ``[B]`` emitted tokens at which the rule's target ``π`` put weight on the verifier's ``p``
-            (the rule's deferral decision; ``spec_decode``: all, ``drafter_only``: none). ``deferred /
+            (the rule's deferral decision; ``spec_decode``: all, ``drafter_only``: none); with
+            ``bonus="verifier"`` a bonus token, drawn from ``p``, counts as deferred. ``deferred /
             num_tokens`` is the deferral rate; ``1 − accepted / drafted`` is the rejection rate.
         logprobs, drafter_logprobs: ``[B, M]`` float32 log-probabilities of ``tokens`` under the verifier's and
             the drafter's raw (unprocessed, temperature-1) distributions, 0 where ``tokens`` is padding
@@ -281,13 +282,12 @@ def build_logits_processor(verifier: nn.Module, input_ids: Tensor, temperature: 
     """
     from transformers import LogitsProcessorList
 
+    if temperature is not None:
+        generation_kwargs = {**generation_kwargs, "do_sample": temperature > 0,
+                             **({"temperature": float(temperature)} if temperature > 0 else {})}
     config, unused = verifier._prepare_generation_config(generation_config, **generation_kwargs)
     if unused:
         raise TypeError(f"unknown generation settings {sorted(unused)} (not fields of transformers.GenerationConfig)")
-    if temperature is not None:
-        config.do_sample = temperature > 0
-        if temperature > 0:
-            config.temperature = float(temperature)
     if config.num_beams not in (None, 1):
         raise ValueError(f"speculative decoding samples or decodes greedily; got num_beams={config.num_beams}")
     verifier._prepare_special_tokens(config, True, device=input_ids.device)

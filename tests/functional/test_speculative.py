@@ -181,3 +181,19 @@ def test_bad_input():
         target_distribution("diff", Q, P[:2], 0.1)
     with pytest.raises(ValueError, match=r"\[B, γ\]"):
         verify_block(torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(2, 1, 3), torch.zeros(2, 3))
+
+
+def test_defers_hand_computed():
+    """The rule's deferral decision on one hand-made pair of distributions."""
+    from lit_cascades.functional.speculative import defers
+
+    q = torch.tensor([0.7, 0.2, 0.1])
+    p = torch.tensor([0.1, 0.6, 0.3])
+    assert bool(defers("spec_decode", q, p)) and not bool(defers("drafter_only", q, p))
+    assert not bool(defers("chow", q, p, 0.4)) and bool(defers("chow", q, p, 0.2))  # max q 0.7 vs 1 - α
+    assert bool(defers("diff", q, p, 0.0)) is False and bool(defers("diff", q, p, -0.2))  # 0.7 vs 0.6 - α
+    assert bool(defers("token_v1", q, p, 0.0))  # a = [1, 0, 0]: 0.3 of q's mass goes to p
+    assert not bool(defers("token_v1", q, p, 1.0))  # every token accepted: π = q
+    assert bool(defers("lossy", q, p, 0.0))  # exact speculative decoding: π = p ≠ q
+    batch = torch.stack([q, p])
+    assert defers("chow", batch, batch.flip(0), 0.35).tolist() == [False, True]  # max 0.7 / 0.6 vs 0.65

@@ -91,9 +91,34 @@ def test_greedy_drafter_only_equals_drafter_greedy(pair):
     ids, mask = left_padded([5, 8, 2], seed=3)
     ref = greedy_generate(drafter, ids, mask, 20, [STOP], pad_token_id=0)
     out = speculative_generate(drafter, verifier, ids, mask, 20, rule="drafter_only", gamma=3, stop_counts=[STOP],
-                               pad_token_id=0, bonus="target")
+                               pad_token_id=0)  # default bonus: from the drafter, for drafter_only
     assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.mask, ref.mask)
     assert bool((out.acceptance_rate == 1).all())
+    assert bool((out.deferred == 0).all())
+
+
+def test_deferral_counts_follow_the_rule(pair):
+    """``deferred`` counts the emitted tokens at which the rule picks the verifier: all for spec_decode, and for
+    Chow (greedy, ``bonus="target"``) the positions where the drafter's max probability, in a teacher-forced pass
+    over the output, is below 1 − α; it differs from the rejection count."""
+    drafter, verifier = pair
+    ids, mask = left_padded([6, 3, 8, 5], seed=7)
+    spec = speculative_generate(drafter, verifier, ids, mask, 16, gamma=3, stop_counts=[STOP])
+    assert torch.equal(spec.deferred, spec.num_tokens) and bool((spec.deferral_rate == 1).all())
+    alpha = 0.6
+    out = speculative_generate(drafter, verifier, ids, mask, 16, rule="chow", alpha=alpha, gamma=3,
+                               stop_counts=[STOP], bonus="target")
+    full = torch.cat([ids, out.tokens], 1)
+    full_mask = torch.cat([mask, out.mask.long()], 1)
+    with torch.no_grad():
+        logits = drafter(input_ids=full, attention_mask=full_mask,
+                         position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    max_q = torch.softmax(logits[:, ids.shape[1] - 1:-1].float(), -1).max(-1).values
+    expected = ((max_q < 1 - alpha) & out.mask).sum(-1)
+    assert out.deferred.tolist() == expected.tolist()
+    assert 0 < int(out.deferred.sum()) < int(out.num_tokens.sum())
+    rejected = out.drafted - out.accepted
+    assert out.deferred.tolist() != rejected.tolist()
 
 
 @pytest.mark.parametrize(("rule", "alpha"), [("token_v3", 0.3), ("opt", 0.5), ("chow", 0.4), ("lossy", 0.5)])
@@ -172,6 +197,50 @@ def test_sampling_matches_the_models_distributions():
     assert _chi_square_pvalue(samples["spec_decode"], p_two) > 1e-3
     assert _chi_square_pvalue(samples["drafter_only"], q_two) > 1e-3
     assert _chi_square_pvalue(samples["drafter_only"], p_two) < 1e-3
+
+
+def _processed(logits: torch.Tensor, history: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               repetition_penalty: float) -> torch.Tensor:
+    """Hand-written HF sampling pipeline: repetition penalty on the history's tokens, temperature, top-k, top-p
+    (drop the tokens whose ascending cumulative probability is <= 1 − top_p), then softmax. ``[N, V]``."""
+    logits = logits.clone().float()
+    for row, hist in zip(logits, history):
+        seen = torch.unique(hist)
+        row[seen] = torch.where(row[seen] > 0, row[seen] / repetition_penalty, row[seen] * repetition_penalty)
+    logits = logits / temperature
+    kth = logits.topk(top_k, -1).values[:, -1:]
+    logits = logits.masked_fill(logits < kth, -float("inf"))
+    sorted_logits, order = logits.sort(-1)
+    cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+    drop_sorted = cum <= 1 - top_p
+    drop_sorted[:, -1] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return torch.softmax(logits.masked_fill(drop, -float("inf")), -1)
+
+
+def test_sampling_with_top_k_top_p_and_penalty_follows_the_processed_verifier():
+    """With top-k, top-p and a repetition penalty set on the verifier's generation_config, the first two sampled
+    tokens of ``spec_decode`` follow the hand-computed processed two-token distribution of the verifier (χ², 4,000
+    rows), and not the unprocessed one."""
+    vocab, temperature, n = 10, 0.9, 4000
+    drafter, verifier = random_pair(vocab=vocab, layers=2, seed=13)
+    settings = dict(top_k=6, top_p=0.85, repetition_penalty=1.6)
+    prompt = torch.tensor([[1, 5, 2, 3]])
+    out = speculative_generate(drafter, verifier, prompt.expand(n, -1), torch.ones(n, 4, dtype=torch.long), 2,
+                               gamma=2, temperature=temperature, stop_counts=[], generation_kwargs=settings,
+                               generator=torch.Generator().manual_seed(1))
+    samples = out.tokens[:, 0] * vocab + out.tokens[:, 1]
+    with torch.no_grad():
+        first = _processed(verifier(prompt).logits[:, -1], prompt, temperature, **settings)[0]
+        seqs = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        second = _processed(verifier(seqs).logits[:, -1], seqs, temperature, **settings)
+    processed = (first[:, None] * second).reshape(-1)
+    raw = _two_token_distribution(verifier, prompt, vocab, temperature)
+    assert 0.5 * float((processed - raw).abs().sum()) > 0.1  # the controls change the distribution
+    assert int((processed == 0).sum()) > 0 and int(torch.bincount(samples, minlength=vocab * vocab)[processed == 0]
+                                                   .sum()) == 0  # never a token that top-k/top-p removed
+    assert _chi_square_pvalue(samples, processed) > 1e-3
+    assert _chi_square_pvalue(samples, raw) < 1e-3
 
 
 def test_bad_input(pair):

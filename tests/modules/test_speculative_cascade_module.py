@@ -60,6 +60,8 @@ def test_test_step_logs_batch_means(pair):
     assert logged["test/acceptance_rate"] == pytest.approx(sum(accept) / 2, rel=1e-6)
     assert logged["test/tokens_per_verifier_call"] == pytest.approx(sum(per_call) / 2, rel=1e-6)
     assert logged["test/verifier_calls"] == pytest.approx(sum(calls) / 2, rel=1e-6)
+    deferral = [float(r["deferred"].sum() / r["num_tokens"].sum()) for r in recs]
+    assert logged["test/deferral_rate"] == pytest.approx(sum(deferral) / 2, rel=1e-6)
     assert 0.0 < logged["test/acceptance_rate"] <= 1.0
 
 
@@ -80,6 +82,11 @@ def test_generate_overrides_and_bad_settings(pair):
     greedy = sc.generate(ids, mask, rule="spec_decode", alpha=None)
     ref = speculative_generate(drafter, verifier, ids, mask, 12, gamma=3, stop_counts=[STOP], pad_token_id=0)
     assert torch.equal(greedy.tokens, ref.tokens)
+    penalised = sc.generate(ids, mask, rule="spec_decode", alpha=None, generation_kwargs={"repetition_penalty": 2.0},
+                            output_logprobs=True)
+    ref = speculative_generate(drafter, verifier, ids, mask, 12, gamma=3, stop_counts=[STOP], pad_token_id=0,
+                               generation_kwargs={"repetition_penalty": 2.0}, output_logprobs=True)
+    assert torch.equal(penalised.tokens, ref.tokens) and torch.equal(penalised.logprobs, ref.logprobs)
     with pytest.raises(TypeError, match="unknown generate"):
         sc.generate(ids, mask, beams=2)
     with pytest.raises(ValueError, match="gamma"):
@@ -88,6 +95,10 @@ def test_generate_overrides_and_bad_settings(pair):
         module(pair, temperature=-0.5)
     with pytest.raises(ValueError, match="bonus"):
         module(pair, bonus="drafter")
+    with pytest.raises(ValueError, match="gamma_schedule"):
+        module(pair, gamma_schedule="sometimes")
+    with pytest.raises(ValueError, match="newlines"):
+        module(pair, stop_counts="newline")
     with pytest.raises(ValueError, match="alpha"):
         module(pair, rule="chow", alpha=1.5)
     other = build_causal_lm(gpt2_config(60, n_layer=1, n_embd=16, n_head=2))
