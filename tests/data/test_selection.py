@@ -83,20 +83,47 @@ def test_cache_hit_and_miss_keyed_by_corpus_teacher_and_selector(tmp_path):
     assert model_fingerprint(model) != model_fingerprint(tiny(seed=1))
 
 
-def test_sampler_serves_the_selection_before_kd_steps_and_everything_after():
-    selected = torch.tensor([1, 4, 6, 9])
+def flat(batches):
+    return [i for b in batches for i in b]
+
+
+def test_common_stream_is_identical_for_every_kd_steps_and_continues_across_the_switch():
+    """Baseline (kd 0), SALT and the control (kd 5 or 18): the same batch at every step, over 3 'epochs'."""
+    streams = {}
+    for kd in (0, 5, 18):
+        s = StagedBatchSampler(20, None, kd_steps=kd, batch_size=3, seed=0)
+        assert len(s) == 6
+        streams[kd] = [b for _ in range(3) for b in s]  # iterating again continues the stream
+    assert streams[0] == streams[5] == streams[18]
+    # brute-force oracle of the stream: every aligned run of 20 positions is a permutation of the 20 items
+    positions = flat(streams[0])
+    assert len(positions) == 54
+    for start in (0, 20):
+        assert sorted(positions[start:start + 20]) == list(range(20))
+    # a stage-2 step is the baseline's step of the same number, not a restart at the stream's beginning
+    s5 = StagedBatchSampler(20, None, kd_steps=5, batch_size=3, seed=0)
+    assert [s5.global_batch_at(5 + k) for k in range(4)] == streams[0][5:9] != streams[0][0:4]
+    # another seed, another stream
+    assert [b for b in StagedBatchSampler(20, None, 5, 3, seed=1)] != streams[0][:6]
+
+
+def test_selection_forms_the_stage_1_batches_and_stage_2_is_the_common_stream():
+    selected = torch.tensor([1, 4, 6, 9, 13, 17])
+    common = StagedBatchSampler(20, None, kd_steps=0, batch_size=3, seed=0)
     s = StagedBatchSampler(20, selected, kd_steps=5, batch_size=3, seed=0)
-    assert len(s) == 6
-    batches = [b for _ in range(3) for b in s]  # three "epochs", 18 steps
-    assert all(set(b) <= {1, 4, 6, 9} for b in batches[:5])
-    assert not all(set(b) <= {1, 4, 6, 9} for b in batches[5:7])
-    after = [i for b in batches[5:12] for i in b]  # stage 2 restarts a permutation of the full pool
-    assert sorted(after[:20]) == list(range(20))
-    assert sorted(i for b in [s.global_batch_at(5 + j) for j in range(20)] for i in b)[:60] == \
-        sorted(list(range(20)) * 3)
-    # stage 1 covers the selection evenly: 5 steps x 3 = 15 = 3 passes of 4 + 3
-    counts = torch.bincount(torch.tensor([i for b in batches[:4] for i in b]), minlength=20)
-    assert counts[selected].tolist() == [3, 3, 3, 3]
+    batches = [b for _ in range(3) for b in s]
+    reference = [b for _ in range(3) for b in common]
+    # stage 1: only selected items, in the order the common stream visits them (the stream with the rest removed)
+    stage1 = flat(batches[:5])
+    keep = set(selected.tolist())
+    visits = [i for e in range(3) for i in torch.randperm(20, generator=torch.Generator().manual_seed(e)).tolist()
+              if i in keep]  # the common stream's permutations of seed 0 (generator seed = epoch)
+    assert flat(reference)[:20] == torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist()
+    assert stage1 == visits[:15]
+    # 15 positions over 6 selected items: every item 2 or 3 times
+    assert sorted(torch.bincount(torch.tensor(stage1), minlength=20)[selected].tolist()) == [2, 2, 2, 3, 3, 3]
+    # stage 2: step 5 + k is the baseline's step 5 + k
+    assert batches[5:] == reference[5:]
     # resuming at a step gives the same batches; two processes split each global batch
     r = StagedBatchSampler(20, selected, kd_steps=5, batch_size=3, seed=0)
     r.set_step(4)
@@ -105,14 +132,86 @@ def test_sampler_serves_the_selection_before_kd_steps_and_everything_after():
     r1 = StagedBatchSampler(20, selected, 5, 3, world_size=2, rank=1)
     for step in (0, 4, 5, 9):
         assert r0.batch_at(step) + r1.batch_at(step) == r0.global_batch_at(step)
+    # gradient accumulation: the stage follows optimizer steps (2 micro-batches each)
+    a = StagedBatchSampler(20, selected, kd_steps=2, batch_size=3, seed=0, accumulate_grad_batches=2)
+    assert [a.stage(b) for b in range(6)] == [1, 1, 1, 1, 2, 2]
+    assert a.global_batch_at(4) == common.global_batch_at(4)
     with pytest.raises(ValueError, match="selected"):
         StagedBatchSampler(5, torch.tensor([7]), 2, 2)
+    with pytest.raises(ValueError, match="kd_steps"):
+        StagedBatchSampler(5, None, -1, 2)
 
 
-def test_datamodule_selects_and_switches_at_kd_steps(tmp_path):
+class Seen(L.LightningModule):
+    """Records the input ids of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["index"].tolist())
+        return self.w.sum() ** 2 + self.w.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Indexed(torch.utils.data.Dataset):
+    """The training blocks with their index in every item."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return {**self.ds[i], "index": i}
+
+
+def served(dm, steps):
+    """The training-item indices Lightning actually trained on, step by step."""
+    dm.setup()
+    dm.datasets["train"] = Indexed(dm.datasets["train"])
+    m = Seen()
+    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(m, datamodule=dm)
+    return m.seen
+
+
+def test_methods_train_on_one_stream_through_lightning(tmp_path):
+    """What a Trainer really serves: baseline == SALT/control at every step; SALT_DS equal from step kd on."""
+    data = {**TINY_DATA, "progress": False, "batch_size": 128}
+    kd = 3
+    base = SALTDataModule(kd_steps=0, **data)
+    base.setup()
+    tok = base.get_tokenizer()
+    n = len(base.datasets["train"])
+    steps = n // 128 + 4  # past one pass of the sampler: the dataloader is iterated again
+    salt = SALTDataModule(kd_steps=kd, tokenizer=tok, **data)
+    ds = SALTDataModule(kd_steps=kd, tokenizer=tok, selector=SequenceSelector(fraction=0.5, progress=False),
+                        score_cache_dir=str(tmp_path), **data)
+    torch.manual_seed(0)
+    teacher = build_causal_lm(gpt2_config(len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=128)).eval()
+    selected = ds.select(teacher)
+    got = {name: served(dm, steps) for name, dm in (("baseline", base), ("salt", salt), ("salt_ds", ds))}
+    assert got["baseline"] == got["salt"] == base.batch_stream(steps) == salt.batch_stream(steps)
+    assert got["salt_ds"] == ds.batch_stream(steps)
+    assert got["salt_ds"][kd:] == got["baseline"][kd:] and got["salt_ds"][:kd] != got["baseline"][:kd]
+    # window pool: the first ceil(kd·G/f) = 768 stream positions are scored; the selected half (384 = kd·G)
+    # forms stage 1, each once, in stream order
+    window = flat(got["baseline"])[:768]
+    assert sorted(ds.pool.tolist()) == sorted(window) and selected.numel() == 384
+    assert flat(got["salt_ds"][:kd]) == [i for i in window if i in set(selected.tolist())]
+    assert ds.selected_fraction == pytest.approx(0.5)
+
+
+def test_datamodule_selects_the_top_fraction_and_caches_the_scores(tmp_path):
     data = {**TINY_DATA, "progress": False}
     dm = SALTDataModule(kd_steps=3, selector=SequenceSelector(fraction=0.25, progress=False), score_cache_dir=str(tmp_path),
-                        **data)
+                        select_pool="all", **data)
     dm.setup()
     vocab = len(dm.get_tokenizer())
     torch.manual_seed(0)
@@ -123,30 +222,11 @@ def test_datamodule_selects_and_switches_at_kd_steps(tmp_path):
     assert not dm.cache_hit
     finite = dm.scores[~dm.scores.isnan()]
     assert dm.scores[selected].min() >= finite.sort(descending=True).values[selected.numel() - 1]
-
-    class Seen(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(batch["input_ids"])
-            return (self.w * 0).sum() + self.w.sum() ** 2
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    m = Seen()
-    L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0).fit(m, datamodule=dm)
-    blocks = dm.datasets["train"].blocks
-    chosen = {tuple(blocks[i].tolist()) for i in selected.tolist()}
-    in_selection = [all(tuple(row.tolist()) in chosen for row in b) for b in m.seen]
-    assert in_selection[:3] == [True, True, True] and not all(in_selection[3:])
     dm2 = SALTDataModule(kd_steps=3, selector=SequenceSelector(fraction=0.25, progress=False), score_cache_dir=str(tmp_path),
-                         tokenizer=dm.get_tokenizer(), **data)
+                         select_pool="all", tokenizer=dm.get_tokenizer(), **data)
     assert torch.equal(dm2.select(teacher), selected) and dm2.cache_hit
+    with pytest.raises(ValueError, match="select_pool"):
+        SALTDataModule(select_pool="everything", **data)
 
 
 def test_default_score_cache_lives_under_the_cache_root(tmp_path, monkeypatch):

@@ -11,9 +11,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from lit_cascades.data.selection import model_fingerprint
 from lit_cascades.functional.distillation import naive_salt_loss
 from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
-from lit_cascades.modules.salt import SALT, aligned_targets, full_logits
+from lit_cascades.modules.salt import SALT, aligned_targets, count_non_embedding_parameters, full_logits
 
 V = 40
 
@@ -110,6 +111,44 @@ def test_stage_switch_at_exactly_kd_steps_and_teacher_frozen_unsaved(tmp_path):
     assert state["salt"]["teacher_fingerprint"]
     assert not {"teacher", "student", "large_model"} & set(state["hyper_parameters"])
     assert not any(isinstance(v, torch.nn.Module) for v in state["hyper_parameters"].values())
+
+
+@pytest.mark.parametrize(("layers", "d"), [(1, 16), (4, 64), (2, 256)])
+def test_non_embedding_count_is_the_gpt2_block_formula(layers, d):
+    """Per GPT-2 block: attention 4d² + 4d, MLP 8d² + 5d, two layer norms 4d; plus the final norm 2d. The token
+    and position embeddings (and the LM head tied to the token embedding) are excluded."""
+    model = build_causal_lm(gpt2_config(1000, n_layer=layers, n_embd=d, n_head=2, n_positions=64))
+    assert count_non_embedding_parameters(model) == layers * (12 * d * d + 13 * d) + 2 * d
+    total = sum(p.numel() for p in model.parameters())
+    assert total - count_non_embedding_parameters(model) == 1000 * d + 64 * d
+
+
+def test_set_teacher_freezes_and_refingerprints_a_teacher_trained_after_construction(tmp_path):
+    student, teacher = pair()
+    module = SALT(student, teacher, kd_steps=2, kd_weight=0.5)
+    before = module._teacher_fingerprint
+    teacher.requires_grad_(True).train()
+    with torch.no_grad():
+        teacher.lm_head.weight.add_(1.0)  # "trained" after the module was built
+    module.set_teacher(teacher, teacher_path="teacher/model.pt")
+    assert module._teacher_fingerprint == model_fingerprint(teacher) != before
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert module.hparams.teacher_path == "teacher/model.pt"
+    with pytest.raises(ValueError, match="teacher"):
+        module.set_teacher(tiny(3, vocab=V + 5))
+
+
+def test_kd_weight_zero_control_trains_exactly_like_the_baseline(tmp_path):
+    """ω = 0 with a teacher that runs: the same student weights as plain NTP (the control of the experiment)."""
+    out = {}
+    for name, (teacher, kd, w) in {"baseline": (None, 0, 0.5), "control": (pair()[1], 3, 0.0),
+                                   "salt": (pair()[1], 3, 0.5)}.items():
+        student = tiny(1, layers=2, embd=32)
+        module = SALT(student, teacher, kd_steps=kd, kd_weight=w, lr=1e-2, warmup_steps=1)
+        trainer(tmp_path, 5).fit(module, DataLoader(batches(), batch_size=None))
+        out[name] = torch.cat([p.detach().flatten() for p in student.parameters()])
+    torch.testing.assert_close(out["control"], out["baseline"], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(out["salt"], out["baseline"], rtol=1e-4, atol=1e-6)
 
 
 def test_switch_is_exact_after_resuming_from_a_checkpoint_saved_before_it(tmp_path):

@@ -34,37 +34,79 @@ def comparable(metrics: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_salt_smoke_runs_the_three_methods_and_plots_them(salt_run):
+def test_salt_smoke_trains_a_teacher_and_runs_the_four_methods_on_one_stream(salt_run):
     out = salt_run
     m = json.loads((out / "metrics.json").read_text())
     methods = m["methods"]
-    assert set(methods) == {"baseline", "salt", "salt_ds"}
+    assert set(methods) == {"baseline", "salt", "control", "salt_ds"}
+    teacher = m["teacher"]
+    assert teacher["source"] == "train" and [s for s, _ in teacher["curve"]] == [4, 8, 12]
+    assert (out / "teacher" / "model.pt").exists() and (out / "teacher" / "metrics.json").exists()
+    assert 0.4 <= m["non_embedding_ratio"] <= 0.6
     for name, res in methods.items():
         assert [s for s, _ in res["curve"]] == [4, 8, 12]
-        assert math.isfinite(res["final_val_loss"]) and res["final_val_loss"] < math.log(384)
+        assert math.isfinite(res["final_val_loss"]) and res["final_val_loss"] < math.log(384) - 0.5  # it learned
         assert res["final_val_ppl"] == pytest.approx(math.exp(res["final_val_loss"]))
         assert res["student_params"] > m["teacher_params"] > 0
-        assert res["kd_steps"] == (0 if name == "baseline" else 6)
+        assert res["kd_steps"] == (0 if name == "baseline" else 4)
         for f in ("metrics.json", "config.yaml", "model.pt", "logs/fit/metrics.csv"):
             assert (out / name / f).exists(), (name, f)
         from lit_cascades.io import safe_torch_load
 
         assert all(k.startswith("model.") for k in safe_torch_load(out / name / "model.pt"))  # the student only
-    assert methods["baseline"]["steps_to_baseline_final"] == 12
+        # the trained teacher (12 steps) beats the student at every evaluation inside the KD window (step 4)
+        assert res["teacher_margin_in_kd_window"] > 0
+    # one batch stream: identical for baseline, SALT and the control; SALT_DS differs in stage 1 only
+    base = methods["baseline"]
+    for name in ("salt", "control", "salt_ds"):
+        assert methods[name]["stream_stage2"] == base["stream_stage2"], name
+    assert methods["salt"]["stream_stage1"] == methods["control"]["stream_stage1"] == base["stream_stage1"]
+    assert methods["salt_ds"]["stream_stage1"] != base["stream_stage1"]
+    # the control (teacher runs, KD weight 0) trains exactly like the baseline; SALT's KD changes the student
+    assert methods["control"]["kd_weight"] == 0.0 and methods["salt"]["kd_weight"] == 0.5
+    for (_, c), (_, b) in zip(methods["control"]["curve"], base["curve"]):
+        assert c == pytest.approx(b, rel=1e-5)
+    assert abs(methods["salt"]["curve"][0][1] - base["curve"][0][1]) > 1e-4
+    assert base["steps_to_baseline_final"] == 12
     ds = methods["salt_ds"]
-    assert ds["selected"] == round(0.5 * ds["train_sequences"]) and not ds["score_cache_hit"]
+    # window pool: ceil(4 steps x 8 sequences / 0.5) = 64 scored, half of them selected
+    assert ds["pool"] == 64 and ds["selected"] == 32 and not ds["score_cache_hit"]
     assert (out / "salt_ds" / "selection.pt").exists()
     assert not (out.parent / "cache" / "selection_scores").exists()  # score_cache=false in the smoke preset
-    # logged components: KD only during the first 6 steps, stage 1 then 2, selected fraction 0.5 for SALT_DS
+    # logged components: KD only during the first 4 steps, stage 1 then 2, selected fraction 0.5 for SALT_DS
     rows = list(csv.DictReader(open(out / "salt_ds" / "logs" / "fit" / "metrics.csv")))
     train = [r for r in rows if r.get("train/stage")]
-    assert {int(r["step"]) < 6 for r in train if float(r["train/stage"]) == 1.0} == {True}
+    assert {int(r["step"]) < 4 for r in train if float(r["train/stage"]) == 1.0} == {True}
     assert all(float(r["train/selected_fraction"]) == pytest.approx(0.5, abs=1e-3) for r in train
                if float(r["train/stage"]) == 1.0)
     assert all(r["train/kd"] == "nan" for r in train if float(r["train/stage"]) == 2.0)
     assert any(r["val/ppl"] for r in rows)
-    assert [r["method"] for r in csv.DictReader(open(out / "results.csv"))] == ["baseline", "salt", "salt_ds"]
+    assert [r["method"] for r in csv.DictReader(open(out / "results.csv"))] == list(methods)
+    assert {r["method"] for r in csv.DictReader(open(out / "val_curves.csv"))} == {*methods, "teacher"}
     assert (out / "val_loss.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_presets_keep_the_experiment_constraints(preset):
+    """Teacher 0.4-0.6x the student's non-embedding parameters, KD for 15-25% of the steps, eval at the end."""
+    from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
+    from lit_cascades.modules.salt import count_non_embedding_parameters
+    from lit_cascades.runner.config import load_config
+    from recipes.salt import CONFIG_DIR
+
+    cfg, _ = load_config("salt", [f"preset={preset}"], CONFIG_DIR)
+
+    def size(section):
+        m = build_causal_lm(gpt2_config(cfg.data.vocab_size, n_layer=section.n_layer, n_embd=section.n_embd,
+                                        n_head=section.n_head, n_positions=section.n_positions))
+        return count_non_embedding_parameters(m), sum(p.numel() for p in m.parameters())
+
+    (t_ne, t_all), (s_ne, s_all) = size(cfg.teacher.model), size(cfg.student.model)
+    assert 0.4 <= t_ne / s_ne <= 0.6
+    assert t_all < s_all
+    assert 0.15 <= cfg.kd.steps / cfg.train.steps <= 0.25
+    assert cfg.teacher.source == "train" and cfg.teacher.steps >= cfg.train.steps
+    assert cfg.train.steps % cfg.eval.val_every == 0 and cfg.kd.steps % cfg.eval.val_every == 0
 
 
 def test_salt_rejects_bad_values_before_work(tmp_path, tiny_pair_dir, capsys, monkeypatch):
@@ -72,6 +114,9 @@ def test_salt_rejects_bad_values_before_work(tmp_path, tiny_pair_dir, capsys, mo
     cases = [(["method=foo"], "error: method: unknown method"),
              (["student.module.temperature=0.0"], "error: student.module.temperature:"),
              (["kd.steps=99"], "error: kd.steps:"),
+             (["teacher.source=foo"], "error: teacher.source:"),
+             (["teacher.steps=0"], "error: teacher.steps:"),
+             (["teacher.model.n_layer=0"], "error: teacher.model.n_layer:"),
              (["select.fraction=0.0"], "error: select.fraction:")]
     for i, (args, expected) in enumerate(cases):
         out = tmp_path / f"run{i}"
