@@ -6,7 +6,9 @@ Target: median ratio <= 1.05 in both settings: the Fashion-MNIST-sized CNN (batc
 the step) and the 460-parameter MLP of the Gatekeeper recipe's digits setting (batch 64; the loss's dispatch
 overhead dominates). Both steps run forward, loss, backward and the AdamW update; the two sides alternate
 (``benchmarks._common.interleaved_ratios``) with identical models and data. Also reported: the loss alone
-(forward + backward on fixed logits) against ``F.cross_entropy``.
+(forward + backward on fixed logits) against ``F.cross_entropy`` at several sizes, for both implementations of
+the loss (the NumPy path for small CPU inputs and the fused torch path): the crossover behind
+``lit_cascades.functional.gatekeeper.SMALL_MAX_ELEMENTS``.
 Writes docs/results/benchmarks/gatekeeper_step.json.
 """
 
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import lit_cascades.functional.gatekeeper as gk_impl
 from benchmarks._common import Run, interleaved_ratios, target_row
 from lit_cascades.functional import gatekeeper_loss
 from lit_cascades.models import build_classifier
@@ -47,12 +50,23 @@ def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss:
 
 
 def make_loss(batch: int, classes: int, loss: str) -> Callable[[], None]:
+    """Loss forward + backward on fixed logits: ``"ce"``, ``"gk"`` (default dispatch), ``"gk_numpy"`` or
+    ``"gk_torch"`` (one implementation forced)."""
     g = torch.Generator().manual_seed(2)
     z = torch.randn(batch, classes, generator=g).requires_grad_(True)
     y = torch.randint(0, classes, (batch,), generator=g)
+    limit = {"gk_numpy": 1 << 62, "gk_torch": 0}.get(loss)
 
     def run() -> None:
-        value = F.cross_entropy(z, y) if loss == "ce" else gatekeeper_loss(z, y, alpha=0.5).loss
+        if loss == "ce":
+            value = F.cross_entropy(z, y)
+        else:
+            saved = gk_impl.SMALL_MAX_ELEMENTS
+            gk_impl.SMALL_MAX_ELEMENTS = saved if limit is None else limit
+            try:
+                value = gatekeeper_loss(z, y, alpha=0.5).loss
+            finally:
+                gk_impl.SMALL_MAX_ELEMENTS = saved
         value.backward()
         z.grad = None
 
@@ -74,10 +88,11 @@ def main() -> None:
                                  baseline="ce", alternations=args.alternations, warmup=3, inner=inner)
         results[name] = {"arch": arch, "batch": batch, "inner_steps_per_block": inner, **out}
         targets.append(target_row(f"Gatekeeper step / CE step, {name}", 1.05, out["ratios"]["gatekeeper"]))
-    for batch, classes in ((64, 10), (128, 10), (4096, 1000)):
-        out = interleaved_ratios({"ce": make_loss(batch, classes, "ce"), "gatekeeper": make_loss(batch, classes, "gk")},
-                                 baseline="ce", alternations=args.alternations, warmup=3,
-                                 inner=50 if batch * classes < 10_000 else 1)
+    # the loss alone, both implementations: where the NumPy path stops paying (SMALL_MAX_ELEMENTS)
+    for batch, classes in ((64, 10), (128, 10), (512, 100), (2048, 100), (1024, 1000)):
+        small = batch * classes < 10_000
+        out = interleaved_ratios({side: make_loss(batch, classes, side) for side in ("ce", "gk_numpy", "gk_torch")},
+                                 baseline="ce", alternations=args.alternations, warmup=3, inner=50 if small else 2)
         results[f"loss_only_{batch}x{classes}"] = out
     run.write({"torch_threads": args.threads, "results": results}, targets)
 

@@ -90,7 +90,7 @@ class _CrossEntropyAndKL(torch.autograd.Function):
 #: accelerators, the torch path (:class:`_CrossEntropyAndKL`). At classification sizes a step's cost is the
 #: per-op dispatch overhead, not arithmetic: the NumPy path is one autograd node around ~25 small array ops of
 #: ~1 µs each, where the torch composition dispatched ~50 ops and measured 4.6x ``F.cross_entropy`` (loss +
-#: backward, 64 x 10 logits). The crossover was measured with ``benchmarks/gatekeeper_step.py --crossover``.
+#: backward, 64 x 10 logits). The crossover is measured by ``python -m benchmarks.gatekeeper_step`` (``loss_only_*``).
 SMALL_MAX_ELEMENTS = 1 << 16
 
 
@@ -100,19 +100,14 @@ class _SmallGatekeeper(torch.autograd.Function):
     Outputs ``(loss, loss_correct, loss_incorrect, error_rate)`` as 0-dim tensors; the first three are
     differentiable. With ``p = softmax(z)``, ``s = p·log p``: ``∇ CE_i = p_i − e_{y_i}`` and
     ``∇ KL_i = p_i ⊙ (log p_i − s_i)`` (the same formulas as :class:`_CrossEntropyAndKL`), each row scaled by its
-    normaliser; the backward is ``a·G_corr + b·G_incorr`` with ``a = α g_loss + g_corr``, ``b = (1 − α) g_loss
+    normaliser; the backward scales each row's gradient by ``a / d_corr`` (correct rows) or ``b / d_incorr``, with ``a = α g_loss + g_corr``, ``b = (1 − α) g_loss
     + g_incorr``. Targets must already be validated and ``ignore_index`` rows given by ``valid`` (None = all).
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor, valid: Tensor | None, alpha: float,  # type: ignore[override]
                 subset: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        with np.errstate(all="ignore"):  # a non-finite logit yields a NaN loss, reported by the caller
-            return _SmallGatekeeper._forward(ctx, z, y, valid, alpha, subset)
-
-    @staticmethod
-    def _forward(ctx, z: Tensor, y: Tensor, valid: Tensor | None, alpha: float,
-                 subset: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # A non-finite logit gives a NaN loss (NumPy may warn), which the caller turns into a ValueError.
         zn, yn = z.detach().numpy(), y.numpy()
         n, c = zn.shape
         sh = zn - zn.max(1, keepdims=True)
@@ -120,7 +115,7 @@ class _SmallGatekeeper(torch.autograd.Function):
         se = e.sum(1, keepdims=True)
         lp = sh - np.log(se)
         p = e / se
-        rows = np.arange(n)
+        rows = _arange(n)
         correct = sh.argmax(1) == yn
         if valid is None:
             incorrect = ~correct
@@ -131,20 +126,20 @@ class _SmallGatekeeper(torch.autograd.Function):
             incorrect = vn & ~correct
             n_valid = int(vn.sum())
         s = (p * lp).sum(1)
-        ce = -lp[rows, yn]
         n_inc = int(incorrect.sum())
         if subset:
             d_corr, d_inc = max(n_valid - n_inc, 1), max(n_inc, 1)
         else:
             d_corr = d_inc = n_valid
-        w_corr = correct / np.asarray(d_corr, zn.dtype)  # [N] per-row weight of CE_i in loss_correct
-        w_inc = incorrect / np.asarray(d_inc, zn.dtype)  # [N] per-row weight of KL_i in loss_incorrect
-        lc = ce @ w_corr
-        li = (s + math.log(c)) @ w_inc
-        g_corr = p * w_corr[:, None]
-        g_corr[rows, yn] -= w_corr
-        g_inc = p * (lp - s[:, None]) * w_inc[:, None]
-        ctx.save_for_backward(torch.from_numpy(g_corr), torch.from_numpy(g_inc))
+        w_corr = correct * zn.dtype.type(1.0 / d_corr)  # [N] per-row weight of CE_i in loss_correct
+        w_inc = incorrect * zn.dtype.type(1.0 / d_inc)  # [N] per-row weight of KL_i in loss_incorrect
+        lc = -(lp[rows, yn] @ w_corr)
+        li = s @ w_inc + math.log(c) * n_inc / d_inc
+        # unweighted per-row gradients: p − e_y on correct rows, p ⊙ (log p − s) elsewhere
+        grad = p * (lp - s[:, None])
+        np.copyto(grad, p, where=correct[:, None])
+        grad[rows, yn] -= correct
+        ctx.np_saved = (grad, w_corr, w_inc)
         ctx.alpha = alpha
         loss, lc, li, err = torch.from_numpy(
             np.array([alpha * lc + (1.0 - alpha) * li, lc, li, n_inc / n_valid], dtype=zn.dtype)).unbind()
@@ -154,10 +149,22 @@ class _SmallGatekeeper(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss: Tensor, g_corr: Tensor, g_inc: Tensor,  # type: ignore[override]
                  _g_err: Tensor) -> tuple[Tensor, None, None, None, None]:
-        grad_corr, grad_inc = ctx.saved_tensors
+        grad, w_corr, w_inc = ctx.np_saved
         gl, gc, gi = float(g_loss), float(g_corr), float(g_inc)
-        a, b = ctx.alpha * gl + gc, (1.0 - ctx.alpha) * gl + gi
-        return torch.from_numpy(grad_corr.numpy() * a + grad_inc.numpy() * b), None, None, None, None
+        row = w_corr * (ctx.alpha * gl + gc) + w_inc * ((1.0 - ctx.alpha) * gl + gi)
+        return torch.from_numpy(grad * row[:, None]), None, None, None, None
+
+
+_ARANGE: dict[int, np.ndarray] = {}
+
+
+def _arange(n: int) -> np.ndarray:
+    """``np.arange(n)``, cached (row indices of the gathers)."""
+    out = _ARANGE.get(n)
+    if out is None:
+        out = _ARANGE[n] = np.arange(n)
+        out.flags.writeable = False
+    return out
 
 
 def gatekeeper_loss(
