@@ -5,15 +5,16 @@
 Target: ratio <= 1.05. One step = forward, loss, backward and AdamW update of a GPT-2-config causal LM on a
 ``[16, 128]`` batch, through the modules' own ``compute_loss`` (``CausalLM`` vs ``GatekeeperLM``). Two settings:
 the small LM of the default pair (1 layer, 128-d, vocabulary 4096: the loss over the vocabulary is a large part
-of the step, the worst case) and its large LM (4 layers, 256-d). Best of 10 steps each, the two losses
-timed in alternation (machine load hits both alike).
+of the step, the worst case) and its large LM (4 layers, 256-d). The two steps alternate
+(``benchmarks._common.interleaved_ratios``, 10 alternations after warm-up); the median per-alternation ratio is
+reported with its min-max. Writes docs/results/benchmarks/gatekeeper_lm_step.json.
 """
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks._common import interleaved_best_times, write_results
+from benchmarks._common import Run, interleaved_ratios, target_row
 from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
 from lit_cascades.modules.causal_lm import CausalLM, GatekeeperLM, shifted_logits_and_labels
 
@@ -37,20 +38,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--alternations", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    run = Run("gatekeeper_lm_step")
     settings = {"small_1x128": (1, 128), "large_4x256": (4, 256)}
     batch = {"input_ids": torch.randint(0, args.vocab, (16, 128), generator=torch.Generator().manual_seed(0))}
-    results = {}
+    results, targets = {}, []
     for name, (layers, dim) in settings.items():
         torch.manual_seed(0)
         model = build_causal_lm(gpt2_config(args.vocab, n_layer=layers, n_embd=dim, n_head=4))
-        best = interleaved_best_times({"ntp": make_step(CausalLM(model), batch),
-                                       "gk": make_step(GatekeeperLM(model, alpha=0.5), batch)})
-        ntp, gk = best["ntp"], best["gk"]
-        results[name] = {"next_token_step_s": ntp, "gatekeeper_step_s": gk, "ratio": gk / ntp, "target": 1.05}
-    write_results("gatekeeper_lm_step", {"batch": [16, 128], "vocab": args.vocab, "results": results})
-
+        out = interleaved_ratios({"ntp": make_step(CausalLM(model), batch),
+                                  "gk": make_step(GatekeeperLM(model, alpha=0.5), batch)},
+                                 baseline="ntp", alternations=args.alternations, warmup=2)
+        results[name] = out
+        targets.append(target_row(f"Gatekeeper-LM step / next-token step, {name}", 1.05, out["ratios"]["gk"]))
+    run.write({"batch": [16, 128], "vocab": args.vocab, "torch_threads": args.threads, "results": results},
+              targets)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ Measured in one run, on one machine:
 3. sampled pairs at ``pair_fraction=0.1``: relative error of the loss and cosine similarity of the
    gradient with the exact all-pairs values over ``--draws`` draws, and the speed-up.
 
-Writes ``benchmarks/results/ranking_pairwise.json``.
+Writes ``docs/results/benchmarks/ranking_pairwise.json``.
 """
 
 from __future__ import annotations

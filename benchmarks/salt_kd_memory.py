@@ -4,11 +4,11 @@
 
 Setting of the issue: vocabulary 49,152 (SmolLM2's) and sequence 512. Student and teacher logits ``[B, T, V]``
 fp32 are created before the measurement (every KD implementation needs them); what is measured is the extra
-peak resident memory (Linux ``VmHWM`` − ``VmRSS``, reset after a warm-up call, in a fresh process per case:
-:func:`benchmarks._common.peak_extra_memory_mb`) of computing the loss and its gradient w.r.t. the student
-logits. On CPU, peak RSS is an honest measure because torch's CPU allocator returns large blocks to the OS
-(no caching pool); both versions are measured the same way in the same run. The gradient itself (one
-``[B, T, V]`` tensor, ``B·T·V·4`` bytes) is part of both numbers.
+peak resident memory (Linux ``VmHWM`` − ``VmRSS``, reset after a warm-up call, in a fresh process per
+measurement with a fixed allocator setting: :func:`benchmarks._common.peak_memory_mib`, repeated, median with
+min-max) of computing the loss and its gradient w.r.t. the student logits. Both versions are measured the same
+way in the same run. The gradient itself (one ``[B, T, V]`` tensor, ``B·T·V·4`` bytes) is part of both numbers.
+Writes docs/results/benchmarks/salt_kd_memory.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from benchmarks._common import peak_extra_memory_mb, write_results
+from benchmarks._common import Run, peak_memory_mib
 from lit_cascades.functional.distillation import kd_loss, naive_kd_loss, naive_salt_loss, salt_loss
 
 
@@ -49,19 +49,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=None, help="positions per chunk (default: auto)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    run = Run("salt_kd_memory")
     logits_mb = args.batch * args.length * args.vocab * 4 / 2**20
-    peaks = {}
+    stats = {}
     for kind in ("kd_naive", "kd_chunked", "salt_naive", "salt_chunked"):
         target = functools.partial(_prepare, kind, args.batch, args.length, args.vocab, args.chunk)
-        peaks[kind] = peak_extra_memory_mb(target, threads=args.threads)
-    write_results("salt_kd_memory", {
-        "setting": vars(args), "logits_mb": logits_mb, "peak_extra_mb": peaks,
+        stats[kind] = peak_memory_mib(target, repeats=args.repeats, threads=args.threads)
+    peaks = {k: v["median"] for k, v in stats.items()}
+    run.write({
+        "setting": vars(args), "logits_mb": logits_mb, "peak_extra_mb": peaks, "peak_extra_mib_repeats": stats,
         "ratio_kd_chunked_over_naive": peaks["kd_chunked"] / peaks["kd_naive"],
         "ratio_salt_chunked_over_naive": peaks["salt_chunked"] / peaks["salt_naive"],
         "extra_over_gradient_mb": {k: v - logits_mb for k, v in peaks.items()},
     })
-
 
 if __name__ == "__main__":
     main()

@@ -7,12 +7,13 @@
   vectors, the cost does not depend on their values), top-``k``: :func:`~lit_cascades.functional.retrieval.
   chunked_topk` vs ``torch.topk`` on the full ``[Q, N]`` score matrix. Each method runs once in a fresh process
   (freed memory stays in a process, so one method would reuse the other's, and a warm-up call would let the
-  chunked search reuse its own freed chunks); time and peak extra memory (Linux ``VmHWM`` reset after the
+  chunked search reuse its own freed chunks), started with the fixed allocator setting of
+  ``benchmarks._common.MALLOC_ENV`` and a timeout; time and peak extra memory (Linux ``VmHWM`` reset after the
   embeddings are built), and whether both return the same lists.
 
     python -m benchmarks.taskformer_gallery [--gallery 100000 --queries 1000 --dim 64 --encode 8192]
 
-Writes benchmarks/results/taskformer_gallery.json.
+Writes docs/results/benchmarks/taskformer_gallery.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import write_results
+from benchmarks._common import MALLOC_ENV, write_results
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.functional.retrieval import chunked_topk
 from lit_cascades.modules.taskformer import TaskFormer
@@ -104,7 +106,8 @@ def main() -> None:
     for method in ("chunked", "full_matrix"):
         cmd = [sys.executable, "-m", "benchmarks.taskformer_gallery", "--rank-only", method,
                *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "rank_only")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800,
+                              env={**os.environ, **MALLOC_ENV})
         rank[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     same = float(torch.tensor(rank["chunked"].pop("ids")).eq(torch.tensor(rank["full_matrix"].pop("ids")))
                  .float().mean())
