@@ -111,10 +111,17 @@ def run_all(seeds: list[int], jobs: int, rerun: bool) -> dict[str, Any]:
     load_start, t0 = os.getloadavg(), time.time()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         infos = list(pool.map(lambda s: run_seed(s, rerun), seeds))
+    from omegaconf import OmegaConf
+
     runs = []
     for info in infos:
         metrics = json.loads((RUNS / f"seed{info['seed']}" / "metrics.json").read_text())
-        runs.append({**info, "metrics": collect(metrics)})
+        cfg = OmegaConf.load(RUNS / f"seed{info['seed']}" / "config.yaml")
+        arch = {k: f"{cfg[k].model.n_layer}×{cfg[k].model.n_embd}" for k in ("student", "teacher")}
+        run_json = json.loads((RUNS / f"seed{info['seed']}" / "run.json").read_text())
+        info["git_commit"] = run_json.get("git_commit")  # the code the run trained with
+        runs.append({**info, "metrics": {**collect(metrics), "architecture": arch,
+                                         "data": OmegaConf.to_container(cfg.data)}})
     config = (ROOT / "runs" / "results_salt" / f"seed{seeds[0]}" / "config.yaml")
     return {"command": "python -m benchmarks.results_salt " + " ".join(sys.argv[1:]),
             "git_commit": git_output("rev-parse", "HEAD"),
@@ -187,6 +194,7 @@ def table(raw: dict[str, Any]) -> str:
             v_txt = verdict(diffs) if any(abs(d) > 0 for d in diffs) else "identical"
         name = LABELS[m].format(w=omega)
         lines.append(f"| {name} | {mean_std(finals)} | {d_txt} | {v_txt} | {reach_txt} | [{per_seed}] |")
+    lines += ["", curve_table(runs, methods, omega)]
     t = [r["metrics"]["teacher"] for r in runs]
     student_ne = runs[0]["metrics"]["methods"]["baseline"]["student_non_embedding_params"]
     student_all = runs[0]["metrics"]["methods"]["baseline"]["student_params"]
@@ -208,6 +216,28 @@ def table(raw: dict[str, Any]) -> str:
         f"Cost: {_cost(raw)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def curve_table(runs: list[dict[str, Any]], methods: list[str], omega: Any) -> str:
+    """Mean validation loss over seeds at selected steps (every step of the KD window, then a few after)."""
+    m0 = runs[0]["metrics"]
+    kd, steps = m0["kd_steps"], m0["train_steps"]
+    every = _eval_every(runs[0])
+    common = sorted(set.intersection(*(set(_curve(r, "baseline")) for r in runs)))
+    show = [s for s in common if s <= kd] + [s for s in common if s > kd and (s - kd) % max(every, (steps - kd) // 4)
+                                             == 0 and s != steps] + [steps]
+    show = sorted(set(show))
+    head = "| method | " + " | ".join(f"step {s}" for s in show) + " |"
+    lines = [f"Validation loss at evaluated steps, mean over the {len(runs)} seeds (KD window: steps ≤ {kd}; the teacher "
+             "row is the trained teacher used for KD, a constant).", "", head,
+             "|---|" + "---|" * len(show)]
+    for m in methods:
+        curves = [_curve(r, m) for r in runs]
+        lines.append(f"| {LABELS[m].format(w=omega)} | "
+                     + " | ".join(f"{statistics.fmean(c[s] for c in curves):.3f}" for s in show) + " |")
+    tfinal = statistics.fmean(r["metrics"]["teacher"]["final_val_loss"] for r in runs)
+    lines.append("| teacher (trained, used for KD) | " + " | ".join(f"{tfinal:.3f}" for _ in show) + " |")
+    return "\n".join(lines)
 
 
 def _eval_every(run: dict[str, Any]) -> int:
@@ -285,7 +315,9 @@ def figure(raw: dict[str, Any], path: Path) -> None:
     ax_d.set_title("Difference to the baseline (paired by seed)")
     ax_d.legend(loc="upper right", fontsize=8)
     n = len(runs)
-    fig.suptitle(f"SALT on the stdlib corpus: student 4×64, teacher 2×64, {m0['train_steps']} steps, KD for {kd}; "
+    arch = m0.get("architecture", {"student": "?", "teacher": "?"})
+    fig.suptitle(f"SALT on the stdlib corpus: student {arch['student']}, teacher {arch['teacher']}, "
+                 f"{m0['train_steps']} steps, KD for the first {kd}; "
                  f"lines: mean over {n} seeds, bands: min–max over seeds", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

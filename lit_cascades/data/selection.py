@@ -1,15 +1,15 @@
 """SALT_DS data selection: score training sequences with the small LM, serve the selected ones during KD.
 
-Reference: Rawat et al., arXiv:2410.18779, SALT_DS (``shared/papers/training.md`` §1.4). Each training
-sequence gets a score from the small model (:class:`SequenceSelector`; default: the median loss of the
-tokens whose true id is in the small model's top-k, k = 10, :func:`~lit_cascades.functional.distillation.
-topk_median_score`). The **highest**-scored ``fraction`` of sequences ("challenging yet learnable") is served
-during the KD stage; from ``kd_steps`` on the batches are the common stream's, the baseline's (:class:`StagedBatchSampler`).
+Reference: Rawat et al., arXiv:2410.18779, SALT_DS. Each candidate sequence gets a score from the small model
+(:class:`SequenceSelector`; default: the median loss of the tokens whose true id is in the small model's top-k,
+k = 10, :func:`~lit_cascades.functional.distillation.topk_median_score`). The **highest**-scored ``fraction``
+("challenging yet learnable") forms the KD stage's batches; from ``kd_steps`` on the batches are the common
+stream's, the baseline's (:class:`StagedBatchSampler`; which sequences are candidates: :class:`SALTDataModule`).
 The selection fraction is not reported in the paper (UNVERIFIED; default 0.5 here). The paper scores with an
 early checkpoint of the small model; here the given teacher scores (pass another model to :meth:`select`).
 
 Scores are computed once and cached on disk (:meth:`SequenceSelector.cached_scores`), in a file named by the
-config hash (:func:`lit_cascades.io.config_hash`) of the training token blocks, the scoring model's parameters
+config hash (:func:`lit_cascades.io.config_hash`) of the scored token blocks, the scoring model's parameters
 and the selector's settings; the file is written atomically, read back with ``weights_only=True`` (a file
 holding pickled code is refused with ``ValueError``) and its recorded key is checked on load (a file from
 another corpus or teacher is recomputed). The default cache directory is ``<cache root>/selection_scores``

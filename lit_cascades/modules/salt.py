@@ -1,7 +1,7 @@
 """SALT: training a larger causal LM with knowledge distillation from a small LM for the first steps.
 
 Reference: Rawat et al., "A Little Help Goes a Long Way: Efficient LLM Training by Leveraging Small LMs",
-arXiv:2410.18779 (``shared/papers/training.md`` §1). Two stages over optimizer steps ``s = 0, 1, ...``:
+arXiv:2410.18779. Two stages over optimizer steps ``s = 0, 1, ...``:
 
 * stage 1 (``s < kd_steps``): ``(1 − ω_s)·NTP + ω_s·KD`` with ``KD = τ²·KL(teacher ‖ student)`` at
   temperature τ (:func:`lit_cascades.functional.distillation.salt_loss`, chunked over the sequence);
