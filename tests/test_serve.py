@@ -518,3 +518,11 @@ def test_a_generation_cascade_is_served_with_the_same_endpoints(tmp_path):
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in children if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_importing_the_serving_module_stays_light():
+    code = ("import sys, lit_cascades.serving as s; "
+            "assert not {'litserve', 'fastapi', 'uvicorn', 'torch', 'lightning'} & set(sys.modules), sys.modules.keys(); "
+            "s.CascadeAPI; assert 'litserve' in sys.modules and s.CascadeAPI.__module__ == 'lit_cascades.serving'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=ROOT)
