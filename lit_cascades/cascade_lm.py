@@ -866,7 +866,8 @@ def run_prompts(run_dir: str | Path, split: str = "val", num_examples: int | Non
     Args:
         run_dir: a finished ``gatekeeper_lm``, ``lm_cascade`` or ``speculative_cascade`` run.
         split: ``"val"`` or ``"test"``.
-        num_examples: prompts to draw (default: the run's ``task.num_test``).
+        num_examples: prompts to draw (default: the run's ``task.num_test``); fewer when the split has fewer
+            candidate lines.
         batch_size: prompts per batch (default: the run's ``task.batch_size``).
     """
     from omegaconf import OmegaConf
