@@ -8,7 +8,9 @@ With ``run=<run dir>`` (a ``gatekeeper`` recipe run) the cascade is built by ``C
 on the run's held-out ``split`` (default ``val``: its rows fit no weights) so that the deferral rate stays at or
 below ``target_rate`` (``method`` = ``clopper_pearson`` (default; with ``confidence``), ``conformal`` or
 ``quantile``: docs/cascade.md says what each guarantees). The calibration report is printed; ``save=<dir>``
-writes the calibrated cascade. With ``cascade=<dir>`` a saved cascade is served at its saved threshold.
+writes the calibrated cascade. With ``cascade=<dir>`` a saved cascade (a ``Cascade`` or a
+``GenerationCascade``) is served at its saved threshold. An LM recipe run is calibrated in Python
+(docs/cascade_lm.md), saved, and served with ``cascade=``.
 
 The server binds 127.0.0.1 unless ``host=`` says otherwise: ``POST /predict``, ``GET /stats``, ``GET /health``
 (docs/serving.md). Ctrl+C or SIGTERM stops it and its worker processes. A bad argument prints
@@ -67,6 +69,12 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     if args["run"] is not None:
         if not (Path(args["run"]) / "config.yaml").is_file():
             raise ConfigError(f"no config.yaml in {args['run']}; expected a gatekeeper recipe run directory", key="run")
+        from lit_cascades.cascade_lm import LM_RECIPES, recipe_of_run
+
+        if recipe_of_run(args["run"]) in LM_RECIPES:
+            raise ConfigError(f"a {recipe_of_run(args['run'])} run: calibrate its GenerationCascade on held-out "
+                              "prompts in Python (docs/cascade_lm.md), save it, and serve it with cascade=<dir>",
+                              key="run")
         if args["target_rate"] is None:
             raise ConfigError("required with run=: the deferral rate not to exceed, e.g. target_rate=0.2",
                               key="target_rate")

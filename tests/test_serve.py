@@ -350,6 +350,10 @@ def test_recipe_argument_errors(saved_cascade, tmp_path, capsys):
     (fake_run / "config.yaml").write_text("seed: 0\n")
     casc = saved_cascade[1]
     run = f"run={fake_run}"
+    lm_run = tmp_path / "lm_run"
+    lm_run.mkdir()
+    (lm_run / "config.yaml").write_text("seed: 0\n")
+    (lm_run / "run.json").write_text(json.dumps({"recipe": "lm_cascade"}))
     cases = {
         "error: run: give exactly one of run=<run dir>": [],
         "error: run: give exactly one": [run, f"cascade={casc}"],
@@ -364,6 +368,7 @@ def test_recipe_argument_errors(saved_cascade, tmp_path, capsys):
                                                                  "confidence=0.9"],
         "error: split: the models were fitted on 'train'": [run, "target_rate=0.2", "split=train"],
         "error: run: its config.yaml has no 'data' section": [run, "target_rate=0.2"],
+        "error: run: a lm_cascade run: calibrate its GenerationCascade": [f"run={lm_run}", "target_rate=0.2"],
         "error: target_rate: applies to run=<run dir>": [f"cascade={casc}", "target_rate=0.2"],
         f"error: cascade: no cascade.json in {tmp_path}": [f"cascade={tmp_path}"],
         "error: bogus: unknown key; valid keys: run, cascade": [f"cascade={casc}", "bogus=1"],
