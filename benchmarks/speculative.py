@@ -1,31 +1,43 @@
-"""Speculative cascades: speed against transformers' assisted generation, against the large model, and batching.
+"""Speculative decoding: speed against HF assisted generation, KV-cache size, adaptive γ, batching, token-level rules.
 
-    python -m benchmarks.speculative [--prompts 16] [--quality-prompts 96] [--rule token_v3] \
-        [--alphas 0.1,0.3,0.5,0.8] [--gamma 4] [--threads 1] [recipe overrides, e.g. pair.path=... preset=smollm2]
+    python -m benchmarks.speculative                    # CPU, 1 thread, ~10 minutes; writes the files below
+    python -m benchmarks.speculative --tables-only      # regenerate the table from the JSON
+    python -m benchmarks.speculative --skip rules,batching --pairs gpt2_trained
 
-Prompts are the next-line task of ``recipes.speculative_cascade`` (its config, with any ``key=value`` overrides;
-``task.quality`` defaults to ``token_f1`` here). Everything is greedy (temperature 0); every ratio compares runs
-made in this process, timed in alternation (best of ``--repeats``), so machine load hits both sides alike.
+Raw output ``docs/results/benchmarks/speculative.json`` (machine, load average, git commit, every per-alternation
+time) and the table ``docs/results/benchmarks/speculative.table.md`` generated from it. Every timing compares
+functions run in alternation (``benchmarks._common.interleaved_ratios``: ``--alternations`` rounds after a
+warm-up, the order reversed every other round) and reports the median per-round ratio with its min–max; outputs
+are checked equal before anything is timed. Pairs (``--pairs``):
 
-1. ``vs_hf_assisted`` (target <= 1.0): exact speculative decoding (``rule=spec_decode``) vs
-   ``verifier.generate(assistant_model=drafter)`` with the same constant ``γ``, batch 1 (HF's assisted generation
-   supports no larger batch), ``max_new_tokens`` tokens per prompt and no stop token, so both emit the same
-   tokens; outputs are checked equal token for token before timing. For reference, also timed: HF assisted
-   generation with its own default drafting policy (the assistant's ``generation_config``: a confidence
-   threshold that stops a draft early) and plain greedy decoding of the verifier.
-2. ``batching``: tokens/s of ``spec_decode`` and of plain verifier decoding at batch 8 vs batch 1 (the task's
-   stop rule: rows finish at different lengths).
-3. ``quality_latency``: on ``--quality-prompts`` prompts (batch 8) the large model alone vs ``--rule`` at each
-   α: quality, tokens/s relative to large-only, verifier calls per emitted token. Reported at the fastest α whose
-   quality is at least large-only's (targets: tokens/s ratio > 1, verifier calls per token <= 0.5).
+* ``gpt2_trained``: the pair of ``recipes.lm_pair preset=default`` (GPT-2 configs, 1×128 drafter, 4×256
+  verifier, trained on the stdlib corpus; built once into the cache on first use), prompts of the next-line task;
+* ``gpt2_random`` / ``llama_random``: randomly initialised verifiers (4 layers, width 256, vocabulary 4096) with
+  their first layer as the drafter, random prompts (no training: speed only).
 
-Needs a pair: ``pair.path=<run>/pair`` of ``python -m recipes.lm_pair``, or ``pair.build_preset`` (default: the
-cached pair of ``lm_pair preset=default``, trained on first use).
+Sections (``--skip`` any of them):
+
+1. ``vs_hf`` (target <= 1.0): batch 1, ``--prompts`` prompts × ``--max-new-tokens`` tokens, no stop token:
+   ``speculative_generate(rule="spec_decode")`` vs ``verifier.generate(assistant_model=drafter)`` with the same
+   drafting policy, constant ``γ`` and HF's adaptive schedule (``num_assistant_tokens_schedule="heuristic"``,
+   ours ``gamma_schedule="heuristic"``), and plain verifier greedy decoding for reference.
+2. ``cache``: batch ``--cache-batch`` (32) prompts of mixed lengths, γ = 5, 64 new tokens: the most KV-cache
+   columns kept for the unfinished rows vs the real tokens of the longest row (target <= 1.25).
+3. ``batching``: tokens per second of ``spec_decode`` and of plain verifier decoding at batch 8 vs batch 1
+   (next-line stop rule: rows end at different lengths), interleaved.
+4. ``rules`` (trained pair): large-only vs ``spec_decode`` and ``--rule`` at each ``--alphas`` on
+   ``--rule-prompts`` next-line prompts at batch 32 (the recipe's batch size): quality (token F1), verifier calls
+   per token, deferral and rejection rates, and latency relative to large-only (interleaved).
+
+The machine is shared (2 cores; other engineers' jobs ran at the same time): the load average at start and end
+is recorded. The GPU version is ``benchmarks/speculative_gpu.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -34,184 +46,355 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from benchmarks._common import interleaved_best_times, write_results
+from benchmarks import _common
+from benchmarks._common import Run, interleaved_ratios, target_row
 from lit_cascades.data.lm import collate_prompts, ensure_pad_token
-from lit_cascades.lm_tasks import (
-    build_task_datamodule,
-    load_or_build_pair,
-    next_line_loader,
-    plain_decode,
-    plain_row,
-    speculative_row,
-)
-from lit_cascades.models.speculative import HF_DRAFTING_KEYS, hf_constant_drafting
-from lit_cascades.modules.lm_cascade import concat_records
-from lit_cascades.modules.speculative_cascade import SpeculativeCascade
+from lit_cascades.functional.text import text_quality
+from lit_cascades.lm_tasks import build_task_datamodule, load_or_build_pair, next_line_loader
+from lit_cascades.models.generation import greedy_generate
+from lit_cascades.models.lm_pair import truncated_copy
+from lit_cascades.models.speculative import hf_constant_drafting, speculative_generate
 from lit_cascades.runner import load_config
 
+NAME = "speculative"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+PAIRS = ("gpt2_trained", "gpt2_random", "llama_random")
+NOTE = ("shared 2-core CPU: other engineers' tests and training ran at the same time; 1 torch thread; the ratios "
+        "come from interleaved runs, so load changes hit both sides of a round alike")
 
 
-def decode_args(cfg: DictConfig) -> dict[str, Any]:
-    """:func:`plain_decode` settings of a speculative_cascade config."""
-    return dict(max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.cascade.include_stop,
-                temperature=float(cfg.cascade.temperature), seed=int(cfg.seed), progress=False)
+# ------------------------------------------------------------------------------------------------ pairs
 
 
-def prompts_of(rows: list, batch_size: int, pad_token_id: int) -> DataLoader:
-    """Left-padded batches of next-line prompts ``rows``, in order."""
-    return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_prompts(pad_token_id))
+#: size of the random verifiers (tests shrink it)
+RANDOM_SIZE = {"width": 256, "layers": 4}
 
 
-def decode_records(module: SpeculativeCascade, loader: DataLoader) -> dict[str, Any]:
-    module.reset_generator()
-    return concat_records([module.predict_step(batch, i) for i, batch in enumerate(loader)])
+def random_pair(arch: str, vocab: int = 4096, seed: int = 0):
+    """A random verifier (:data:`RANDOM_SIZE`) with spread-out logits and its first layer as the drafter."""
+    width, layers = RANDOM_SIZE["width"], RANDOM_SIZE["layers"]
+    import transformers as t
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, eos_token_id=1, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False)
+    if arch == "gpt2":
+        config = t.GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=512, **common)
+    elif arch == "llama":
+        config = t.LlamaConfig(hidden_size=width, intermediate_size=width * 11 // 4, num_hidden_layers=layers,
+                               num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=512, **common)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}")
+    verifier = t.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        verifier.get_output_embeddings().weight.normal_(0, 0.2)
+    drafter = truncated_copy(verifier, 1).eval()
+    for model in (drafter, verifier):
+        model.generation_config.pad_token_id = 0
+    return drafter, verifier
 
 
-def default_policy(assistant, key: str) -> Any:
-    """The assistant's setting ``key``, or transformers' global default where it is unset."""
-    value = getattr(assistant.generation_config, key)
-    if value is None:
-        defaults = getattr(assistant.generation_config, "_get_default_generation_params", dict)()
-        value = defaults.get(key)
-    return value
+def task_config(overrides: list[str]) -> DictConfig:
+    cfg, _ = load_config("speculative_cascade", ["cascade.quality=token_f1", "cascade.temperature=0", *overrides],
+                         CONFIG_DIR)
+    return cfg
 
 
-def vs_hf_assisted(pair, prompts: list[torch.Tensor], gamma: int, max_new: int, pad: int,
-                   repeats: int) -> dict[str, Any]:
-    """Batch-1 exact speculative decoding vs HF assisted generation (same γ, no stop token, same tokens)."""
-    sc = SpeculativeCascade(pair.small, pair.large, rule="spec_decode", gamma=gamma, max_new_tokens=max_new,
-                            stop_counts=None, num_stops=1)
-    sc.pad_token_id = pad
-    hf_kwargs = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=pad,
-                     eos_token_id=None)
-    assisted_kwargs = dict(hf_kwargs, assistant_model=pair.small)
-    stats = {"verifier_calls": 0, "accepted": 0, "drafted": 0, "tokens": 0}
-    for p in prompts:  # correctness first: the same tokens, or the timing compares different work
-        ones = torch.ones_like(p)
-        ours = sc.generate(p, ones)
-        with hf_constant_drafting(pair.small, gamma):
-            hf = pair.large.generate(p, attention_mask=ones, **assisted_kwargs)[0, p.shape[1]:]
-        if ours.tokens[0, ours.mask[0]].tolist() != hf.tolist():
-            raise AssertionError("spec_decode and HF assisted generation disagree; timing would be meaningless")
-        stats["verifier_calls"] += int(ours.verifier_calls[0])
-        stats["accepted"] += int(ours.accepted[0])
-        stats["drafted"] += int(ours.drafted[0])
-        stats["tokens"] += int(ours.num_tokens[0])
+# ------------------------------------------------------------------------------------------------ sections
 
-    def run_ours() -> None:
+
+def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: int, alternations: int) -> dict:
+    """Batch-1 spec_decode vs HF assisted generation (same drafting policy), outputs checked equal first."""
+    kw = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0, eos_token_id=None)
+    stats: dict[str, dict[str, int]] = {}
+    for schedule in ("constant", "heuristic"):
+        s = stats.setdefault(schedule, {"verifier_calls": 0, "tokens": 0, "accepted": 0, "drafted": 0})
         for p in prompts:
-            sc.generate(p, torch.ones_like(p))
+            ones = torch.ones_like(p)
+            ours = speculative_generate(drafter, verifier, p, ones, max_new, gamma=gamma, gamma_schedule=schedule,
+                                        stop_counts=[])
+            with hf_constant_drafting(drafter, gamma, schedule):
+                hf = verifier.generate(p, attention_mask=ones, assistant_model=drafter, **kw)[0, p.shape[1]:]
+            if ours.tokens[0].tolist() != hf.tolist():
+                raise AssertionError(f"spec_decode and HF assisted generation ({schedule}) disagree")
+            for k, v in (("verifier_calls", ours.verifier_calls), ("tokens", ours.num_tokens),
+                         ("accepted", ours.accepted), ("drafted", ours.drafted)):
+                s[k] += int(v[0])
 
-    def run_hf_assisted() -> None:  # the same constant γ as ours
-        with hf_constant_drafting(pair.small, gamma):
+    def ours(schedule: str):
+        def fn() -> None:
             for p in prompts:
-                pair.large.generate(p, attention_mask=torch.ones_like(p), **assisted_kwargs)
+                speculative_generate(drafter, verifier, p, torch.ones_like(p), max_new, gamma=gamma,
+                                     gamma_schedule=schedule, stop_counts=[])
+        return fn
 
-    def run_hf_assisted_default() -> None:  # HF's own drafting policy (confidence threshold, its defaults)
+    def hf(schedule: str):
+        def fn() -> None:
+            with hf_constant_drafting(drafter, gamma, schedule):
+                for p in prompts:
+                    verifier.generate(p, attention_mask=torch.ones_like(p), assistant_model=drafter, **kw)
+        return fn
+
+    def plain() -> None:
         for p in prompts:
-            pair.large.generate(p, attention_mask=torch.ones_like(p), **assisted_kwargs)
+            verifier.generate(p, attention_mask=torch.ones_like(p), **kw)
 
-    def run_hf_plain() -> None:
-        for p in prompts:
-            pair.large.generate(p, attention_mask=torch.ones_like(p), **hf_kwargs)
-
-    best = interleaved_best_times({"spec_decode": run_ours, "hf_assisted": run_hf_assisted,
-                                   "hf_assisted_default_policy": run_hf_assisted_default,
-                                   "hf_verifier_greedy": run_hf_plain}, repeats=repeats, warmup=1)
-    return {"prompts": len(prompts), "gamma": gamma, "max_new_tokens": max_new, "seconds": best,
-            "ratio_spec_decode_over_hf_assisted": best["spec_decode"] / best["hf_assisted"], "target": 1.0,
-            "ratio_spec_decode_over_verifier_greedy": best["spec_decode"] / best["hf_verifier_greedy"],
-            "ratio_hf_assisted_over_verifier_greedy": best["hf_assisted"] / best["hf_verifier_greedy"],
-            "ratio_hf_assisted_default_policy_over_verifier_greedy":
-                best["hf_assisted_default_policy"] / best["hf_verifier_greedy"],
-            "hf_default_policy": {k: default_policy(pair.small, k) for k in HF_DRAFTING_KEYS},
-            "tokens_per_verifier_call": stats["tokens"] / max(stats["verifier_calls"], 1),
-            "acceptance_rate": stats["accepted"] / max(stats["drafted"], 1)}
+    timing = interleaved_ratios({"hf_assisted": hf("constant"), "spec_decode": ours("constant"),
+                                 "hf_assisted_heuristic": hf("heuristic"), "spec_decode_heuristic": ours("heuristic"),
+                                 "verifier_greedy": plain}, baseline="hf_assisted", alternations=alternations)
+    per = timing["seconds"]
+    heur = [a / b for a, b in zip(per["spec_decode_heuristic"], per["hf_assisted_heuristic"], strict=True)]
+    adaptive = [a / b for a, b in zip(per["spec_decode_heuristic"], per["spec_decode"], strict=True)]
+    return {"prompts": len(prompts), "gamma": gamma, "max_new_tokens": max_new, "timing": timing,
+            "spec_decode_over_hf_assisted": _summary([a / b for a, b in zip(per["spec_decode"], per["hf_assisted"])]),
+            "heuristic_spec_decode_over_hf_assisted": _summary(heur),
+            "heuristic_over_constant_spec_decode": _summary(adaptive),
+            "spec_decode_over_verifier_greedy": _summary([a / b for a, b in zip(per["spec_decode"],
+                                                                                per["verifier_greedy"])]),
+            "decoding": {k: {**v, "tokens_per_verifier_call": v["tokens"] / max(v["verifier_calls"], 1),
+                             "acceptance_rate": v["accepted"] / max(v["drafted"], 1)} for k, v in stats.items()}}
 
 
-def batching(pair, cfg: DictConfig, rows: list, pad: int, repeats: int) -> dict[str, Any]:
-    """Tokens/s at batch 8 vs batch 1 on the prompts ``rows``, for spec_decode and for plain verifier decoding."""
-    sc = SpeculativeCascade(pair.small, pair.large, pair.tokenizer, rule="spec_decode", gamma=int(cfg.cascade.gamma),
-                            max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.cascade.include_stop)
-    loaders = {b: prompts_of(rows, b, pad) for b in (1, 8)}
-    tokens = {}
-    fns = {}
-    for b, ld in loaders.items():
-        tokens[f"spec_decode_b{b}"] = float(decode_records(sc, ld)["num_tokens"].sum())
-        tokens[f"verifier_b{b}"] = float(plain_decode(pair.large, ld, pair.tokenizer, **decode_args(cfg))["num_tokens"].sum())
-        fns[f"spec_decode_b{b}"] = lambda ld=ld: decode_records(sc, ld)
-        fns[f"verifier_b{b}"] = lambda ld=ld: plain_decode(pair.large, ld, pair.tokenizer, **decode_args(cfg))
-    best = interleaved_best_times(fns, repeats=repeats, warmup=0)
-    tps = {k: tokens[k] / best[k] for k in best}
-    return {"prompts": len(rows), "tokens_per_second": tps,
-            "spec_decode_b8_over_b1": tps["spec_decode_b8"] / tps["spec_decode_b1"],
-            "verifier_b8_over_b1": tps["verifier_b8"] / tps["verifier_b1"]}
+def _summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "per_alternation": values}
 
 
-def quality_latency(pair, cfg: DictConfig, loader: DataLoader, rule: str, alphas: list[float]) -> dict[str, Any]:
-    """Large-only vs ``rule`` at each α on the same prompts (one timed pass each, large-only timed twice)."""
-    q = cfg.cascade.quality
-    large = plain_row("large_only", plain_decode(pair.large, loader, pair.tokenizer, **decode_args(cfg)), q, verifier=True)
-    rows = []
-    for alpha in [None, *alphas]:
-        name, r = ("spec_decode", "spec_decode") if alpha is None else (f"{rule}_{alpha:g}", rule)
-        sc = SpeculativeCascade(pair.small, pair.large, pair.tokenizer, rule=r, alpha=alpha, gamma=int(cfg.cascade.gamma),
-                                max_new_tokens=cfg.task.max_new_tokens, include_stop=cfg.cascade.include_stop,
-                                quality=q)
-        rows.append(speculative_row(name, r, alpha, decode_records(sc, loader), q))
-    again = plain_row("large_only", plain_decode(pair.large, loader, pair.tokenizer, **decode_args(cfg)), q, verifier=True)
-    large_tps = max(large["tokens_per_second"], again["tokens_per_second"])  # the faster of two passes
-    table = {row["method"]: {"quality": row["quality"], "tokens_per_second_ratio": row["tokens_per_second"] / large_tps,
-                             "verifier_calls_per_token": row["verifier_calls_per_token"],
-                             "acceptance_rate": row["acceptance_rate"]} for row in rows}
-    matched = [m for m, v in table.items() if m != "spec_decode" and v["quality"] >= large["quality"]]
-    best = max(matched, key=lambda m: table[m]["tokens_per_second_ratio"]) if matched else None
-    return {"prompts": len(loader.dataset), "quality_metric": q, "large_only_quality": large["quality"],
-            "large_only_tokens_per_second": large_tps, "methods": table,
-            "at_large_quality": None if best is None else {"method": best, **table[best]},
-            "targets": {"tokens_per_second_ratio": "> 1", "verifier_calls_per_token": "<= 0.5"}}
+def cache_columns(drafter, verifier, ids: torch.Tensor, mask: torch.Tensor, gamma: int = 5,
+                  max_new: int = 64) -> dict[str, Any]:
+    """KV-cache columns kept vs real tokens at one batch (no stop token: every row generates ``max_new``)."""
+    out = speculative_generate(drafter, verifier, ids, mask, max_new, gamma=gamma, stop_counts=[])
+    real = mask.sum(-1) + out.num_tokens
+    return {"batch": int(ids.shape[0]), "gamma": gamma, "max_new_tokens": max_new,
+            "prompt_lengths": mask.sum(-1).tolist(), "cache_columns": out.cache_columns,
+            "longest_row_real_tokens": int(real.max()), "ratio": out.cache_columns / int(real.max()),
+            "acceptance_rate": float(out.accepted.sum() / out.drafted.sum()), "rounds": len(out.gammas)}
+
+
+def batching(drafter, verifier, tok, rows: list, cfg: DictConfig, alternations: int) -> dict[str, Any]:
+    """Tokens/s of spec_decode and of plain verifier decoding at batch 8 vs batch 1 (next-line stop rule)."""
+    from lit_cascades.data.lm import newline_counts
+    from lit_cascades.models.lm_pair import model_vocab_size
+
+    counts = newline_counts(tok, model_vocab_size(verifier))
+    m, gamma, pad = int(cfg.task.max_new_tokens), int(cfg.cascade.gamma), int(tok.pad_token_id)
+    loaders = {b: list(DataLoader(rows, batch_size=b, collate_fn=collate_prompts(pad))) for b in (1, 8)}
+    tokens: dict[str, int] = {}
+
+    def spec(b: int):
+        def fn() -> int:
+            return sum(int(speculative_generate(drafter, verifier, x["input_ids"], x["attention_mask"], m,
+                                                gamma=gamma, stop_counts=counts, num_stops=2, pad_token_id=pad)
+                           .num_tokens.sum()) for x in loaders[b])
+        return fn
+
+    def plain(b: int):
+        def fn() -> int:
+            return sum(int(greedy_generate(verifier, x["input_ids"], x["attention_mask"], m, counts, pad,
+                                           num_stops=2).mask.sum()) for x in loaders[b])
+        return fn
+
+    fns = {f"{kind}_b{b}": (spec if kind == "spec_decode" else plain)(b) for kind in ("spec_decode", "verifier")
+           for b in (1, 8)}
+    for k, fn in fns.items():
+        tokens[k] = fn()
+    timing = interleaved_ratios(fns, baseline="spec_decode_b1", alternations=alternations, warmup=1)
+    tps = {k: tokens[k] / timing["median_s"][k] for k in fns}
+    return {"prompts": len(rows), "tokens": tokens, "tokens_per_second_median": tps, "timing": timing,
+            "spec_decode_b8_over_b1_throughput": _summary([
+                (tokens["spec_decode_b8"] / a) / (tokens["spec_decode_b1"] / b)
+                for a, b in zip(timing["seconds"]["spec_decode_b8"], timing["seconds"]["spec_decode_b1"])]),
+            "verifier_b8_over_b1_throughput": _summary([
+                (tokens["verifier_b8"] / a) / (tokens["verifier_b1"] / b)
+                for a, b in zip(timing["seconds"]["verifier_b8"], timing["seconds"]["verifier_b1"])])}
+
+
+def rules(drafter, verifier, tok, rows: list, cfg: DictConfig, rule: str, alphas: list[float],
+          alternations: int) -> dict[str, Any]:
+    """Large-only vs spec_decode and ``rule`` at each α, batch 32, next-line task (quality, calls, latency)."""
+    from lit_cascades.data.lm import newline_counts, next_line
+    from lit_cascades.models.lm_pair import model_vocab_size
+
+    counts = newline_counts(tok, model_vocab_size(verifier))
+    m, gamma, pad = int(cfg.task.max_new_tokens), int(cfg.cascade.gamma), int(tok.pad_token_id)
+    batches = list(DataLoader(rows, batch_size=int(cfg.task.batch_size), collate_fn=collate_prompts(pad)))
+    targets = [t for x in batches for t in x["target"]]
+
+    def decode_text(tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [next_line(t) for t in tok.batch_decode([r[k].tolist() for r, k in zip(tokens, mask)],
+                                                       skip_special_tokens=True)]
+
+    def large() -> dict[str, Any]:
+        texts, n = [], 0
+        for x in batches:
+            g = greedy_generate(verifier, x["input_ids"], x["attention_mask"], m, counts, pad, num_stops=2)
+            texts += decode_text(g.tokens, g.mask)
+            n += int(g.mask.sum())
+        return {"texts": texts, "tokens": n}
+
+    def spec(r: str, a: float | None):
+        def fn() -> dict[str, Any]:
+            texts, agg = [], {"tokens": 0, "verifier_calls": 0, "accepted": 0, "drafted": 0, "deferred": 0}
+            for x in batches:
+                o = speculative_generate(drafter, verifier, x["input_ids"], x["attention_mask"], m, rule=r, alpha=a,
+                                         gamma=gamma, stop_counts=counts, num_stops=2, pad_token_id=pad)
+                texts += decode_text(o.tokens, o.mask)
+                for k, v in (("tokens", o.num_tokens), ("verifier_calls", o.verifier_calls),
+                             ("accepted", o.accepted), ("drafted", o.drafted), ("deferred", o.deferred)):
+                    agg[k] += int(v.sum())
+            return {"texts": texts, **agg}
+        return fn
+
+    methods = {"large_only": large, "spec_decode": spec("spec_decode", None),
+               **{f"{rule}_{a:g}": spec(rule, a) for a in alphas}}
+    table: dict[str, Any] = {}
+    for name, fn in methods.items():
+        res = fn()
+        row = {"token_f1": float(text_quality(res["texts"], targets, "token_f1").mean()),
+               "exact_match": float(text_quality(res["texts"], targets, "exact_match").mean())}
+        if name != "large_only":
+            row.update({"verifier_calls_per_token": res["verifier_calls"] / max(res["tokens"], 1),
+                        "acceptance_rate": res["accepted"] / max(res["drafted"], 1),
+                        "rejection_rate": 1 - res["accepted"] / max(res["drafted"], 1),
+                        "deferral_rate": res["deferred"] / max(res["tokens"], 1)})
+        table[name] = row
+    timing = interleaved_ratios(methods, baseline="large_only", alternations=alternations, warmup=1)
+    for name, ratio in timing["ratios"].items():
+        table[name]["latency_over_large_only"] = {k: ratio[k] for k in ("median", "min", "max")}
+    return {"prompts": len(rows), "batch_size": int(cfg.task.batch_size), "gamma": gamma, "max_new_tokens": m,
+            "methods": table, "timing": timing}
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def render_table(payload: dict[str, Any]) -> str:
+    res = payload["results"]
+    lines = ["| measurement | pair | median | min–max | detail |", "|---|---|---|---|---|"]
+    for pair, r in res.get("vs_hf", {}).items():
+        d = r["decoding"]
+        for key, label, sched in (("spec_decode_over_hf_assisted", f"spec_decode / HF assisted, γ = {r['gamma']}",
+                                   "constant"),
+                                  ("heuristic_spec_decode_over_hf_assisted", "spec_decode / HF assisted, adaptive γ",
+                                   "heuristic"),
+                                  ("heuristic_over_constant_spec_decode", "spec_decode adaptive γ / constant γ",
+                                   "heuristic")):
+            s = r[key]
+            lines.append(f"| {label} (batch 1, {r['prompts']} prompts × {r['max_new_tokens']} tokens) | {pair} | "
+                         f"{s['median']:.3f} | {s['min']:.3f}–{s['max']:.3f} | "
+                         f"{d[sched]['tokens_per_verifier_call']:.2f} tokens / verifier call, acceptance "
+                         f"{d[sched]['acceptance_rate']:.2f} ({sched}) |")
+        s = r["spec_decode_over_verifier_greedy"]
+        lines.append(f"| spec_decode / verifier greedy (batch 1) | {pair} | {s['median']:.3f} | "
+                     f"{s['min']:.3f}–{s['max']:.3f} | |")
+    for pair, r in res.get("cache", {}).items():
+        lines.append(f"| KV-cache columns / real tokens of the longest row (batch {r['batch']}, γ = {r['gamma']}, "
+                     f"{r['max_new_tokens']} new tokens) | {pair} | {r['ratio']:.3f} | – | {r['cache_columns']} "
+                     f"columns for {r['longest_row_real_tokens']} tokens |")
+    for pair, r in res.get("batching", {}).items():
+        for key, label in (("spec_decode_b8_over_b1_throughput", "spec_decode tokens/s, batch 8 / batch 1"),
+                           ("verifier_b8_over_b1_throughput", "verifier greedy tokens/s, batch 8 / batch 1")):
+            s = r[key]
+            lines.append(f"| {label} ({r['prompts']} prompts) | {pair} | {s['median']:.3f} | "
+                         f"{s['min']:.3f}–{s['max']:.3f} | |")
+    out = "\n".join(lines) + "\n"
+    for pair, r in res.get("rules", {}).items():
+        out += (f"\nNext-line task, {pair}, {r['prompts']} prompts, batch {r['batch_size']}, γ = {r['gamma']}, "
+                "greedy:\n\n| method | token F1 | exact match | latency / large-only (median, min–max) | "
+                "verifier calls / token | deferral rate | rejection rate |\n|---|---|---|---|---|---|---|\n")
+        for name, row in r["methods"].items():
+            lat = row.get("latency_over_large_only")
+            lat_s = f"{lat['median']:.3f} ({lat['min']:.3f}–{lat['max']:.3f})" if lat else "1"
+            fmt = (lambda k, row=row: f"{row[k]:.3f}" if k in row else "–")  # noqa: E731
+            out += (f"| {name} | {row['token_f1']:.3f} | {row['exact_match']:.3f} | {lat_s} | "
+                    f"{fmt('verifier_calls_per_token')} | {fmt('deferral_rate')} | {fmt('rejection_rate')} |\n")
+    load = payload.get("load", {})
+    out += (f"\nCPU ({payload['machine']['cpu']}, torch {payload['machine']['torch']}, 1 thread), "
+            f"{payload['results'].get('alternations')} interleaved alternations per ratio; load average "
+            f"{load.get('loadavg_start', ['?'])[0]} → {load.get('loadavg_end', ['?'])[0]}. "
+            f"Raw: `docs/results/benchmarks/{NAME}.json` (`{payload['command']}`).\n")
+    return out
+
+
+def write_table() -> Path:
+    payload = json.loads((_common.RESULTS / f"{NAME}.json").read_text())
+    path = _common.RESULTS / f"{NAME}.table.md"
+    path.write_text(render_table(payload))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=16, help="prompts for the HF comparison and batching")
-    parser.add_argument("--quality-prompts", type=int, default=96)
-    parser.add_argument("--rule", default="token_v3")
-    parser.add_argument("--alphas", default="0.1,0.3,0.5,0.8")
+    parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--prompts", type=int, default=6, help="batch-1 prompts for the HF comparison")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="HF comparison: tokens per prompt")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--alternations", type=int, default=10)
+    parser.add_argument("--cache-batch", type=int, default=32)
+    parser.add_argument("--batching-prompts", type=int, default=16)
+    parser.add_argument("--rule", default="token_v1")
+    parser.add_argument("--alphas", default="0.1")
+    parser.add_argument("--rule-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip")
-    parser.add_argument("overrides", nargs="*", help="recipes.speculative_cascade key=value overrides")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip (vs_hf,cache,batching,rules)")
+    parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="recipes.speculative_cascade key=value overrides (trained pair)")
     args = parser.parse_args()
+    if args.tables_only:
+        print(write_table().read_text())
+        return
     torch.set_num_threads(args.threads)
-    cfg, preset = load_config("speculative_cascade", ["cascade.quality=token_f1", f"cascade.gamma={args.gamma}",
-                                                      "cascade.temperature=0", *args.overrides], CONFIG_DIR)
-    pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
-    tok = ensure_pad_token(pair.tokenizer)
-    pad = int(tok.pad_token_id)
     skip = set(filter(None, args.skip.split(",")))
-    results: dict[str, Any] = {"pair": str(pair.path or f"{cfg.pair.small} -> {cfg.pair.large}"), "preset": preset,
-                               "small_parameters": sum(p.numel() for p in pair.small.parameters()),
-                               "large_parameters": sum(p.numel() for p in pair.large.parameters())}
-    start = time.perf_counter()
-    cfg.task.num_test = max(args.prompts, args.quality_prompts)
-    dm = build_task_datamodule(cfg.data, pair)
-    loader = next_line_loader(dm, cfg.task, cfg.task.split, cfg.task.num_test, pad)
-    prompt_rows = [loader.dataset[i] for i in range(args.prompts)]
-    if "hf" not in skip:
-        prompts = [row.input_ids[None] for row in prompt_rows]
-        results["vs_hf_assisted"] = vs_hf_assisted(pair, prompts, args.gamma, args.max_new_tokens, pad, args.repeats)
-    if "batching" not in skip:
-        results["batching"] = batching(pair, cfg, prompt_rows, pad, args.repeats)
-    if "quality" not in skip:
-        q_loader = prompts_of([loader.dataset[i] for i in range(args.quality_prompts)], 8, pad)
-        alphas = [float(a) for a in args.alphas.split(",")]
-        results["quality_latency"] = quality_latency(pair, cfg, q_loader, args.rule, alphas)
-    results["total_seconds"] = time.perf_counter() - start
-    write_results("speculative", results)
+    run = Run(NAME, note=NOTE)
+    results: dict[str, Any] = {"alternations": args.alternations, "vs_hf": {}, "cache": {}, "batching": {},
+                               "rules": {}}
+    for name in filter(None, args.pairs.split(",")):
+        t0 = time.perf_counter()
+        if name == "gpt2_trained":
+            cfg = task_config([f"cascade.gamma={args.gamma}", *args.overrides])
+            pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
+            drafter, verifier, tok = pair.small.eval(), pair.large.eval(), ensure_pad_token(pair.tokenizer)
+            cfg.task.num_test = max(args.prompts, args.cache_batch, args.batching_prompts, args.rule_prompts)
+            dm = build_task_datamodule(cfg.data, pair)
+            data = next_line_loader(dm, cfg.task, cfg.task.split, cfg.task.num_test, tok.pad_token_id).dataset
+            rows = [data[i] for i in range(len(data))]
+            prompts = [r.input_ids[None] for r in rows[:args.prompts]]
+            cache_batch = collate_prompts(tok.pad_token_id)(rows[:args.cache_batch])
+            cache_ids, cache_mask = cache_batch["input_ids"], cache_batch["attention_mask"]
+        else:
+            drafter, verifier = random_pair(name.split("_")[0])
+            g = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(2, 4096, (1, int(n)), generator=g) for n in torch.randint(8, 48, (args.prompts,),
+                                                                                              generator=g)]
+            lengths = torch.randint(8, 48, (args.cache_batch,), generator=g)
+            width = int(lengths.max())
+            cache_mask = (torch.arange(width)[None] >= width - lengths[:, None]).long()
+            cache_ids = torch.randint(2, 4096, (args.cache_batch, width), generator=g) * cache_mask
+        print(f"[{NAME}] {name}: loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+        if "vs_hf" not in skip:
+            results["vs_hf"][name] = vs_hf(drafter, verifier, prompts, args.gamma, args.max_new_tokens,
+                                           args.alternations)
+            print(f"[{NAME}] {name} vs_hf: {results['vs_hf'][name]['spec_decode_over_hf_assisted']['median']:.3f}",
+                  flush=True)
+        if "cache" not in skip:
+            results["cache"][name] = cache_columns(drafter, verifier, cache_ids, cache_mask)
+        if name == "gpt2_trained" and "batching" not in skip:
+            results["batching"][name] = batching(drafter, verifier, tok, rows[:args.batching_prompts], cfg,
+                                                 args.alternations)
+        if name == "gpt2_trained" and "rules" not in skip:
+            results["rules"][name] = rules(drafter, verifier, tok, rows[:args.rule_prompts], cfg, args.rule,
+                                           [float(a) for a in args.alphas.split(",")], args.alternations)
+    targets = []
+    for name, r in results["vs_hf"].items():
+        targets.append(target_row(f"spec_decode / HF assisted generation, same constant γ, batch 1, {name}", 1.0,
+                                  r["spec_decode_over_hf_assisted"]))
+    for name, r in results["cache"].items():
+        targets.append(target_row(f"KV-cache columns / real tokens, batch {r['batch']}, γ = 5, {name}", 1.25,
+                                  {"median": r["ratio"], "min": r["ratio"], "max": r["ratio"]}, unit="columns"))
+    run.write({"results": results}, targets)
+    print(write_table().read_text())
 
 
 if __name__ == "__main__":
