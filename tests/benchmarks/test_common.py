@@ -133,3 +133,23 @@ def test_run_writes_json_with_load(tmp_path, monkeypatch):
     data = json.loads(path.read_text())
     assert data["value"] == 1 and len(data["load"]["loadavg_start"]) == 3 and data["targets"][0]["pass"] is True
     assert data["machine"]["torch"]
+
+
+def test_summary_table_is_generated_from_the_json_files(tmp_path, monkeypatch):
+    from benchmarks import summary
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    for name, median in (("gatekeeper_step", 1.2), ("deferral_metrics", 0.5)):
+        run = common.Run(name)
+        run.write({"timing": {"alternations": 10, "ratios": {}}},
+                  [common.target_row(f"{name} ratio", 1.0, {"median": median, "min": median - 0.1,
+                                                             "max": median + 0.1})])
+    text = summary.render(summary.load_results())
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows[0].startswith("| `gatekeeper_step` | gatekeeper_step ratio | ≤ 1.00 | 1.200 | 1.100–1.300 | **no** | 10")
+    assert rows[1].startswith("| `deferral_metrics` | deferral_metrics ratio | ≤ 1.00 | 0.500 | 0.400–0.600 | yes")
+    assert summary.main(["--check"]) == 1  # no table yet
+    assert summary.main([]) == 0
+    assert summary.main(["--check"]) == 0
+    (tmp_path / "table.md").write_text("stale\n")
+    assert summary.main(["--check"]) == 1
