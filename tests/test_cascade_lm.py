@@ -223,31 +223,31 @@ def test_calibrate_on_prompts_reports_rate_quality_and_curve(tok, models):
 
 
 def test_calibration_guarantees_hold_on_fresh_prompts(tok, models):
-    """Monte Carlo over random calibration/fresh splits of the scores of 64 real prompts (scored once): the
-    Clopper-Pearson threshold's rate on the fresh prompts exceeds the target in at most ~(1 - confidence) of the
-    splits, and the conformal one's mean fresh rate stays <= target; the plain quantile overshoots."""
+    """Monte Carlo with real scores: the 64 prompts' scores (computed once) are the population; each calibration
+    draws 32 of them i.i.d. (with replacement, so calibration and served prompts are exchangeable) and its TRUE
+    deferral rate is the share of the population below its threshold. Clopper-Pearson exceeds the target in at
+    most ~(1 - confidence) of the calibrations, conformal's mean rate stays <= target, the plain quantile does
+    neither."""
     from lit_cascades.data.lm import stdlib_files
 
     small, large = models
     lines = [ln for ln in stdlib_files()[10].read_text().splitlines() if ln.strip()][:64]
     c = GenerationCascade(small, large, tok, max_new_tokens=3, threshold=math.inf)
-    scores = c.generate(lines).scores
-    pool = len(lines)
-    assert pool == 64 and len(set(scores.tolist())) > 50
+    pool = c.generate(lines).scores
+    assert pool.numel() == 64 and len(set(pool.tolist())) > 50
     rng = np.random.default_rng(0)
-    n, target, conf, reps = 32, 0.25, 0.8, 400
-    rates = {"clopper_pearson": [], "conformal": [], "quantile": []}
+    n, target, conf, reps = 32, 0.25, 0.8, 1000
+    rates: dict[str, list[float]] = {"clopper_pearson": [], "conformal": [], "quantile": []}
     for _ in range(reps):
-        perm = torch.from_numpy(rng.permutation(pool))
-        cal, fresh = scores[perm[:n]], scores[perm[n:]]
+        cal = pool[torch.from_numpy(rng.integers(0, pool.numel(), n))]
         for method in rates:
             rep = c.calibrate(cal, target, conf if method == "clopper_pearson" else None, method=method)
-            rates[method].append(float((fresh < rep.threshold).float().mean()))
-    cp = np.array(rates["clopper_pearson"])
+            rates[method].append(float((pool < rep.threshold).float().mean()))
+    cp, cf, q = (np.array(rates[k]) for k in ("clopper_pearson", "conformal", "quantile"))
+    assert cp.mean() > 0.1  # it does defer: the check below is not met by never deferring
     assert (cp > target).mean() <= (1 - conf) + 3 * math.sqrt(conf * (1 - conf) / reps)
-    cf = np.array(rates["conformal"])
     assert cf.mean() <= target + 3 * cf.std() / math.sqrt(reps)
-    assert np.mean(rates["quantile"]) > cf.mean()
+    assert (q > target).mean() > (1 - conf) + 0.1 and q.mean() > cf.mean()
 
 
 # --------------------------------------------------------------------------------------------------------
