@@ -312,7 +312,8 @@ def test_speculative_path_counts_verifier_calls_and_round_trips(tmp_path, tok, m
 # serving adapter
 # --------------------------------------------------------------------------------------------------------
 def test_serve_adapter_parses_runs_and_refuses_bad_requests(tok, models):
-    serving = pytest.importorskip("lit_cascades.serving")
+    from lit_cascades import serving
+
     small, large = models
     c = GenerationCascade(small, large, tok, max_new_tokens=4, threshold=-5.6)
     adapter = c.serve_adapter(max_prompts=3)
