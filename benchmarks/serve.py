@@ -1,7 +1,7 @@
 """Served cascade vs serving the large model alone: throughput and latency over HTTP, same requests.
 
     python -m benchmarks.serve                          # digits Gatekeeper run (trained on first use)
-    python -m benchmarks.serve --datasets digits fashion_mnist
+    python -m benchmarks.serve --datasets digits fashion_mnist lm_pair
     python -m benchmarks.serve --tables-only            # docs/results/benchmarks/serve.table.md from serve.json
 
 For each dataset: a ``gatekeeper`` recipe run (``runs/bench_serve/<dataset>``, trained once), its cascade
@@ -139,7 +139,61 @@ def ensure_run(dataset: str) -> Path:
     return out
 
 
+def measure(sides: dict[str, list[str]], bodies: list[bytes], rounds: int, clients: int, tmp: Path
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start one server per side (``python -m <argv>``), a warm-up round each, then ``rounds`` alternating
+    rounds (ABBA); returns (per-side summary, ratios of the first side to the second)."""
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    names = list(sides)
+    try:
+        for name, argv in sides.items():
+            procs[name] = _start(argv, tmp / f"{name}.log")
+        for name, (proc, url) in procs.items():
+            _wait_healthy(proc, url, tmp / f"{name}.log")
+        for name in names:  # warm-up
+            _round(procs[name][1], bodies, clients)
+        per: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        for i in range(rounds):
+            for name in names if i % 2 == 0 else names[::-1]:
+                per[name].append(_round(procs[name][1], bodies, clients))
+        import httpx
+
+        stats = {n: httpx.get(f"{procs[n][1]}/stats", timeout=30).json() for n in names}
+    finally:
+        for proc, _ in procs.values():
+            _stop(proc)
+    summary: dict[str, Any] = {}
+    for name in names:
+        thr = [len(bodies) / r["wall_s"] for r in per[name]]
+        pooled = np.array([t for r in per[name] for t in r["latencies"]]) * 1e3
+        summary[name] = {
+            "requests_per_s": {"median": statistics.median(thr), "min": min(thr), "max": max(thr), "per_round": thr},
+            "latency_ms": {q: float(np.percentile(pooled, int(q[1:]))) for q in ("p50", "p90", "p99")},
+            "latency_ms_per_round": {q: [float(np.percentile(np.array(r["latencies"]) * 1e3, int(q[1:])))
+                                         for r in per[name]] for q in ("p50", "p99")},
+            "server_stats": {k: stats[name][k] for k in ("requests", "rows", "deferred_rows", "deferral_rate",
+                                                         "large_model_calls", "batches", "mean_batch_requests",
+                                                         "latency_ms")},
+        }
+    a, b = names
+
+    def ratio(get: Any) -> dict[str, float]:
+        per_round = [x / y for x, y in zip(get(summary[a]), get(summary[b]))]
+        return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+
+    ratios = {"throughput_ratio": ratio(lambda s: s["requests_per_s"]["per_round"]),
+              "p50_latency_ratio": ratio(lambda s: s["latency_ms_per_round"]["p50"]),
+              "p99_latency_ratio": ratio(lambda s: s["latency_ms_per_round"]["p99"])}
+    return summary, ratios
+
+
+def _calibration(rep: Any) -> dict[str, Any]:
+    return {k: getattr(rep, k) for k in ("method", "n", "target_rate", "confidence", "threshold", "rate", "bound",
+                                         "small_quality", "cascade_quality", "large_quality")}
+
+
 def bench_dataset(dataset: str, n_requests: int, rounds: int, clients: int, seed: int) -> dict[str, Any]:
+    """A Gatekeeper image-classification cascade vs its large model alone."""
     from omegaconf import OmegaConf
 
     from lit_cascades.cascade import Cascade
@@ -159,89 +213,79 @@ def bench_dataset(dataset: str, n_requests: int, rounds: int, clients: int, seed
     jobs = [rng.integers(0, len(x), size=int(rng.integers(1, 5))).tolist() for _ in range(n_requests)]
     bodies = [json.dumps({"inputs": x[j].tolist()}).encode() for j in jobs]
     offline = cascade.predict(x[[i for j in jobs for i in j]])
-
     sides = {"cascade": ["recipes.serve", f"cascade={cascade_dir}", *SERVER],
              "large_only": ["benchmarks.serve", "--serve-large", str(cascade_dir), *SERVER]}
-    procs: dict[str, tuple[subprocess.Popen, str]] = {}
-    try:
-        for name, argv in sides.items():
-            procs[name] = _start(argv, tmp / f"{name}.log")
-        for name, (proc, url) in procs.items():
-            _wait_healthy(proc, url, tmp / f"{name}.log")
-        names = list(sides)
-        for name in names:  # warm-up
-            _round(procs[name][1], bodies, clients)
-        per: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        for i in range(rounds):
-            for name in names if i % 2 == 0 else names[::-1]:
-                per[name].append(_round(procs[name][1], bodies, clients))
-        import httpx
+    summary, ratios = measure(sides, bodies, rounds, clients, tmp)
+    return {"run_dir": str(run_dir.relative_to(ROOT)), "requests": n_requests, "rows": sum(map(len, jobs)),
+            "clients": clients, "rounds": rounds, "server": SERVER, "calibration": _calibration(cascade.calibration),
+            "offline_deferral_rate_of_the_requests": offline.deferral_rate, "sides": summary, **ratios}
 
-        stats = {n: httpx.get(f"{procs[n][1]}/stats", timeout=30).json() for n in names}
-    finally:
-        for proc, _ in procs.values():
-            _stop(proc)
 
-    rows = sum(len(j) for j in jobs)
-    summary: dict[str, Any] = {}
-    for name in names:
-        thr = [n_requests / r["wall_s"] for r in per[name]]
-        pooled = np.array([t for r in per[name] for t in r["latencies"]]) * 1e3
-        summary[name] = {
-            "requests_per_s": {"median": statistics.median(thr), "min": min(thr), "max": max(thr), "per_round": thr},
-            "rows_per_s_median": statistics.median(thr) * rows / n_requests,
-            "latency_ms": {q: float(np.percentile(pooled, int(q[1:]))) for q in ("p50", "p90", "p99")},
-            "latency_ms_per_round": {q: [float(np.percentile(np.array(r["latencies"]) * 1e3, int(q[1:])))
-                                         for r in per[name]] for q in ("p50", "p99")},
-            "server_stats": {k: stats[name][k] for k in ("requests", "rows", "deferred_rows", "deferral_rate",
-                                                         "large_model_calls", "batches", "mean_batch_requests",
-                                                         "latency_ms")},
-        }
-    ratio = [c / b for c, b in zip(summary["cascade"]["requests_per_s"]["per_round"],
-                                   summary["large_only"]["requests_per_s"]["per_round"])]
-    p50 = [c / b for c, b in zip(summary["cascade"]["latency_ms_per_round"]["p50"],
-                                 summary["large_only"]["latency_ms_per_round"]["p50"])]
-    p99 = [c / b for c, b in zip(summary["cascade"]["latency_ms_per_round"]["p99"],
-                                 summary["large_only"]["latency_ms_per_round"]["p99"])]
-    rep = cascade.calibration
-    return {
-        "run_dir": str(run_dir.relative_to(ROOT)), "requests": n_requests, "rows": rows, "clients": clients,
-        "rounds": rounds, "server": SERVER,
-        "calibration": {k: getattr(rep, k) for k in ("method", "n", "target_rate", "confidence", "threshold", "rate",
-                                                     "bound", "small_quality", "cascade_quality", "large_quality")},
-        "offline_deferral_rate_of_the_requests": offline.deferral_rate,
-        "sides": summary,
-        "throughput_ratio": {"median": statistics.median(ratio), "min": min(ratio), "max": max(ratio)},
-        "p50_latency_ratio": {"median": statistics.median(p50), "min": min(p50), "max": max(p50)},
-        "p99_latency_ratio": {"median": statistics.median(p99), "min": min(p99), "max": max(p99)},
-    }
+def bench_lm_pair(n_requests: int, rounds: int, clients: int, seed: int) -> dict[str, Any]:
+    """The embedded LM pair (``lm_pair`` recipe, ``smoke`` preset, built once into the cache) as a sequence-level
+    generation cascade (Chow average log-probability, 8 new tokens), calibrated on 300 standard-library code lines
+    and served on others from the same pool; the baseline is the large model alone through the same code path
+    (a cascade whose "small" model is the large one and never defers)."""
+    import math
+
+    from lit_cascades.cascade_lm import GenerationCascade
+    from lit_cascades.data.lm import stdlib_files
+    from lit_cascades.lm_tasks import build_pair_cached
+    from lit_cascades.models.lm_pair import load_pair
+
+    pair_dir = build_pair_cached("smoke", ROOT / "recipes" / "configs")
+    pair = load_pair(pair_dir)
+    lines = sorted({ln.strip() for f in stdlib_files()[200:260] for ln in f.read_text(errors="replace").splitlines()
+                    if 12 <= len(ln.strip()) <= 60})
+    rng = np.random.default_rng(seed)
+    rng.shuffle(lines)
+    cal, pool = lines[:300], lines[300:600]
+    kw = {"rule": "chow_average", "max_new_tokens": 8}
+    cascade = GenerationCascade(pair.small, pair.large, pair.tokenizer, **kw)
+    cascade.calibrate(cal, 0.2, confidence=0.95, method="clopper_pearson")
+    large_only = GenerationCascade(pair.large, pair.large, pair.tokenizer, threshold=-math.inf, **kw)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_lm_"))
+    cascade.save(tmp / "cascade")
+    large_only.save(tmp / "large_only")
+    jobs = [rng.integers(0, len(pool), size=int(rng.integers(1, 3))).tolist() for _ in range(n_requests)]
+    bodies = [json.dumps({"inputs": [pool[i] for i in j]}).encode() for j in jobs]
+    offline = cascade.generate([pool[i] for j in jobs for i in j])
+    sides = {"cascade": ["recipes.serve", f"cascade={tmp / 'cascade'}", *SERVER],
+             "large_only": ["recipes.serve", f"cascade={tmp / 'large_only'}", *SERVER]}
+    summary, ratios = measure(sides, bodies, rounds, clients, tmp)
+    return {"pair": "lm_pair smoke preset (cache)", "requests": n_requests, "rows": sum(map(len, jobs)),
+            "clients": clients, "rounds": rounds, "server": SERVER, "calibration": _calibration(cascade.calibration),
+            "offline_deferral_rate_of_the_requests": offline.deferral_rate, "sides": summary, **ratios}
 
 
 def table(payload: dict[str, Any]) -> str:
     """The markdown table of ``serve.json``."""
-    load = payload["load"]
-    lines = [f"Served over HTTP on {payload['machine']['cpu_count']} shared CPU cores (load average "
-             f"{load['loadavg_start'][0]:.1f} at start, {load['loadavg_end'][0]:.1f} at end), "
-             f"{payload['clients']} concurrent clients, LitServe `{' '.join(SERVER)}`; "
-             f"medians over {payload['rounds']} alternating rounds, latency percentiles over all rounds' requests.",
+    lines = [f"Served over HTTP on {payload['machine']['cpu_count']} shared CPU cores, {payload['clients']} "
+             f"concurrent clients, LitServe `{' '.join(SERVER)}`; medians over {payload['rounds']} alternating "
+             "rounds, latency percentiles over all rounds' requests; load = 1-minute load average at the start and "
+             "end of that data set's benchmark.",
              "",
              "| data | served | deferral rate (live / bound) | accuracy (val) | requests/s | p50 ms | p99 ms "
-             "| throughput ratio cascade / large (min–max) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| throughput ratio cascade / large (min–max) | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for data, r in payload["results"].items():
         cal = r["calibration"]
+        lo = r.get("loadavg_start", payload["load"]["loadavg_start"])[0]
+        hi = r.get("loadavg_end", payload["load"]["loadavg_end"])[0]
         for side in ("cascade", "large_only"):
             s = r["sides"][side]
             if side == "cascade":
                 rate = f"{s['server_stats']['deferral_rate']:.3f} / {cal['bound']:.3f}"
-                acc = f"{cal['cascade_quality']:.3f}"
+                acc = "–" if cal["cascade_quality"] is None else f"{cal['cascade_quality']:.3f}"
                 t = r["throughput_ratio"]
-                ratio = f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})"
+                ratio, load = f"{t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f})", f"{lo:.1f}–{hi:.1f}"
             else:
-                rate, acc, ratio = "1 (all rows)", f"{cal['large_quality']:.3f}", ""
+                rate = "– (large model only)"
+                acc = "–" if cal["large_quality"] is None else f"{cal['large_quality']:.3f}"
+                ratio = load = ""
             lines.append(f"| {data} | {side.replace('_', ' ')} | {rate} | {acc} | "
                          f"{s['requests_per_s']['median']:.0f} | {s['latency_ms']['p50']:.1f} | "
-                         f"{s['latency_ms']['p99']:.1f} | {ratio} |")
+                         f"{s['latency_ms']['p99']:.1f} | {ratio} | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +298,7 @@ def write_table() -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["digits"], choices=sorted(RUNS))
+    parser.add_argument("--datasets", nargs="+", default=["digits"], choices=[*sorted(RUNS), "lm_pair"])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
@@ -275,7 +319,13 @@ def main() -> None:
     if not args.tables_only:
         run = Run(NAME, note="shared 2-core machine: other engineers' tests and training ran at the same time; "
                              "clients, API servers and inference workers of both sides share the same cores")
-        results = {d: bench_dataset(d, args.requests, args.rounds, args.clients, args.seed) for d in args.datasets}
+        old = RESULTS / f"{NAME}.json"
+        results = json.loads(old.read_text()).get("results", {}) if old.is_file() else {}
+        for d in args.datasets:  # a dataset not re-run keeps its earlier entry (each entry has its own load)
+            load0, t0 = os.getloadavg(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            res = (bench_lm_pair(args.requests // 2, args.rounds, args.clients, args.seed) if d == "lm_pair"
+                   else bench_dataset(d, args.requests, args.rounds, args.clients, args.seed))
+            results[d] = {**res, "started_utc": t0, "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg())}
         run.write({"clients": args.clients, "rounds": args.rounds, "results": results})
     print(write_table().read_text())
 
