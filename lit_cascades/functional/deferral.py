@@ -80,8 +80,8 @@ def _interpolate_ties(cum: Tensor, srt: _SortedScores) -> Tensor:
         lo, hi = srt.lo[s:e], srt.hi[s:e]
         k = torch.arange(s, e, dtype=cum.dtype, device=cum.device)
         frac = (k - lo).div_((hi - lo).clamp(min=1))
-        c_lo = cum[lo]
-        cum[s:e] = frac.mul_(cum[hi] - c_lo).add_(c_lo)
+        c_lo = cum.index_select(0, lo)
+        cum[s:e] = frac.mul_(cum.index_select(0, hi) - c_lo).add_(c_lo)
     return cum
 
 
@@ -101,8 +101,8 @@ def _sorted_gain_cumsum(order: Tensor, small_quality: Tensor, large_quality: Ten
     out = torch.empty(order.shape[0] + 1, dtype=torch.float64, device=order.device)
     out[0] = 0
     body = out[1:]
-    body.copy_(large_quality[order])
-    body.sub_(small_quality[order])
+    body.copy_(large_quality.index_select(0, order))  # index_select: much faster than x[order] on CPU
+    body.sub_(small_quality.index_select(0, order))
     body.cumsum_(0)
     return out
 
@@ -114,7 +114,7 @@ def _rates(n: int, device: torch.device) -> Tensor:
 def _curve_from_sorted(srt: _SortedScores, gain: Tensor, small_sum: Tensor) -> DeferralCurve:
     """Curve from the per-example gains ``large − small`` (float64) and ``Σ small_quality``."""
     n = gain.shape[0]
-    cum = _interpolate_ties(_cumsum0(gain[srt.order]), srt)
+    cum = _interpolate_ties(_cumsum0(gain.index_select(0, srt.order)), srt)
     return DeferralCurve(_rates(n, gain.device), cum.add_(small_sum).div_(n))
 
 

@@ -111,3 +111,14 @@ def test_multi_column_and_level_auroc_with_small_blocks(monkeypatch, n_distinct)
         if (levels == a).any() and (levels == b).any():
             exp = roc_auc_score((levels[sel] == a).numpy(), scores[sel].numpy())
             assert auc[a, b].item() == pytest.approx(exp, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
+def test_every_score_dtype_sorts_the_same(dtype):
+    """NumPy's argsort (CPU float32/64, int32/64) and torch.sort (other dtypes) give sklearn's AUROC."""
+    g = torch.Generator().manual_seed(4)
+    raw = torch.randint(0, 30, (200,), generator=g)
+    scores = raw.to(dtype) if dtype == torch.int64 else (raw / 30).to(dtype)
+    target = torch.rand(200, generator=g) < 0.5
+    exp = roc_auc_score(target.numpy(), raw.numpy())  # the dtype conversions keep the order and ties of raw
+    assert binary_auroc(scores, target).item() == pytest.approx(exp, abs=1e-12)
