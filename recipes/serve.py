@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lit_cascades.runner.config import ConfigError, split_argv
+# Only the standard library at module level: LitServe's spawned workers re-import this module (as __mp_main__),
+# and lit_cascades.runner imports Lightning (tens of seconds of start-up per worker on a busy machine).
 
 #: every key, its default and type (None: no default; the type is that of the example)
 DEFAULTS: dict[str, Any] = {
@@ -44,6 +45,8 @@ HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 
 
 def _convert(key: str, text: str) -> Any:
+    from lit_cascades.runner.config import ConfigError
+
     kind = TYPES.get(key, str)
     if text.lower() in ("null", "none"):
         return None
@@ -58,7 +61,9 @@ def _convert(key: str, text: str) -> Any:
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` items -> the settings, checked; a bad one is a :class:`ConfigError` naming its key."""
+    """``key=value`` items -> the settings, checked; a bad one is a ``ConfigError`` naming its key."""
+    from lit_cascades.runner.config import ConfigError, split_argv
+
     given = split_argv(argv)
     for key in given:
         if key not in DEFAULTS:
@@ -126,7 +131,7 @@ def calibrated_cascade(args: dict[str, Any]) -> Any:
     from omegaconf import OmegaConf
 
     from lit_cascades.cascade import Cascade
-    from lit_cascades.runner import build
+    from lit_cascades.runner import ConfigError, build
 
     cfg = OmegaConf.load(Path(args["run"]) / "config.yaml")
     if OmegaConf.select(cfg, "data") is None:
@@ -165,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(__doc__)
         print("keys and defaults:", json.dumps(DEFAULTS))
         return
+    from lit_cascades.runner.config import ConfigError
+
     try:
         args = parse_args(argv)
         if args["run"] is not None:
@@ -195,8 +202,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 @contextlib.contextmanager
 def errors_as(key: str, names: Sequence[str] = ()) -> Iterator[None]:
-    """A ``ValueError``/``TypeError``/``OSError`` raised inside -> :class:`ConfigError` for ``key``, or for the
+    """A ``ValueError``/``TypeError``/``OSError`` raised inside -> ``ConfigError`` for ``key``, or for the
     argument its message starts with when that is one of ``names`` (``small_stage: no weights at ...``)."""
+    from lit_cascades.runner.config import ConfigError
+
     try:
         yield
     except ConfigError:
