@@ -176,7 +176,10 @@ class DeferralCurveLogger(pl.Callback):
     def _write(self, trainer: pl.Trainer, stage: str, reports: dict[str, DeferralReport]) -> None:
         out = self.output_dir or Path(trainer.default_root_dir)
         stem = f"deferral_{self.tag + '_' if self.tag else ''}{stage}".replace("/", "_")
-        csv_path, png_path = save_deferral_curves(reports, out, stem, title=f"{self.tag or 'cascade'} ({stage})")
+        what = f"{self.tag}, " if self.tag else ""
+        title = (f"Deferral curve ({what}{stage} split, epoch {trainer.current_epoch})\n"
+                 "cascade quality when the lowest-score share goes to the large model")
+        csv_path, png_path = save_deferral_curves(reports, out, stem, title=title)
         self.files[stage] = (csv_path, png_path)
         key = f"{stage}/{self.prefix}" + (f"/{self.tag}" if self.tag else "")
         for logger in trainer.loggers:

@@ -20,7 +20,7 @@ from recipes.gatekeeper import run
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("large", "small", "small_ce", "gatekeeper", "ce_finetune")
 # swap M_L's class from the command line: the CNN's arguments removed (~), the MLP's added (+)
-MLP_LARGE = ["large.model._target_=lit_cascades.models.MLP", "~large.model.width", "~large.model.depth",
+MLP_LARGE = ["large.model._target_=lit_cascades.models.MLP", "~large.model.width", "~large.model.depth", "~large.model.pool",
              "+large.model.hidden=[32]"]
 
 
@@ -70,6 +70,40 @@ def test_smoke_run_layout(smoke_run):
     assert len(runs) == len(STAGES) + 1
     ids = {(out / s / "wandb_id").read_text() for s in (*STAGES, "summary")}
     assert {r.name.rsplit("-", 1)[1] for r in runs} == ids
+    # the printed comparison: every fine-tune's s_d and accuracy from the stages' own metrics, one seed
+    text = (out / "comparison.txt").read_text()
+    assert text.splitlines() == metrics["comparison"]
+    for stage, method in (("gatekeeper", "gatekeeper (α=0.3)"), ("ce_finetune", "cross-entropy fine-tune")):
+        line = next(ln for ln in text.splitlines() if ln.startswith(method + " "))
+        assert f"{metrics[stage]['s_d']:.3f} ± 0.000" in line and f"{metrics[stage]['test_acc']:.3f}" in line
+    assert "one seed: no spread" in text
+
+
+def _rows(sd_by_seed: dict[str, list[float]]) -> tuple[dict, dict]:
+    import statistics
+
+    per_seed = {m: [{"s_d": v, "test_acc": 0.8} for v in vals] for m, vals in sd_by_seed.items()}
+    summary = {m: {"s_d": (statistics.fmean(vals), statistics.stdev(vals)), "test_acc": (0.8, 0.0)}
+               for m, vals in sd_by_seed.items()}
+    return summary, per_seed
+
+
+@pytest.mark.parametrize(("gk", "ce", "verdict"), [
+    ([0.30, 0.32, 0.34], [0.10, 0.12, 0.14], "beyond the seed spread"),          # +0.2, stds 0.02 + 0.02
+    ([0.10, 0.12, 0.14], [0.30, 0.32, 0.34], "contrary to the paper"),           # the same, reversed
+    ([0.10, 0.20, 0.30], [0.05, 0.15, 0.25], "within the seed spread"),          # +0.05 < 0.1 + 0.1
+    ([0.50, 0.50, 0.11], [0.10, 0.10, 0.12], "within the seed spread"),          # large mean gap, one seed < 0
+])
+def test_comparison_calls_a_difference_inside_the_spread_noise(gk, ce, verdict):
+    from recipes.gatekeeper import compare
+
+    summary, per_seed = _rows({"gatekeeper α=0.2": gk, "cross-entropy fine-tune": ce})
+    lines = compare(summary, per_seed, [0, 1, 2])
+    (line,) = [ln for ln in lines if "vs the cross-entropy fine-tune" in ln]
+    assert verdict in line
+    assert f"s_d {sum(gk) / 3 - sum(ce) / 3:+.3f}" in line
+    if verdict == "beyond the seed spread":
+        assert "as the paper expects" in line and "within" not in line
 
 
 @pytest.mark.slow
