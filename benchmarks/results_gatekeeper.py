@@ -141,7 +141,7 @@ def order(summary: dict[str, Any]) -> list[str]:
 
 
 def table_md(raw: dict[str, Any], data: str) -> str:
-    from recipes.gatekeeper import compare
+    from recipes.gatekeeper import SHOWS_IT, compare
 
     rows, s = raw["rows"], raw["setting"]
     summary = summarize(rows)
@@ -169,7 +169,7 @@ def table_md(raw: dict[str, Any], data: str) -> str:
                 if "vs the cross-entropy fine-tune" in line]
     lines += ["", "s_d against the cross-entropy fine-tune of equal length (beyond the seed spread = the "
               "difference exceeds the sum of the two standard deviations and has the same sign on every seed):", ""]
-    lines += [f"- {v}" for v in verdicts]
+    lines += [f"- {v.split('; ' + SHOWS_IT)[0]}" for v in verdicts]
     t = raw["timing"]
     cpu = f", {t['cpu_s'] / 60:.1f} CPU minutes" if "cpu_s" in t else ""
     lines += ["", f"Run time: {t['wall_s'] / 60:.1f} min wall{cpu}, one torch thread per run, on a 2-core machine "
