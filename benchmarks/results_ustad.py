@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,14 @@ ZERO_SHOT = ["train.epochs=0"]
 METRICS = ("mrr@10", "recall@1", "recall@10", "recall@100")
 
 
-def collect(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a run's metrics.json that the tables use."""
-    keep = {"teacher": metrics["teacher"]}
-    for k in ("student", "student_no_teacher"):
-        if k in metrics:
-            keep[k] = metrics[k]
+def collect(out: Path) -> dict[str, Any]:
+    """The stage results of one run directory (``teacher``, ``student``, ``student_no_teacher``), read from each
+    stage's metrics.json, so a run whose teacher finished but whose students did not still reports its teacher."""
+    keep = {}
+    for part in ("teacher", "student", "student_no_teacher"):
+        path = out / part / "metrics.json"
+        if path.exists():
+            keep[part] = json.loads(path.read_text())
     return keep
 
 
@@ -122,6 +125,7 @@ def figure(raw: dict[str, Any]) -> Any:
 
     bars = [("USTAD\n(one encoder)", "ustad", "teacher"), ("separate\nCE + DE", "separate", "teacher"),
             ("student,\ndistilled", "ustad", "student"), ("student,\nno teacher", "ustad", "student_no_teacher")]
+    bars = [b for b in bars if any(r["run"] == b[1] and b[2] in r["metrics"] for r in raw["runs"])]
     fig, ax = new_axes(figsize=(7.5, 4.4))
     n = len({r["seed"] for r in raw["runs"] if r["run"] == "ustad"})
     for j, (scorer, color, label) in enumerate((("de", "tab:blue", "DE retrieval"),
@@ -180,10 +184,19 @@ def main(argv: list[str] | None = None) -> None:
     for name, seed, extra in plan:
         out = RUNS / f"{name}-seed{seed}"
         print(f"[results_ustad] {name} seed {seed}", flush=True)
-        info = run_recipe_dir(RECIPE, [*extra, f"seed={seed}", *SETTING], out, args.rerun)
-        metrics = json.loads((out / "metrics.json").read_text())
-        data = metrics["data"]
-        runs.append({"run": name, "seed": seed, **info, "metrics": collect(metrics)})
+        overrides = [*extra, f"seed={seed}", *SETTING]
+        if (out / "teacher" / "metrics.json").exists() and not (out / "metrics.json").exists() and not args.rerun:
+            # stopped after its teacher stage (the students did not fit the CPU budget): report the teacher only
+            info = {"command": " ".join(["python", "-m", RECIPE, *overrides, f"output_dir={out.relative_to(ROOT)}"]),
+                    "partial": "stopped after the teacher stage; students not run",
+                    "teacher_wall_seconds": round((out / "teacher" / "metrics.json").stat().st_mtime - datetime.fromisoformat(
+                        json.loads((out / "run.json").read_text())["created"]).timestamp(), 1),
+                    "wall_seconds_source": "run.json 'created' to the mtime of teacher/metrics.json",
+                    "run_git_commit": json.loads((out / "run.json").read_text()).get("git_commit")}
+        else:
+            info = run_recipe_dir(RECIPE, overrides, out, args.rerun)
+            data = json.loads((out / "metrics.json").read_text())["data"]
+        runs.append({"run": name, "seed": seed, **info, "metrics": collect(out)})
     raw = {"command": "python -m benchmarks.results_ustad" + (f" --seeds {' '.join(map(str, args.seeds))}"
                                                               if args.seeds != SEEDS else ""),
            "commit": git_output("rev-parse", "HEAD"),
