@@ -8,7 +8,7 @@ and Sketch*, ECCV 2022, arXiv:2208.03354) on the embedded constructed scenes, ov
 Each configuration is ``python -m recipes.taskformer <overrides> seed=<s>`` (one thread) in
 ``runs/results_taskformer/<config>-seed<s>/``; finished run directories are reused unless ``--rerun``. The reported
 setting (``SETTING``) is the default preset with half the training scenes (1,800) and 5 epochs instead of 10
-(about a seventh of the optimiser steps), so that the 3 default configurations × 3 seeds fit a CPU budget; the test gallery
+(about a quarter of the optimiser steps), so that the 3 default configurations × 3 seeds fit a CPU budget; the test gallery
 (600 scenes, 200 families of three) is the default's. Writes ``docs/results/taskformer/raw.json`` (per-run test
 metrics, commands, commit, machine and load) and, from that file alone, ``docs/results/taskformer/table.md`` and
 ``docs/img/taskformer_recall.png``.
