@@ -109,6 +109,7 @@ def collect(metrics: dict[str, Any]) -> dict[str, Any]:
 def run_all(seeds: list[int], jobs: int, rerun: bool) -> dict[str, Any]:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_start, t0 = os.getloadavg(), time.time()
+    reused = [s for s in seeds if not rerun and (RUNS / f"seed{s}" / "metrics.json").exists()]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         infos = list(pool.map(lambda s: run_seed(s, rerun), seeds))
     from omegaconf import OmegaConf
@@ -128,6 +129,7 @@ def run_all(seeds: list[int], jobs: int, rerun: bool) -> dict[str, Any]:
             "git_dirty": bool(git_output("status", "--porcelain", "--", "recipes/salt.py", "recipes/configs/salt",
                                          "lit_cascades")),
             "started_utc": started, "wall_seconds": time.time() - t0, "jobs": jobs,
+            "reused_runs": reused,  # finished run directories collected again (their own timing is per run)
             "machine": machine(), "loadavg_start": list(load_start),
             "note": "shared 2-core machine: other engineers' jobs ran at the same time (see each run's loadavg)",
             "seeds": seeds, "setting": SETTING, "config": config.read_text() if config.exists() else None,
@@ -171,7 +173,7 @@ def table(raw: dict[str, Any]) -> str:
         "Steps to reach: the first evaluated step with val loss ≤ that seed's baseline final (evaluations every "
         f"{_eval_every(runs[0])} steps; *not reached* within {steps}).",
         "",
-        "| method | final val loss | Δ vs baseline | verdict | steps to baseline's final | per seed |",
+        "| method | final val loss | Δ vs baseline | verdict | steps to baseline's final | per seed: final val loss / steps to reach |",
         "|---|---|---|---|---|---|",
     ]
     for m in methods:
@@ -286,14 +288,17 @@ def figure(raw: dict[str, Any], path: Path) -> None:
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         vals = [[c[s] for c in curves] for s in steps]
         mean = [statistics.fmean(v) for v in vals]
-        style = {"linestyle": "--"} if m == "control" else {}
+        # the control coincides with the baseline when the stream is shared: drawn dashed on a thicker baseline
+        style = {"linestyle": (0, (4, 3)), "linewidth": 1.3, "zorder": 4} if m == "control" else {
+            "linewidth": 3.0 if m == "baseline" else 1.6}
         ax.plot(steps, mean, color=colors[m], label=LABELS[m].format(w=omega), **style)
-        ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=colors[m], alpha=0.18)
+        if m != "control" or any(_curve(r, m) != _curve(r, "baseline") for r in runs):
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=colors[m], alpha=0.18)
         if m != "baseline":
             base = [_curve(r, "baseline") for r in runs]
             diffs = [[c[s] - b[s] for c, b in zip(curves, base)] for s in steps]
             ax_d.plot(steps, [statistics.fmean(d) for d in diffs], color=colors[m], label=LABELS[m].format(w=omega),
-                      **style)
+                      **{**style, "linewidth": 1.6 if m != "control" else 1.3})
             ax_d.fill_between(steps, [min(d) for d in diffs], [max(d) for d in diffs], color=colors[m], alpha=0.18)
     tcurves = [{int(s): v for s, v in r["metrics"]["teacher"]["curve"]} for r in runs]
     tsteps = sorted(set.intersection(*(set(c) for c in tcurves)))

@@ -28,6 +28,7 @@ def salt_run(tmp_path_factory, tiny_pair_dir):
 def comparable(metrics: dict) -> dict:
     """metrics.json without what differs between runs by nature (run ids, wall times, the process count)."""
     out = {k: v for k, v in metrics.items() if k not in ("run", "world_size")}
+    out["teacher"] = {k: v for k, v in metrics["teacher"].items() if not k.endswith("_seconds")}
     out["methods"] = {m: {k: v for k, v in res.items() if not k.endswith("_seconds")}
                       for m, res in metrics["methods"].items()}
     return out
