@@ -320,7 +320,11 @@ def main() -> None:
         run = Run(NAME, note="shared 2-core machine: other engineers' tests and training ran at the same time; "
                              "clients, API servers and inference workers of both sides share the same cores")
         old = RESULTS / f"{NAME}.json"
-        results = json.loads(old.read_text()).get("results", {}) if old.is_file() else {}
+        previous = json.loads(old.read_text()) if old.is_file() else {}
+        results = previous.get("results", {})
+        for r in results.values():  # entries written before per-entry load: the load of the run that wrote them
+            r.setdefault("loadavg_start", previous["load"]["loadavg_start"])
+            r.setdefault("loadavg_end", previous["load"]["loadavg_end"])
         for d in args.datasets:  # a dataset not re-run keeps its earlier entry (each entry has its own load)
             load0, t0 = os.getloadavg(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             res = (bench_lm_pair(args.requests // 2, args.rounds, args.clients, args.seed) if d == "lm_pair"
