@@ -1,7 +1,7 @@
 """Results of docs/salt.md (Rawat et al., *A Little Help Goes a Long Way: Efficient LLM Training by Leveraging
 Small LMs*, arXiv:2410.18779) on the embedded stdlib corpus, over several seeds.
 
-    python -m benchmarks.results_salt                  # 3 seeds of the default preset (~8 CPU minutes each), all outputs
+    python -m benchmarks.results_salt                  # 3 seeds of the default preset (~4 CPU minutes each), all outputs
     python -m benchmarks.results_salt --jobs 2         # two seeds at a time (2 cores)
     python -m benchmarks.results_salt --tables-only    # regenerate table.md and the figure from raw.json
     python -m benchmarks.results_salt --seeds 0 1 2 3  # more seeds (finished run directories are reused)

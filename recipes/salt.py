@@ -1,6 +1,6 @@
 """SALT: train a larger LM with KD from a small LM for the first steps (Rawat et al., arXiv:2410.18779).
 
-    python -m recipes.salt                              # all four methods, one seed (preset default: ~8 CPU min)
+    python -m recipes.salt                              # all four methods, one seed (preset default: ~4 CPU min)
     python -m recipes.salt seed=1                       # another seed (benchmarks/results_salt.py runs 3)
     python -m recipes.salt method=salt kd.steps=60 student.module.kd_weight=0.3
     python -m recipes.salt preset=paper                 # the larger setting (hours on a CPU; not run here)
