@@ -84,7 +84,8 @@ def table_teachers(raw: dict[str, Any]) -> str:
                                  ("rerank", "mrr@10", "DE+CE MRR@10"), ("rerank", "recall@1", "DE+CE R@1")):
         a, b = _vals(raw, "ustad", "teacher", scorer, metric), _vals(raw, "separate", "teacher", scorer, metric)
         d = [a[s] - b[s] for s in sorted(a) if s in b]
-        lines.append(f"| {name} | {mean_std(d)} | {' / '.join(f'{x:+.3f}' for x in d)} | {verdict(d)} |")
+        mean = mean_std(d) if len(d) > 1 else f"{d[0]:+.3f} (one seed)"
+        lines.append(f"| {name} | {mean} | {' / '.join(f'{x:+.3f}' for x in d)} | {verdict(d)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,14 +142,15 @@ def figure(raw: dict[str, Any]) -> Any:
             means.append(statistics.fmean(vals))
             stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             ax.scatter([x] * len(vals), vals, color="k", s=8, zorder=3)
-        ax.bar(xs, means, 0.36, yerr=stds, capsize=3, color=color, label=f"{label} (mean ± std, {n} seeds)")
+        ax.bar(xs, means, 0.36, yerr=stds, capsize=3, color=color, label=f"{label} (mean ± std, {n} seed{'s' if n != 1 else ''})")
     zs = [r["metrics"]["teacher"]["de"]["mrr@10"] for r in raw["runs"] if r["run"] == "zero_shot"]
     if zs:
         ax.axhline(zs[0], color="0.3", ls="--", lw=1, label=f"zero-shot MiniLM, DE ({zs[0]:.3f})")
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.set_ylabel("test MRR@10")
     ax.set_ylim(0, 1.0)
-    ax.set_title("USTAD on stdlib code search: one encoder vs separate CE + DE, and distilled students\n"
+    students = ", and distilled students" if any(b[2] != "teacher" for b in bars) else ""
+    ax.set_title(f"USTAD on stdlib code search: one encoder vs separate CE + DE{students}\n"
                  "(dots: individual seeds)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="upper right")
