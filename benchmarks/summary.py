@@ -3,7 +3,7 @@
     python -m benchmarks.summary            # docs/results/benchmarks/*.json -> docs/results/benchmarks/table.md
     python -m benchmarks.summary --check    # exit 1 if table.md differs from what the JSON files give
 
-Every benchmark that has a target writes rows ``{"what", "unit", "target", "median", "min", "max", "pass"}``
+Each benchmark in ``ORDER`` that has a target writes rows ``{"what", "unit", "target", "median", "min", "max", "pass"}``
 under ``"targets"`` in its JSON (``benchmarks._common.target_row``); this module only formats them, with the
 run's load average (the machine is shared) and torch threads.
 """
@@ -18,13 +18,15 @@ from typing import Any
 
 from benchmarks import _common
 
-ORDER = ("gatekeeper_step", "deferral_metrics", "ustad_step", "taskformer_step")
+#: the benchmarks this table covers, in this order (speculative decoding and serving have their own tables)
+ORDER = ("gatekeeper_step", "deferral_metrics", "ustad_step", "taskformer_step", "gatekeeper_lm_step", "salt_step")
 
 
 def load_results(directory: Path | None = None) -> dict[str, dict[str, Any]]:
-    """``name -> payload`` of every ``*.json`` in ``directory`` (default: the benchmarks' results folder)."""
+    """``name -> payload`` of the ``ORDER`` benchmarks' JSON files in ``directory`` (default: the results folder)."""
     directory = directory or _common.RESULTS
-    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    return {name: json.loads((directory / f"{name}.json").read_text()) for name in ORDER
+            if (directory / f"{name}.json").exists()}
 
 
 def _load(payload: dict[str, Any]) -> str:
@@ -45,7 +47,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         payload = results[name]
         for row in payload.get("targets", []):
             reps = _count(payload, row)
-            lines.append(f"| `{name}` | {row['what']} | ≤ {row['target']:.2f} | {row['median']:.3f} | "
+            what = row["what"] + (f" ({payload['encoder']} encoder)" if "encoder" in payload else "")
+            lines.append(f"| `{name}` | {what} | ≤ {row['target']:.2f} | {row['median']:.3f} | "
                          f"{row['min']:.3f}–{row['max']:.3f} | {'yes' if row['pass'] else '**no**'} | {reps} | "
                          f"{_load(payload)} |")
     machines = {(p["machine"].get("cpu"), p["machine"].get("torch")) for p in results.values()
