@@ -124,8 +124,9 @@ def run_all(seeds: list[int], jobs: int, rerun: bool) -> dict[str, Any]:
         runs.append({**info, "metrics": {**collect(metrics), "architecture": arch,
                                          "data": OmegaConf.to_container(cfg.data)}})
     config = (ROOT / "runs" / "results_salt" / f"seed{seeds[0]}" / "config.yaml")
+    commit = git_output("rev-parse", "HEAD")
     return {"command": "python -m benchmarks.results_salt " + " ".join(sys.argv[1:]),
-            "git_commit": git_output("rev-parse", "HEAD"),
+            "commit": commit, "git_commit": commit,
             "git_dirty": bool(git_output("status", "--porcelain", "--", "recipes/salt.py", "recipes/configs/salt",
                                          "lit_cascades")),
             "started_utc": started, "wall_seconds": time.time() - t0, "jobs": jobs,
@@ -330,11 +331,16 @@ def figure(raw: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def tables(raw: dict[str, Any]) -> dict[str, str]:
+    """``{file name in docs/results/salt: its text}``, made from ``raw`` alone."""
+    return {"table.md": table(raw)}
+
+
 def write_outputs(raw: dict[str, Any]) -> None:
-    text = table(raw)
-    (OUT / "table.md").write_text(text)
+    for name, text in tables(raw).items():
+        (OUT / name).write_text(text)
+        print(text)
     figure(raw, IMG / "salt_val_loss.png")
-    print(text)
 
 
 def main(argv: list[str] | None = None) -> None:
