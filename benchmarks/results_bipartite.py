@@ -383,8 +383,8 @@ def figure_pareto(raw: dict[str, Any]) -> Any:
                         ha="left" if dx > 0 else "right")
     ax.set_xlabel(f"test AUROC of label 1 ({l1}, π = 0.5)")
     ax.set_ylabel(f"test AUROC of label 2 ({l2}, π = 0.1)")
-    ax.set_title("Pareto front of per-label AUROC, weight w₁ of label 1 swept\n(point labels: w₁; ideal = (1, 1), "
-                 "random ranking = (0.5, 0.5), off the axes)", fontsize=9)
+    ax.set_title("Pareto front of per-label AUROC, weight w₁ of label 1 swept\n(point labels: w₁; ideal = (1, 1); "
+                 "a random ranking scores 0.5 on both axes)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
