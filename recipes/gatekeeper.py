@@ -1,6 +1,6 @@
 """Gatekeeper: confidence tuning of a cascade's small model (Rabanser et al., arXiv:2502.19335).
 
-    python -m recipes.gatekeeper          # Fashion-MNIST subset, α = 0.2, 3 seeds (Debian dataset-fashion-mnist)
+    python -m recipes.gatekeeper          # Fashion-MNIST subset, α = 0.2, 3 seeds: ~2 min (Debian dataset-fashion-mnist)
     python -m recipes.gatekeeper preset=digits                     # one seed on sklearn digits, no Debian package
     python -m recipes.gatekeeper preset=fashion_mnist gatekeeper.module.alpha=0.3 output_dir=runs/x
     python -m recipes.gatekeeper preset=sweep_fashion_mnist        # α sweep × seeds (benchmarks.results_gatekeeper)
