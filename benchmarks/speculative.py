@@ -2,7 +2,7 @@
 
     python -m benchmarks.speculative                    # CPU, 1 thread, ~10 minutes; writes the files below
     python -m benchmarks.speculative --tables-only      # regenerate the table from the JSON
-    python -m benchmarks.speculative --skip rules,batching --pairs gpt2_trained
+    python -m benchmarks.speculative --skip rules,batching --pairs trained pair.path=runs/lm_pair/<run>/pair
 
 Raw output ``docs/results/benchmarks/speculative.json`` (machine, load average, git commit, every per-alternation
 time) and the table ``docs/results/benchmarks/speculative.table.md`` generated from it. Every timing compares
@@ -10,8 +10,9 @@ functions run in alternation (``benchmarks._common.interleaved_ratios``: ``--alt
 warm-up, the order reversed every other round) and reports the median per-round ratio with its min–max; outputs
 are checked equal before anything is timed. Pairs (``--pairs``):
 
-* ``gpt2_trained``: the pair of ``recipes.lm_pair preset=default`` (GPT-2 configs, 1×128 drafter, 4×256
-  verifier, trained on the stdlib corpus; built once into the cache on first use), prompts of the next-line task;
+* ``trained``: the pair of ``recipes.lm_pair preset=<pair.build_preset>`` (default ``default``: GPT-2 configs,
+  1×128 drafter, 4×256 verifier trained on the stdlib corpus, built once into the cache on first use; or
+  ``pair.path=<dir>``), prompts of the next-line task;
 * ``gpt2_random`` / ``llama_random``: randomly initialised verifiers (4 layers, width 256, vocabulary 4096) with
   their first layer as the drafter, random prompts (no training: speed only).
 
@@ -58,7 +59,7 @@ from lit_cascades.runner import load_config
 
 NAME = "speculative"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-PAIRS = ("gpt2_trained", "gpt2_random", "llama_random")
+PAIRS = ("trained", "gpt2_random", "llama_random")
 NOTE = ("shared 2-core CPU: other engineers' tests and training ran at the same time; 1 torch thread; the ratios "
         "come from interleaved runs, so load changes hit both sides of a round alike")
 
@@ -296,7 +297,7 @@ def render_table(payload: dict[str, Any]) -> str:
             s = r[key]
             lines.append(f"| {label} ({r['prompts']} prompts) | {pair} | {s['median']:.3f} | "
                          f"{s['min']:.3f}–{s['max']:.3f} | |")
-    out = "\n".join(lines) + "\n"
+    out = "\n".join(lines) + "\n\nPairs: " + "; ".join(f"{k}: {v}" for k, v in res.get("pairs", {}).items()) + ".\n"
     for pair, r in res.get("rules", {}).items():
         out += (f"\nNext-line task, {pair}, {r['prompts']} prompts, batch {r['batch_size']}, γ = {r['gamma']}, "
                 "greedy:\n\n| method | token F1 | exact match | latency / large-only (median, min–max) | "
@@ -309,8 +310,9 @@ def render_table(payload: dict[str, Any]) -> str:
                     f"{fmt('verifier_calls_per_token')} | {fmt('deferral_rate')} | {fmt('rejection_rate')} |\n")
     load = payload.get("load", {})
     out += (f"\nCPU ({payload['machine']['cpu']}, torch {payload['machine']['torch']}, 1 thread), "
-            f"{payload['results'].get('alternations')} interleaved alternations per ratio; load average "
-            f"{load.get('loadavg_start', ['?'])[0]} → {load.get('loadavg_end', ['?'])[0]}. "
+            f"{payload['results'].get('alternations')} interleaved alternations per ratio; load average (1 min) "
+            f"{load.get('loadavg_start', [float('nan')])[0]:.1f} → {load.get('loadavg_end', [float('nan')])[0]:.1f}"
+            " (a shared 2-core machine). "
             f"Raw: `docs/results/benchmarks/{NAME}.json` (`{payload['command']}`).\n")
     return out
 
@@ -348,11 +350,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     run = Run(NAME, note=NOTE)
-    results: dict[str, Any] = {"alternations": args.alternations, "vs_hf": {}, "cache": {}, "batching": {},
-                               "rules": {}}
+    results: dict[str, Any] = {"alternations": args.alternations, "pairs": {}, "vs_hf": {}, "cache": {},
+                               "batching": {}, "rules": {}}
     for name in filter(None, args.pairs.split(",")):
         t0 = time.perf_counter()
-        if name == "gpt2_trained":
+        if name == "trained":
             cfg = task_config([f"cascade.gamma={args.gamma}", *args.overrides])
             pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
             drafter, verifier, tok = pair.small.eval(), pair.large.eval(), ensure_pad_token(pair.tokenizer)
@@ -360,11 +362,15 @@ def main() -> None:
             dm = build_task_datamodule(cfg.data, pair)
             data = next_line_loader(dm, cfg.task, cfg.task.split, cfg.task.num_test, tok.pad_token_id).dataset
             rows = [data[i] for i in range(len(data))]
+            results["pairs"][name] = (f"GPT-2 pair of lm_pair preset={cfg.pair.build_preset}" if cfg.pair.path is None
+                                      else f"pair at {cfg.pair.path}")
             prompts = [r.input_ids[None] for r in rows[:args.prompts]]
             cache_batch = collate_prompts(tok.pad_token_id)(rows[:args.cache_batch])
             cache_ids, cache_mask = cache_batch["input_ids"], cache_batch["attention_mask"]
         else:
             drafter, verifier = random_pair(name.split("_")[0])
+            results["pairs"][name] = (f"random {name.split('_')[0]} verifier {RANDOM_SIZE['layers']}×"
+                                      f"{RANDOM_SIZE['width']}, drafter = its first layer, vocabulary 4096")
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(2, 4096, (1, int(n)), generator=g) for n in torch.randint(8, 48, (args.prompts,),
                                                                                               generator=g)]
@@ -380,10 +386,10 @@ def main() -> None:
                   flush=True)
         if "cache" not in skip:
             results["cache"][name] = cache_columns(drafter, verifier, cache_ids, cache_mask)
-        if name == "gpt2_trained" and "batching" not in skip:
+        if name == "trained" and "batching" not in skip:
             results["batching"][name] = batching(drafter, verifier, tok, rows[:args.batching_prompts], cfg,
                                                  args.alternations)
-        if name == "gpt2_trained" and "rules" not in skip:
+        if name == "trained" and "rules" not in skip:
             results["rules"][name] = rules(drafter, verifier, tok, rows[:args.rule_prompts], cfg, args.rule,
                                            [float(a) for a in args.alphas.split(",")], args.alternations)
     targets = []

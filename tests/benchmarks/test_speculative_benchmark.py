@@ -17,21 +17,21 @@ from benchmarks import speculative
 def test_speculative_benchmark_smoke(tiny_pair_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(speculative, "RANDOM_SIZE", {"width": 32, "layers": 2})
-    monkeypatch.setattr(sys, "argv", ["speculative", "--pairs", "gpt2_trained,llama_random", "--prompts", "2",
+    monkeypatch.setattr(sys, "argv", ["speculative", "--pairs", "trained,llama_random", "--prompts", "2",
                                       "--alternations", "1", "--max-new-tokens", "6", "--gamma", "2",
                                       "--cache-batch", "5", "--batching-prompts", "3", "--rule-prompts", "4",
                                       "--alphas", "0.5", f"pair.path={tiny_pair_dir}", "task.context_tokens=32",
                                       "task.max_new_tokens=6", "task.batch_size=4"])
     speculative.main()
     out = json.loads((tmp_path / "speculative.json").read_text())["results"]
-    for pair in ("gpt2_trained", "llama_random"):
+    for pair in ("trained", "llama_random"):
         hf = out["vs_hf"][pair]
         assert hf["prompts"] == 2 and hf["gamma"] == 2
         assert all(math.isfinite(v) and v > 0 for v in hf["timing"]["median_s"].values())
         assert 0 < hf["decoding"]["constant"]["tokens_per_verifier_call"] <= 3  # at most γ + 1 per call
         cache = out["cache"][pair]
         assert 0 < cache["cache_columns"] < cache["longest_row_real_tokens"]
-    rules = out["rules"]["gpt2_trained"]["methods"]
+    rules = out["rules"]["trained"]["methods"]
     assert set(rules) == {"large_only", "spec_decode", "token_v1_0.5"}
     assert rules["spec_decode"]["token_f1"] == pytest.approx(rules["large_only"]["token_f1"])  # exact at T = 0
     assert rules["spec_decode"]["deferral_rate"] == 1.0
