@@ -46,8 +46,6 @@ def test_bipartite_every_experiment_has_three_seeds() -> None:
         assert all(len(seeds) >= 3 for seeds in groups.values()), f"{name}: a configuration with < 3 seeds"
 
 
-@pytest.mark.xfail(strict=True, reason="docs/results/ustad holds seed 0 only: 3 MiniLM seeds did not fit the CPU "
-                   "budget of the run that published it; python -m benchmarks.results_ustad adds seeds 1 and 2")
 def test_ustad_runs_have_three_seeds() -> None:
     ustad = _raw("ustad")
     for run in ("ustad", "separate"):
