@@ -2,7 +2,7 @@
 Information Retrieval*, ICML 2024; distillation after *EmbedDistill*, arXiv:2301.12005) on the embedded
 stdlib code-search task, over several seeds.
 
-    python -m benchmarks.results_ustad                     # train every run (~4 CPU minutes each), write all
+    python -m benchmarks.results_ustad                     # train every run (minutes of CPU each), write all
     python -m benchmarks.results_ustad --tables-only       # regenerate the tables and figure from raw.json
     python -m benchmarks.results_ustad --seeds 0 1 2 3     # more seeds (finished run directories are reused)
 
