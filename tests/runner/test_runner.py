@@ -16,7 +16,10 @@ QUIET = ["logger.wandb=false"]
 def test_presets_and_defaults():
     assert {"default", "smoke", "fashion_mnist", "cifar10", "cifar100"} <= set(available_presets(CONFIGS, "gatekeeper"))
     cfg, preset = load_config("gatekeeper", [], CONFIGS)
-    assert preset == "default" and cfg.data.source == "digits" and cfg.trainer.accelerator == "auto"
+    assert preset == "default" and cfg.data.source == "fashion_mnist" and cfg.trainer.accelerator == "auto"
+    assert list(cfg.sweep.seeds) == [0, 1, 2] and cfg.gatekeeper.module.alpha == 0.2
+    cfg, preset = load_config("gatekeeper", ["preset=digits"], CONFIGS)
+    assert preset == "digits" and cfg.data.source == "digits"
     assert cfg.gatekeeper.module._target_ == "lit_cascades.modules.GatekeeperClassifier"
 
 
@@ -62,7 +65,8 @@ def test_plus_adds_only_where_something_reads_it():
 
 def test_tilde_removes_an_argument_to_swap_a_class():
     cfg, _ = load_config("gatekeeper", ["large.model._target_=lit_cascades.models.MLP", "~large.model.width",
-                                        "~large.model.depth", "+large.model.hidden=[32]"], CONFIGS)
+                                        "~large.model.depth", "~large.model.pool", "+large.model.hidden=[32]"],
+                         CONFIGS)
     assert dict(cfg.large.model) == {"_target_": "lit_cascades.models.MLP", "hidden": [32]}
     with pytest.raises(ConfigError, match="^large.model.nope: cannot remove: no such key"):
         load_config("gatekeeper", ["~large.model.nope"], CONFIGS)
@@ -76,7 +80,7 @@ def test_help_lists_presets(capsys):
 
     main("gatekeeper", never, ["--help"], config_dir=CONFIGS)
     out = capsys.readouterr().out
-    assert "presets: cifar10, cifar100, default, fashion_mnist, smoke" in out and "alpha:" in out
+    assert "presets: cifar10, cifar100, default, digits, fashion_mnist, smoke" in out and "alpha:" in out
     assert "_target_" in out and "resume=<run dir>" in out
 
 
