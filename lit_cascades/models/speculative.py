@@ -186,16 +186,33 @@ def is_hf_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate") and hasattr(model, "get_output_embeddings")
 
 
+def _layer_types(config: Any) -> list[str]:
+    """Cache layer types of a decoder config (transformers' own reading where it has one, else the config's fields).
+
+    Older transformers releases (before ``cache_utils.get_layer_types_and_kwargs``) describe layers only through
+    ``layer_types`` or the ``sliding_window`` / ``attention_chunk_size`` fields, which this reads the same way.
+    """
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            return list(types)
+        kind = ("sliding_attention" if getattr(config, "sliding_window", None) is not None
+                else "chunked_attention" if getattr(config, "attention_chunk_size", None) is not None
+                else "full_attention")
+        return [kind] * int(config.num_hidden_layers)
+    return list(get_layer_types_and_kwargs(config)[0])
+
+
 def check_cache_support(model: nn.Module, name: str) -> None:
     """Raise ``ValueError`` (before any decoding) if ``model`` needs a cache type this module cannot roll back."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
     config = model.config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"the {name} is an encoder-decoder model ({type(model).__name__}); speculative decoding "
                          "here needs decoder-only causal LMs")
     try:
-        layer_types, _ = get_layer_types_and_kwargs(config)
+        layer_types = _layer_types(config)
     except Exception as err:  # a config this transformers version cannot describe
         raise ValueError(f"cannot tell the cache layer types of the {name} ({type(model).__name__}): {err}") from err
     bad = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
