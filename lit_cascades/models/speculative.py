@@ -186,7 +186,7 @@ def is_hf_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate") and hasattr(model, "get_output_embeddings")
 
 
-def _layer_types(config: Any) -> list[str]:
+def _layer_types(config: Any, model: nn.Module) -> list[str]:
     """Cache layer types of a decoder config (transformers' own reading where it has one, else the config's fields).
 
     Older transformers releases (before ``cache_utils.get_layer_types_and_kwargs``) describe layers only through
@@ -195,6 +195,8 @@ def _layer_types(config: Any) -> list[str]:
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
     except ImportError:
+        if getattr(model, "_is_stateful", False):  # Mamba-style models keep a recurrent state, not a KV cache
+            return ["recurrent"] * int(getattr(config, "num_hidden_layers", 1))
         types = getattr(config, "layer_types", None)
         if types is not None:
             return list(types)
@@ -212,7 +214,7 @@ def check_cache_support(model: nn.Module, name: str) -> None:
         raise ValueError(f"the {name} is an encoder-decoder model ({type(model).__name__}); speculative decoding "
                          "here needs decoder-only causal LMs")
     try:
-        layer_types = _layer_types(config)
+        layer_types = _layer_types(config, model)
     except Exception as err:  # a config this transformers version cannot describe
         raise ValueError(f"cannot tell the cache layer types of the {name} ({type(model).__name__}): {err}") from err
     bad = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})

@@ -131,14 +131,23 @@ def test_batch_one_equals_hf_assisted_generation(arch):
     try:
         for gamma, schedule in ((2, "constant"), (4, "constant"), (2, "heuristic")):
             calls.clear()
-            with hf_constant_drafting(drafter, gamma, schedule):
-                hf = verifier.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False,
-                                       max_new_tokens=18, eos_token_id=[], pad_token_id=PAD)[0, ids.shape[1]:]
+            try:
+                with hf_constant_drafting(drafter, gamma, schedule):
+                    hf = verifier.generate(ids, attention_mask=mask, assistant_model=drafter, do_sample=False,
+                                           max_new_tokens=18, eos_token_id=[], pad_token_id=PAD)[0, ids.shape[1]:]
+            except ValueError as err:  # transformers < 5 cannot crop a sliding-window cache in assisted generation
+                if "crop" not in str(err):
+                    raise
+                hf = None
             hf_calls = len(calls)
             out = speculative_generate(drafter, verifier, ids, mask, 18, gamma=gamma, gamma_schedule=schedule,
                                        stop_counts=[], pad_token_id=PAD)
             ref, ref_calls = cache_free_rounds(drafter, verifier, ids[0].tolist(), 18, gamma, schedule)
-            assert out.tokens[0].tolist() == hf.tolist() == ref, (arch, gamma, schedule)
+            assert out.tokens[0].tolist() == ref, (arch, gamma, schedule)
+            if hf is None:  # the cache-free reference is the oracle; HF's own run could not go on
+                assert int(out.verifier_calls[0]) == ref_calls, (arch, gamma, schedule)
+                continue
+            assert hf.tolist() == ref, (arch, gamma, schedule)
             assert int(out.verifier_calls[0]) == ref_calls, (arch, gamma, schedule)
             if arch != "qwen2":
                 assert hf_calls == ref_calls, (arch, gamma, schedule)
