@@ -229,12 +229,23 @@ def peak_memory_mib(target: Callable[[], Callable[[], Any]], repeats: int = 5, t
 # ---------------------------------------------------------------------------------------------- output
 
 
-def _git_commit() -> str | None:
+def git_output(*args: str) -> str:
+    """Stripped stdout of ``git <args>`` in the repository, or ``"unknown"`` when git cannot run."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _git_commit() -> str | None:
+    commit = git_output("rev-parse", "HEAD")
+    return None if commit in ("", "unknown") else commit
+
+
+def results_machine() -> dict[str, Any]:
+    """What a results script's runs were measured on (one torch thread per run), with the machine's load."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads_per_run": 1, "loadavg_1_5_15": list(os.getloadavg())}
 
 
 def machine_info() -> dict[str, Any]:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks._common import git_output
+from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "bipartite"
@@ -50,21 +52,6 @@ TIMEOUT_S = 3600
 # --------------------------------------------------------------------------------------------------------
 # provenance and running
 # --------------------------------------------------------------------------------------------------------
-def git_output(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on, including the load other processes put on the machine."""
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads_per_run": 1, "loadavg_1_5_15": list(os.getloadavg())}
-
-
 def run_recipe_dir(recipe: str, overrides: list[str], out: Path, rerun: bool = False,
                    timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
     """Run ``python -m <recipe> <overrides> output_dir=<out>`` (one thread) unless ``out`` holds a finished run;

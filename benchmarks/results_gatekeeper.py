@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,6 +29,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchmarks._common import git_output
+from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
@@ -46,21 +48,6 @@ def out_dir(data: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def git_output(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on, including the load other processes put on the machine."""
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads_per_run": 1, "loadavg_1_5_15": list(os.getloadavg())}
-
-
 def run_sweep(data: str) -> dict[str, Any]:
     """Run (or reuse / resume) the sweep of ``data``; return its timing record."""
     run_dir = RUNS / data

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchmarks._common import git_output
+from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "salt"
@@ -43,21 +45,6 @@ TIMEOUT_S = 3 * 3600
 
 
 # ---------------------------------------------------------------------------------------------- running
-def git_output(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on, including the load other processes put on the machine."""
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads_per_run": 1, "loadavg_1_5_15": list(os.getloadavg())}
-
-
 def run_seed(seed: int, rerun: bool = False, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
     """Run ``python -m recipes.salt seed=<seed>`` (one thread) unless its run directory holds a finished run;
     return the command, wall and CPU seconds (the child's own rusage) and the load average around it."""

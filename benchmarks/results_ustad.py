@@ -24,7 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results_bipartite import git_output, machine, mean_std, run_recipe_dir, verdict
+from benchmarks._common import git_output
+from benchmarks._common import results_machine as machine
+from benchmarks.results_bipartite import mean_std, run_recipe_dir, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "ustad"
