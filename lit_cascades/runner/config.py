@@ -1,7 +1,8 @@
 """Configuration: compose a recipe's YAML files and ``key=value`` overrides, then build objects from them.
 
 Composition (:func:`load_config`): ``configs/_base.yaml`` (keys every recipe has), ``configs/<name>/default.yaml``,
-the chosen preset (which lists only what it changes), config-group selections (``data=coco`` replaces section
+the chosen preset (which lists only what it changes; a preset section whose ``_target_`` names another class
+replaces the default's section instead of merging into it, so the old class's arguments do not leak), config-group selections (``data=coco`` replaces section
 ``data`` by ``configs/<name>/data/coco.yaml``), then command-line ``key=value`` items. Unknown keys and values
 whose type differs from the default's are rejected; ``+key=value`` adds a key on purpose and ``~key`` removes an
 argument of a ``_target_`` section (to swap in a class that does not take it).
@@ -121,12 +122,31 @@ def _select_group(cfg: DictConfig, config_dir: Path, name: str, group: str, opti
     return cfg
 
 
+def _replace_swapped_classes(cfg: DictConfig, layer: DictConfig) -> None:
+    """Sections of ``layer`` whose ``_target_`` differs from ``cfg``'s replace that section of ``cfg`` (in place)
+    and are removed from ``layer``: a preset that swaps ``small.model`` from an MLP to a CNN must not pass the MLP's
+    ``hidden`` to the CNN."""
+    for key in list(layer.keys()):
+        sub, old = layer[key], cfg.get(key) if isinstance(cfg, DictConfig) else None
+        if not isinstance(sub, DictConfig) or not isinstance(old, DictConfig):
+            continue
+        if TARGET in sub and TARGET in old and sub[TARGET] != old[TARGET]:
+            with open_dict(cfg):
+                cfg[key] = sub
+            del layer[key]
+        else:
+            _replace_swapped_classes(old, sub)
+
+
 def _merge_layer(cfg: DictConfig, layer: DictConfig, config_dir: Path, name: str, source: str,
                  strict: bool = True) -> DictConfig:
-    """Merge a config file: its group selections (``group: option``) first, then the rest of its keys."""
+    """Merge a config file: its group selections (``group: option``) first, then sections that swap a class
+    (replaced whole), then the rest of its keys."""
     for key in [k for k in layer.keys() if _is_group(config_dir, name, str(k)) and isinstance(layer[k], str)]:
         cfg = _select_group(cfg, config_dir, name, str(key), layer[key])
         del layer[key]
+    if strict:
+        _replace_swapped_classes(cfg, layer)
     return _merge_strict(cfg, layer, source) if strict else OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
 
 

@@ -198,3 +198,34 @@ def test_stage_layout_cached_and_weights_only(tmp_path):
     torch.save({"x": Evil()}, st / "records.pt")  # a tampered cache is refused, not executed
     with pytest.raises(ValueError, match="refusing to load"):
         run_recipe("gatekeeper", recipe, [f"resume={out}"], CONFIGS)
+
+
+def _target_sections(node, key=""):
+    """Every (dotted key, section) of a composed config whose section has a ``_target_``."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield key, node
+        for k, v in node.items():
+            yield from _target_sections(v, f"{key}.{k}" if key else str(k))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.iterdir() if p.is_dir()))
+def test_every_preset_composes_and_names_only_arguments_its_classes_take(recipe):
+    """A preset that swaps a class (gatekeeper cifar10: MLP -> CNN) must not hand the old class's arguments to the
+    new one; every key of every ``_target_`` section is an argument of that class."""
+    from lit_cascades.runner.config import _init_parameters, locate
+
+    for preset in available_presets(CONFIGS, recipe):
+        cfg, _ = load_config(recipe, [f"preset={preset}"], CONFIGS)
+        for key, section in _target_sections(OmegaConf.to_container(cfg, resolve=False)):
+            params, open_ = _init_parameters(locate(section["_target_"], key=key))
+            unknown = [a for a in section if a not in ("_target_", "_partial_") and a not in params]
+            assert open_ or not unknown, f"{recipe} preset={preset}: {key} passes {unknown} to {section['_target_']}"
+
+
+def test_preset_swapping_a_class_replaces_the_section():
+    cfg, _ = load_config("gatekeeper", ["preset=cifar10"], CONFIGS)
+    assert cfg.small.model._target_ == "lit_cascades.models.CNN" and "hidden" not in cfg.small.model
+    assert cfg.small.module.lr == 0.003 and cfg.data.limit_train is None  # sibling sections still merge
+    cfg, _ = load_config("gatekeeper", ["preset=cifar10", "small.model.width=8"], CONFIGS)
+    assert cfg.small.model.width == 8  # the replaced section still takes overrides
