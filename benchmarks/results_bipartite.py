@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output
+from benchmarks._common import git_output, mean_std, run_recipe_dir, verdict
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,44 +42,11 @@ EXPERIMENTS: dict[str, list[str]] = {
 #: run by default; pareto_synthetic (30 fits) only with --only pareto_synthetic: it did not fit the CPU budget
 DEFAULT_EXPERIMENTS = ["digits", "synthetic", "dictatorship", "skew"]
 COMMON = ["logger.wandb=false", "trainer.enable_progress_bar=false"]
-TIMEOUT_S = 3600
 
 
 # --------------------------------------------------------------------------------------------------------
 # provenance and running
 # --------------------------------------------------------------------------------------------------------
-def run_recipe_dir(recipe: str, overrides: list[str], out: Path, rerun: bool = False,
-                   timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
-    """Run ``python -m <recipe> <overrides> output_dir=<out>`` (one thread) unless ``out`` holds a finished run;
-    return the command, its wall time and the load average before and after it."""
-    argv = [*overrides, f"output_dir={out.relative_to(ROOT)}"]
-    info: dict[str, Any] = {"command": " ".join(["python", "-m", recipe, *argv])}
-    if rerun or not (out / "metrics.json").exists():
-        if out.exists():
-            raise SystemExit(f"{out} exists without metrics.json (an interrupted run?): remove it or resume it with "
-                             f"python -m {recipe} resume={out.relative_to(ROOT)}")
-        load_before, t = os.getloadavg(), time.time()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, "-m", recipe, *argv], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout_s)
-        if proc.returncode:
-            raise RuntimeError(f"{info['command']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        (out / "wall_seconds.txt").write_text(f"{time.time() - t:.1f}\n")
-        (out / "load.json").write_text(json.dumps({"before": load_before, "after": os.getloadavg()}))
-    wall_file, load_file = out / "wall_seconds.txt", out / "load.json"
-    if wall_file.exists():
-        info["wall_seconds"] = float(wall_file.read_text())
-    else:  # a run started by hand with the same command: its start (run.json) to its metrics.json's mtime
-        from datetime import datetime
-
-        created = datetime.fromisoformat(json.loads((out / "run.json").read_text())["created"]).timestamp()
-        info["wall_seconds"] = round((out / "metrics.json").stat().st_mtime - created, 1)
-        info["wall_seconds_source"] = "run.json 'created' to the mtime of metrics.json"
-    info["loadavg"] = json.loads(load_file.read_text()) if load_file.exists() else None
-    info["run_git_commit"] = json.loads((out / "run.json").read_text()).get("git_commit")  # what the run ran
-    return info
-
-
 def run_experiment(name: str, rerun: bool) -> dict[str, Any]:
     """Run (or reuse) one experiment's recipe run."""
     info = run_recipe_dir(RECIPE, [*EXPERIMENTS[name], *COMMON], RUNS / name, rerun)
@@ -146,12 +109,6 @@ def collect(name: str, info: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 # tables (from raw.json only)
 # --------------------------------------------------------------------------------------------------------
-def mean_std(values: list[float], digits: int = 3) -> str:
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def _by(stages: list[dict[str, Any]], **keys: Any) -> list[dict[str, Any]]:
     rows = [s for s in stages if all(s.get(k) == v for k, v in keys.items())]
     return sorted(rows, key=lambda s: s["seed"])
@@ -161,16 +118,6 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> list[f
     """Per-seed differences ``a[key] - b[key]`` (rows matched by seed)."""
     bs = {r["seed"]: r[key] for r in b}
     return [r[key] - bs[r["seed"]] for r in a if r["seed"] in bs]
-
-
-def verdict(diffs: list[float]) -> str:
-    """'beyond seed spread' when every seed's difference has the same sign and |mean| > 2 × their std; else
-    'noise' (the criterion the docs use for every effect)."""
-    if len(diffs) < 2:
-        return "one seed"
-    m, s = statistics.fmean(diffs), statistics.stdev(diffs)
-    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return "beyond seed spread" if same_sign and abs(m) > 2 * s else "noise"
 
 
 def _labels(exp: dict[str, Any]) -> list[str]:

@@ -22,9 +22,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output
+from benchmarks._common import git_output, mean_std, run_recipe_dir, verdict
 from benchmarks._common import results_machine as machine
-from benchmarks.results_bipartite import mean_std, run_recipe_dir, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "taskformer"
