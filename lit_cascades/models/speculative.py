@@ -484,6 +484,9 @@ def speculative_generate(
     config, processors = build_logits_processor(verifier, input_ids, temperature, generation_config,
                                                 logits_processor, **(generation_kwargs or {}))
     greedy = not config.do_sample
+    # greedy exact speculative decoding needs no distributions: argmax comparisons give the same tokens (and draw
+    # no random numbers); every other rule or temperature goes through the accept/reject step
+    fast = greedy and rule == "spec_decode" and bonus == "verifier"
     device = input_ids.device
     b_all, m = input_ids.shape[0], max_new_tokens
     if stop_counts is None:
@@ -557,13 +560,14 @@ def speculative_generate(
             so_far = torch.stack(drafts, 1) if drafts else ids.new_zeros(b, 0)
             processed = _apply_processors(processors, logits[:, None], prompts[rows], outs, n_out[rows], so_far,
                                           offset=j)[:, 0]
-            q_raw.append(torch.softmax(logits, -1))
-            q.append(probs(processed))
+            if not fast:
+                q_raw.append(torch.softmax(logits, -1))
+                q.append(probs(processed))
             if output_logprobs:
                 q_logp.append(torch.log_softmax(logits, -1))
             if j == g:  # q_{γ+1}: the bonus token's distribution only
                 break
-            x = sample(q[-1])
+            x = processed.argmax(-1) if fast else sample(q[-1])
             drafts.append(x)
             ids = torch.cat([ids, x[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(x)[:, None]], 1)
@@ -573,22 +577,29 @@ def speculative_generate(
         stats["verifier_calls"][rows] += 1
         stats["drafted"][rows] += g
         v_processed = _apply_processors(processors, v_logits, prompts[rows], outs, n_out[rows], draft)
-        p_raw, p = torch.softmax(v_logits, -1), probs(v_processed)
-        if g > 0:
-            q_raw_t, q_t = torch.stack(q_raw[:g], 1), torch.stack(q[:g], 1)
-            accept, residual, _ = rule_acceptance(rule, draft, q_t, p[:, :g], alpha, q_raw_t, p_raw[:, :g])
-            deferred_pos = defers(rule, q_t, p[:, :g], alpha, q_raw_t, p_raw[:, :g])  # [B', g]
+        if fast:  # one-hot q and p: a draft is accepted iff it is the verifier's argmax, which is also the next token
+            v_arg = v_processed.argmax(-1)  # [B', g + 1]
+            n = (draft == v_arg[:, :g]).long().cumprod(-1).sum(-1)
+            nxt = v_arg.gather(1, n[:, None]).squeeze(1)
+            deferred_pos = torch.ones(b, g, dtype=torch.bool, device=device)
+            bonus_defers = torch.ones(b, dtype=torch.bool, device=device)
         else:
-            accept = p.new_zeros(b, 0)
-            residual = p.new_zeros(b, 0, vocab)
-            deferred_pos = torch.zeros(b, 0, dtype=torch.bool, device=device)
-        if bonus == "target":
-            bonus_dist = target_distribution(rule, q[g], p[:, g], alpha, q_raw[g], p_raw[:, g])
-            bonus_defers = defers(rule, q[g], p[:, g], alpha, q_raw[g], p_raw[:, g])
-        else:
-            bonus_dist = p[:, g]
-            bonus_defers = torch.ones(b, dtype=torch.bool, device=device)  # the verifier decides this token
-        n, nxt = verify_block(draft, accept, residual, bonus_dist, generator=generator)
+            p_raw, p = torch.softmax(v_logits, -1), probs(v_processed)
+            if g > 0:
+                q_raw_t, q_t = torch.stack(q_raw[:g], 1), torch.stack(q[:g], 1)
+                accept, residual, _ = rule_acceptance(rule, draft, q_t, p[:, :g], alpha, q_raw_t, p_raw[:, :g])
+                deferred_pos = defers(rule, q_t, p[:, :g], alpha, q_raw_t, p_raw[:, :g])  # [B', g]
+            else:
+                accept = p.new_zeros(b, 0)
+                residual = p.new_zeros(b, 0, vocab)
+                deferred_pos = torch.zeros(b, 0, dtype=torch.bool, device=device)
+            if bonus == "target":
+                bonus_dist = target_distribution(rule, q[g], p[:, g], alpha, q_raw[g], p_raw[:, g])
+                bonus_defers = defers(rule, q[g], p[:, g], alpha, q_raw[g], p_raw[:, g])
+            else:
+                bonus_dist = p[:, g]
+                bonus_defers = torch.ones(b, dtype=torch.bool, device=device)  # the verifier decides this token
+            n, nxt = verify_block(draft, accept, residual, bonus_dist, generator=generator)
 
         # emitted block: n accepted drafts, then the correction/bonus token
         j_idx = torch.arange(g + 1, device=device)
