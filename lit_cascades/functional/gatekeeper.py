@@ -88,7 +88,7 @@ class _CrossEntropyAndKL(torch.autograd.Function):
 
 #: CPU inputs with at most this many logits take the NumPy path (:class:`_SmallGatekeeper`); above it, and on
 #: accelerators, the torch path (:class:`_CrossEntropyAndKL`). At classification sizes a step's cost is the
-#: per-op dispatch overhead, not arithmetic: the NumPy path is one autograd node around ~25 small array ops of
+#: per-op dispatch overhead, not arithmetic: the NumPy path is one autograd node around ~20 small array ops of
 #: ~1 µs each, where the torch composition dispatched ~50 ops and measured 4.6x ``F.cross_entropy`` (loss +
 #: backward, 64 x 10 logits). The crossover is measured by ``python -m benchmarks.gatekeeper_step`` (``loss_only_*``).
 SMALL_MAX_ELEMENTS = 1 << 16
@@ -97,26 +97,27 @@ SMALL_MAX_ELEMENTS = 1 << 16
 class _SmallGatekeeper(torch.autograd.Function):
     """Gatekeeper loss of ``z [N, C]`` on CPU computed in NumPy, gradients precomputed in the forward.
 
-    Outputs ``(loss, loss_correct, loss_incorrect, error_rate)`` as 0-dim tensors; the first three are
-    differentiable. With ``p = softmax(z)``, ``s = p·log p``: ``∇ CE_i = p_i − e_{y_i}`` and
-    ``∇ KL_i = p_i ⊙ (log p_i − s_i)`` (the same formulas as :class:`_CrossEntropyAndKL`), each row scaled by its
-    normaliser; the backward scales each row's gradient by ``a / d_corr`` (correct rows) or ``b / d_incorr``, with ``a = α g_loss + g_corr``, ``b = (1 − α) g_loss
-    + g_incorr``. Targets must already be validated and ``ignore_index`` rows given by ``valid`` (None = all).
+    Outputs ``(loss, loss_correct, loss_incorrect, error_rate)`` as 0-dim tensors (made from NumPy scalars:
+    ``torch.tensor`` or ``unbind`` cost several times more); the first three are differentiable. With
+    ``p = softmax(z)``, ``s = p·log p``: ``∇ CE_i = p_i − e_{y_i}`` and ``∇ KL_i = p_i ⊙ (log p_i − s_i)`` (the same formulas as :class:`_CrossEntropyAndKL`); the backward scales each
+    row's gradient by ``a / d_corr`` (correct rows) or ``b / d_incorr`` (incorrect rows), with
+    ``a = α g_loss + g_corr``, ``b = (1 − α) g_loss + g_incorr``. Targets must already be in ``[0, C)`` and
+    ``ignore_index`` rows given by ``valid`` (None = all). Non-finite logits raise ``ValueError``.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor, valid: Tensor | None, alpha: float,  # type: ignore[override]
                 subset: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # A non-finite logit gives a NaN loss (NumPy may warn), which the caller turns into a ValueError.
         zn, yn = z.detach().numpy(), y.numpy()
         n, c = zn.shape
-        sh = zn - zn.max(1, keepdims=True)
-        e = np.exp(sh)
-        se = e.sum(1, keepdims=True)
-        lp = sh - np.log(se)
-        p = e / se
         rows = _arange(n)
-        correct = sh.argmax(1) == yn
+        pred = zn.argmax(1)
+        sh = zn - zn[rows, pred][:, None]  # shifted logits (row max 0): log p = sh − lse
+        e = np.exp(sh)
+        se = e.sum(1)
+        lse = np.log(se)
+        p = e / se[:, None]
+        correct = pred == yn
         if valid is None:
             incorrect = ~correct
             n_valid = n
@@ -124,34 +125,35 @@ class _SmallGatekeeper(torch.autograd.Function):
             vn = valid.numpy()
             correct &= vn
             incorrect = vn & ~correct
-            n_valid = int(vn.sum())
-        s = (p * lp).sum(1)
-        n_inc = int(incorrect.sum())
-        if subset:
-            d_corr, d_inc = max(n_valid - n_inc, 1), max(n_inc, 1)
-        else:
-            d_corr = d_inc = n_valid
-        w_corr = correct * zn.dtype.type(1.0 / d_corr)  # [N] per-row weight of CE_i in loss_correct
-        w_inc = incorrect * zn.dtype.type(1.0 / d_inc)  # [N] per-row weight of KL_i in loss_incorrect
-        lc = -(lp[rows, yn] @ w_corr)
-        li = s @ w_inc + math.log(c) * n_inc / d_inc
-        # unweighted per-row gradients: p − e_y on correct rows, p ⊙ (log p − s) elsewhere
-        grad = p * (lp - s[:, None])
+            n_valid = int(np.count_nonzero(vn))
+        n_inc = int(np.count_nonzero(incorrect))
+        psh = np.einsum("ij,ij->i", p, sh)  # Σ_c p_c sh_c = s + lse
+        # unweighted per-row gradients: p ⊙ (log p − s) = p ⊙ (sh − psh), and p − e_y on correct rows
+        grad = p * (sh - psh[:, None])
         np.copyto(grad, p, where=correct[:, None])
         grad[rows, yn] -= correct
-        ctx.np_saved = (grad, w_corr, w_inc)
-        ctx.alpha = alpha
-        loss, lc, li, err = torch.from_numpy(
-            np.array([alpha * lc + (1.0 - alpha) * li, lc, li, n_inc / n_valid], dtype=zn.dtype)).unbind()
-        ctx.mark_non_differentiable(err)
-        return loss, lc, li, err
+        # sums of CE_i = lse − sh_y over correct rows and KL_i = psh − lse + log C over incorrect rows
+        sum_c = float((lse - sh[rows, yn]) @ correct)
+        sum_i = float((psh - lse) @ incorrect) + math.log(c) * n_inc
+        if not math.isfinite(sum_c + sum_i):
+            check_finite("logits", z)  # raises (a NaN/inf logit makes a term non-finite)
+        d_corr, d_inc = (max(n_valid - n_inc, 1), max(n_inc, 1)) if subset else (n_valid, n_valid)
+        lc, li = sum_c / d_corr, sum_i / d_inc
+        ctx.np_saved = (grad, correct, incorrect if valid is not None else None, d_corr, d_inc, alpha)
+        ctx.set_materialize_grads(False)  # unused outputs send None, not zero tensors
+        t = zn.dtype.type
+        out = [torch.from_numpy(np.array(t(v))) for v in (alpha * lc + (1.0 - alpha) * li, lc, li, n_inc / n_valid)]
+        ctx.mark_non_differentiable(out[3])
+        return tuple(out)
 
     @staticmethod
-    def backward(ctx, g_loss: Tensor, g_corr: Tensor, g_inc: Tensor,  # type: ignore[override]
-                 _g_err: Tensor) -> tuple[Tensor, None, None, None, None]:
-        grad, w_corr, w_inc = ctx.np_saved
-        gl, gc, gi = float(g_loss), float(g_corr), float(g_inc)
-        row = w_corr * (ctx.alpha * gl + gc) + w_inc * ((1.0 - ctx.alpha) * gl + gi)
+    def backward(ctx, g_loss: Tensor | None, g_corr: Tensor | None, g_inc: Tensor | None,  # type: ignore[override]
+                 _g_err: Tensor | None) -> tuple[Tensor | None, None, None, None, None]:
+        grad, correct, incorrect, d_corr, d_inc, alpha = ctx.np_saved
+        gl, gc, gi = (0.0 if g is None else float(g) for g in (g_loss, g_corr, g_inc))
+        t = grad.dtype.type
+        a, b = t((alpha * gl + gc) / d_corr), t(((1.0 - alpha) * gl + gi) / d_inc)
+        row = np.where(correct, a, b) if incorrect is None else np.where(correct, a, np.where(incorrect, b, t(0)))
         return torch.from_numpy(grad * row[:, None]), None, None, None, None
 
 
@@ -197,9 +199,17 @@ def gatekeeper_loss(
     """
     check_range("alpha", alpha, 0.0, 1.0)
     check_choice("normalize", normalize, ("batch", "subset"))
-    if logits.ndim < 2:
-        raise ValueError(f"`logits` must have shape [N, C] or [B, T, V]; got shape {tuple(logits.shape)}")
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
+    if logits.ndim != 2 or target.ndim != 1:  # [N, C] logits with [N] targets need no reshaping
+        if logits.ndim < 2:
+            raise ValueError(f"`logits` must have shape [N, C] or [B, T, V]; got shape {tuple(logits.shape)}")
+        if tuple(target.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"`target` shape must equal `logits` shape without the class dim, "
+                f"expected {tuple(logits.shape[:-1])}; got {tuple(target.shape)}"
+            )
+        logits = logits.reshape(-1, logits.shape[-1])
+        target = target.reshape(-1)
+    elif target.shape[0] != logits.shape[0]:
         raise ValueError(
             f"`target` shape must equal `logits` shape without the class dim, "
             f"expected {tuple(logits.shape[:-1])}; got {tuple(target.shape)}"
@@ -207,10 +217,8 @@ def gatekeeper_loss(
     if target.is_floating_point():
         raise TypeError(f"`target` must hold integer class ids; got dtype {target.dtype}")
     num_classes = logits.shape[-1]
-    logits = logits.reshape(-1, num_classes)
-    target = target.reshape(-1)
-    if (logits.device.type == "cpu" and target.device.type == "cpu" and logits.numel() <= SMALL_MAX_ELEMENTS
-            and logits.dtype in (torch.float32, torch.float64) and target.numel() > 0):
+    if (logits.is_cpu and target.is_cpu and logits.numel() <= SMALL_MAX_ELEMENTS
+            and logits.dtype in (torch.float32, torch.float64) and len(target)):
         return _small_path(logits, target, alpha, normalize, ignore_index)
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
@@ -251,9 +259,11 @@ def _small_path(logits: Tensor, target: Tensor, alpha: float, normalize: str, ig
     """:func:`gatekeeper_loss` on small CPU inputs through :class:`_SmallGatekeeper` (same checks, same math)."""
     num_classes = logits.shape[-1]
     yn = target.numpy()
-    lo, hi = int(yn.min()), int(yn.max())
     valid = None
-    if lo < 0 or hi >= num_classes or 0 <= ignore_index < num_classes:
+    # one reduction checks both bounds of int64 targets: a negative id is a huge unsigned one
+    in_range = (int(yn.view(np.uint64).max()) < num_classes if yn.dtype == np.int64
+                else 0 <= int(yn.min()) and int(yn.max()) < num_classes)
+    if not in_range or 0 <= ignore_index < num_classes:
         vn = yn != ignore_index
         bad = vn & ((yn < 0) | (yn >= num_classes))
         if bad.any():
@@ -265,7 +275,4 @@ def _small_path(logits: Tensor, target: Tensor, alpha: float, normalize: str, ig
             raise ValueError("every position of `target` equals `ignore_index`; nothing to compute the loss on")
         valid = torch.from_numpy(vn)
         target = torch.from_numpy(np.where(vn, yn, 0))
-    out = _SmallGatekeeper.apply(logits, target, valid, alpha, normalize == "subset")
-    if not math.isfinite(float(out[0].detach())):
-        check_finite("logits", logits)
-    return GatekeeperLossOutput(*out)
+    return GatekeeperLossOutput(*_SmallGatekeeper.apply(logits, target, valid, alpha, normalize == "subset"))

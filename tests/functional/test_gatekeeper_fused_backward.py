@@ -94,3 +94,46 @@ def test_infinite_logit_is_reported():
     logits = torch.tensor([[0.0, float("-inf"), 1.0], [2.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="finite"):
         gatekeeper_loss(logits, torch.tensor([2, 0]))
+
+
+@pytest.mark.parametrize("case", ["mixed", "all_correct", "all_wrong"])
+@pytest.mark.parametrize("classes", [2, 10])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_classification_sizes_match_the_plain_formula(alpha, classes, case):
+    """The step-sized case (64 x C float32, [N] int targets) on both paths: every component's value and gradient,
+    with both normalisations, on batches with both kinds of examples and with only one kind."""
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.randn(64, classes, generator=g) * 2
+    target = torch.randint(0, classes, (64,), generator=g)
+    pred = logits.argmax(-1)
+    if case == "all_correct":
+        target = pred
+    elif case == "all_wrong":
+        target = (pred + 1) % classes
+    else:
+        target[::2] = pred[::2]
+    for normalize in ("batch", "subset"):
+        for component in range(3):
+            a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+            ours = gatekeeper_loss(a, target, alpha=alpha, normalize=normalize)
+            ref = plain(b, target, alpha, normalize)
+            torch.testing.assert_close(ours[component], ref[component])
+            ours[component].backward()
+            ref[component].backward()
+            torch.testing.assert_close(a.grad, b.grad)
+        wrong = (pred != target).float().mean()
+        torch.testing.assert_close(ours.error_rate, wrong)
+
+
+def test_int32_targets_equal_int64_targets():
+    g = torch.Generator().manual_seed(7)
+    logits, target = torch.randn(16, 5, generator=g), torch.randint(0, 5, (16,), generator=g)
+    want = gatekeeper_loss(logits, target, alpha=0.4)
+    got = gatekeeper_loss(logits, target.int(), alpha=0.4)
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w)
+    for bad in (-1, 5):
+        target32 = target.int().clone()
+        target32[3] = bad
+        with pytest.raises(ValueError, match="out-of-range"):
+            gatekeeper_loss(logits, target32)

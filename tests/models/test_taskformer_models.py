@@ -80,3 +80,96 @@ def test_decoder_loss_is_per_caption_token_mean_and_generate_is_greedy():
                 assert out[b, i] == dec(out[b : b + 1, :i], ctx[b : b + 1])[0, -1].argmax()
     with pytest.raises(ValueError, match="max_length"):
         dec(torch.ones(1, 9, dtype=torch.long), ctx[:1])
+
+
+def _reference_forward(dec: CaptionDecoder, tokens: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """The decoder through ``nn.TransformerDecoder`` with full cross-attention over the one memory token."""
+    length = tokens.shape[1]
+    x = dec.tok(tokens) + dec.pos(torch.arange(length))
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(length, dtype=x.dtype)
+    return dec.out(dec.norm(dec.decoder(x, dec.ctx(ctx)[:, None], tgt_mask=causal, tgt_is_causal=True)))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_decoder_single_token_cross_attention_equals_full_attention(layers):
+    """Value and every parameter's gradient equal the full ``nn.TransformerDecoder`` (cross-attention over one
+    key); the cross-attention's query side (norm2, query/key rows of in_proj) gets the same zero gradient."""
+    torch.manual_seed(2)
+    dec = CaptionDecoder(vocab_size=13, context_dim=5, dim=16, layers=layers, heads=4, max_length=12).train()
+    for p in dec.parameters():  # away from the default init (norms at 1/0, zero biases)
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randint(0, 13, (3, 9))
+    ctx = torch.randn(3, 5)
+    grads = []
+    for forward in (dec, lambda t, c: _reference_forward(dec, t, c)):
+        dec.zero_grad(set_to_none=True)
+        out = forward(tokens, ctx)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in dec.named_parameters()}))
+    (ours, g_ours), (ref, g_ref) = grads
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert g_ours.keys() == g_ref.keys()  # every parameter gets a gradient (DDP needs them all used)
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    for layer in range(layers):
+        assert not g_ours[f"decoder.layers.{layer}.norm2.weight"].any()
+        assert not g_ours[f"decoder.layers.{layer}.multihead_attn.in_proj_weight"][: 2 * 16].any()
+
+
+@pytest.mark.parametrize("kdim", [None, 7])
+def test_single_token_cross_attention_equals_multihead_attention(kdim):
+    from lit_cascades.models.caption_decoder import single_token_cross_attention
+
+    torch.manual_seed(3)
+    attn = torch.nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+    query, memory = torch.randn(4, 6, 8), torch.randn(4, 1, kdim or 8)
+    ref = attn(query, memory, memory, need_weights=False)[0]
+    out = single_token_cross_attention(attn, memory)
+    assert out.shape == (4, 1, 8)
+    torch.testing.assert_close(out.expand_as(ref), ref, rtol=1e-5, atol=1e-6)
+    out.sum().backward()  # separate query/key weights are in the graph with a zero gradient
+    if kdim is not None:
+        assert attn.q_proj_weight.grad is not None and not attn.q_proj_weight.grad.any()
+    with pytest.raises(ValueError, match="one token"):
+        single_token_cross_attention(attn, torch.randn(4, 2, kdim or 8))
+    with pytest.raises(ValueError, match="dropout"):
+        single_token_cross_attention(torch.nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True).train(), memory)
+
+
+def test_decoder_with_dropout_trains_through_the_full_layer():
+    torch.manual_seed(4)
+    dec = CaptionDecoder(vocab_size=9, context_dim=4, dim=8, layers=1, heads=2, max_length=8, dropout=0.5).train()
+    tokens, ctx = torch.randint(0, 9, (2, 5)), torch.randn(2, 4)
+    torch.manual_seed(5)
+    ours = dec(tokens, ctx)
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours, _reference_forward(dec, tokens, ctx))
+
+
+def test_decoder_loss_on_target_positions_equals_the_loss_over_all_positions():
+    """The loss runs the last position-wise layers only where a target is; value and gradients equal the
+    per-caption mean over the full reference decoder's logits (padding at the end and inside a row)."""
+    torch.manual_seed(6)
+    dec = CaptionDecoder(vocab_size=11, context_dim=4, dim=16, layers=2, heads=2, max_length=10).train()
+    for p in dec.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randint(3, 11, (4, 9))
+    tokens[0, 6:] = 0
+    tokens[1, 2:] = 0
+    tokens[2, 4] = 0  # a padding id inside a caption: later positions still see it
+    ctx = torch.randn(4, 4)
+    grads = []
+    for ref in (False, True):
+        dec.zero_grad(set_to_none=True)
+        if ref:
+            logits, target = _reference_forward(dec, tokens[:, :-1], ctx), tokens[:, 1:]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            mask = (target != 0).float()
+            loss = ((ce * mask).sum(1) / mask.sum(1)).mean()
+        else:
+            loss = dec.loss(tokens, ctx)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in dec.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for name in grads[1][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
