@@ -121,11 +121,16 @@ def task_config(overrides: list[str]) -> DictConfig:
 # ------------------------------------------------------------------------------------------------ sections
 
 
-def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: int, alternations: int) -> dict:
-    """Batch-1 spec_decode vs HF assisted generation (same drafting policy), outputs checked equal first."""
+def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: int, alternations: int,
+          schedules: tuple[str, ...] = ("constant", "heuristic")) -> dict:
+    """Batch-1 spec_decode vs HF assisted generation (same drafting policy), outputs checked equal first.
+
+    ``schedules``: ``constant`` (always) and optionally ``heuristic`` (HF's adaptive draft length on both sides).
+    """
+    schedules = ("constant", *[s for s in schedules if s != "constant"])
     kw = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0, eos_token_id=None)
     stats: dict[str, dict[str, int]] = {}
-    for schedule in ("constant", "heuristic"):
+    for schedule in schedules:
         s = stats.setdefault(schedule, {"verifier_calls": 0, "tokens": 0, "accepted": 0, "drafted": 0})
         for p in prompts:
             ones = torch.ones_like(p)
@@ -157,20 +162,23 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
         for p in prompts:
             verifier.generate(p, attention_mask=torch.ones_like(p), **kw)
 
-    timing = interleaved_ratios({"hf_assisted": hf("constant"), "spec_decode": ours("constant"),
-                                 "hf_assisted_heuristic": hf("heuristic"), "spec_decode_heuristic": ours("heuristic"),
-                                 "verifier_greedy": plain}, baseline="hf_assisted", alternations=alternations)
+    fns = {"hf_assisted": hf("constant"), "spec_decode": ours("constant")}
+    if "heuristic" in schedules:
+        fns.update(hf_assisted_heuristic=hf("heuristic"), spec_decode_heuristic=ours("heuristic"))
+    timing = interleaved_ratios({**fns, "verifier_greedy": plain}, baseline="hf_assisted", alternations=alternations)
     per = timing["seconds"]
-    heur = [a / b for a, b in zip(per["spec_decode_heuristic"], per["hf_assisted_heuristic"], strict=True)]
-    adaptive = [a / b for a, b in zip(per["spec_decode_heuristic"], per["spec_decode"], strict=True)]
-    return {"prompts": len(prompts), "gamma": gamma, "max_new_tokens": max_new, "timing": timing,
-            "spec_decode_over_hf_assisted": _summary([a / b for a, b in zip(per["spec_decode"], per["hf_assisted"])]),
-            "heuristic_spec_decode_over_hf_assisted": _summary(heur),
-            "heuristic_over_constant_spec_decode": _summary(adaptive),
-            "spec_decode_over_verifier_greedy": _summary([a / b for a, b in zip(per["spec_decode"],
-                                                                                per["verifier_greedy"])]),
-            "decoding": {k: {**v, "tokens_per_verifier_call": v["tokens"] / max(v["verifier_calls"], 1),
-                             "acceptance_rate": v["accepted"] / max(v["drafted"], 1)} for k, v in stats.items()}}
+    out = {"prompts": len(prompts), "gamma": gamma, "max_new_tokens": max_new, "timing": timing,
+           "spec_decode_over_hf_assisted": _summary([a / b for a, b in zip(per["spec_decode"], per["hf_assisted"])]),
+           "spec_decode_over_verifier_greedy": _summary([a / b for a, b in zip(per["spec_decode"],
+                                                                               per["verifier_greedy"])]),
+           "decoding": {k: {**v, "tokens_per_verifier_call": v["tokens"] / max(v["verifier_calls"], 1),
+                            "acceptance_rate": v["accepted"] / max(v["drafted"], 1)} for k, v in stats.items()}}
+    if "heuristic" in schedules:
+        out["heuristic_spec_decode_over_hf_assisted"] = _summary(
+            [a / b for a, b in zip(per["spec_decode_heuristic"], per["hf_assisted_heuristic"], strict=True)])
+        out["heuristic_over_constant_spec_decode"] = _summary(
+            [a / b for a, b in zip(per["spec_decode_heuristic"], per["spec_decode"], strict=True)])
+    return out
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -328,6 +336,8 @@ def render_table(payload: dict[str, Any]) -> str:
                                    "heuristic"),
                                   ("heuristic_over_constant_spec_decode", "spec_decode adaptive γ / constant γ",
                                    "heuristic")):
+            if key not in r:
+                continue
             s = r[key]
             lines.append(f"| {label} (batch 1, {r['prompts']} prompts × {r['max_new_tokens']} tokens) | {pair} | "
                          f"{s['median']:.3f} | {s['min']:.3f}–{s['max']:.3f} | "
@@ -370,12 +380,11 @@ def render_table(payload: dict[str, Any]) -> str:
             built = "–" if not secs else f"{secs / 60:.0f} min"
             out += (f"| {name} | {d.get('steps', 0)} | {built} | {d['acceptance_rate']:.3f} | "
                     f"{d['tokens_per_verifier_call']:.2f} |\n")
-    runs = res.get("runs", {})
-    commands = {r.get("command") for r in runs.values()}
-    if len(commands) > 1:  # pairs merged from separate runs: each with its own command and load
+    runs = res.get("runs", [])
+    if len(runs) > 1:  # merged from separate runs (--merge): each with its own command and load
         out += "\nMeasured in separate runs (merged with `--merge`): " + "; ".join(
-            f"{pair}: `{r['command']}`, load average (1 min) {r['load']['loadavg_start'][0]:.1f} → "
-            f"{r['load']['loadavg_end'][0]:.1f}" for pair, r in runs.items()) + ".\n"
+            f"{', '.join(r['sections'])} of {', '.join(r['pairs'])}: `{r['command']}`, load average (1 min) "
+            f"{r['load']['loadavg_start'][0]:.1f} → {r['load']['loadavg_end'][0]:.1f}" for r in runs) + ".\n"
     load = payload.get("load", {})
     out += (f"\nCPU ({payload['machine']['cpu']}, torch {payload['machine']['torch']}, 1 thread), "
             f"{payload['results'].get('alternations')} interleaved alternations per ratio; load average (1 min) "
@@ -452,20 +461,38 @@ def drafter_candidates(task: dict[str, Any], presets: list[str]) -> dict[str, An
     return out
 
 
-def _merge(results: dict[str, Any], ran: list[str]) -> None:
-    """Keep the committed JSON's entries of the pairs not run now (with their own provenance under ``runs``)."""
+def _provenance(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run records of a results file: ``results.runs``, or one record made from the file's own header."""
+    res = payload["results"]
+    if isinstance(res.get("runs"), list):
+        return res["runs"]
+    return [{"pairs": sorted(res.get("pairs", {})), "sections": [k for k in SECTIONS if res.get(k)],
+             **{k: payload.get(k) for k in ("command", "git_commit", "started_utc", "load")}}]
+
+
+def _merge(results: dict[str, Any]) -> None:
+    """Keep the committed JSON's entries (section, pair) that this run did not measure, with the records of the
+    runs that measured them (``results.runs``)."""
     path = _common.RESULTS / f"{NAME}.json"
     if not path.exists():
         return
     old = json.loads(path.read_text())
     res = old["results"]
-    runs = res.get("runs") or {p: {k: old.get(k) for k in ("command", "git_commit", "started_utc", "load")}
-                               for p in res.get("pairs", {})}
-    for section in ("pairs", *SECTIONS):
+    kept: set[tuple[str, str]] = set()
+    for section in SECTIONS:
         for pair, value in res.get(section, {}).items():
-            if pair not in ran:
-                results.setdefault(section, {})[pair] = value
-    results["runs"] = {**{p: r for p, r in runs.items() if p not in ran}, **results.get("runs", {})}
+            if pair not in results[section]:
+                results[section][pair] = value
+                kept.add((section, pair))
+    for pair, label in res.get("pairs", {}).items():
+        results["pairs"].setdefault(pair, label)
+    records = []
+    for record in _provenance(old):
+        pairs = [p for p in record["pairs"] if any((s, p) in kept for s in record["sections"])]
+        sections = [s for s in record["sections"] if any((s, p) in kept for p in record["pairs"])]
+        if pairs:
+            records.append({**record, "pairs": pairs, "sections": sections})
+    results["runs"] = records + results["runs"]
 
 
 def main() -> None:
@@ -478,6 +505,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--alternations", type=int, default=10)
+    parser.add_argument("--schedules", default="constant,heuristic",
+                        help="draft-length schedules of the vs_hf section (constant is always timed)")
     parser.add_argument("--cache-batch", type=int, default=32)
     parser.add_argument("--batching-prompts", type=int, default=16)
     parser.add_argument("--rule", default="token_v1")
@@ -500,14 +529,13 @@ def main() -> None:
         parser.error(f"unknown pairs {unknown}; choose from {list(PAIRS)}")
     run = Run(NAME, note=NOTE)
     results: dict[str, Any] = {"alternations": args.alternations, "pairs": {}, **{k: {} for k in SECTIONS},
-                               "runs": {}}
+                               "runs": []}
     ran: list[str] = []
     for name in filter(None, args.pairs.split(",")):
         t0 = time.perf_counter()
         if name == "smollm2" and (missing := smollm2_missing()):
             print(f"[{NAME}] smollm2: skipped, SmolLM2 is not available: {missing}", flush=True)
             continue
-        load_start = os.getloadavg()
         task: dict[str, Any] = {}
         if name in TASK_PAIRS:
             task = load_task_pair(name, args)
@@ -537,7 +565,7 @@ def main() -> None:
                 for k, v in results["drafters"][name]["drafters"].items()), flush=True)
         if "vs_hf" not in skip:
             results["vs_hf"][name] = vs_hf(drafter, verifier, prompts, args.gamma, args.max_new_tokens,
-                                           args.alternations)
+                                           args.alternations, tuple(args.schedules.split(",")))
             print(f"[{NAME}] {name} vs_hf: {results['vs_hf'][name]['spec_decode_over_hf_assisted']['median']:.3f}",
                   flush=True)
         if "cache" not in skip:
@@ -548,11 +576,12 @@ def main() -> None:
         if name in TASK_PAIRS and "rules" not in skip:
             results["rules"][name] = rules(drafter, verifier, tok, rows[:args.rule_prompts], cfg, args.rule,
                                            [float(a) for a in args.alphas.split(",")], args.alternations)
-        results["runs"][name] = {"command": "python -m benchmarks." + NAME + " " + " ".join(sys.argv[1:]),
-                                 "git_commit": _common._git_commit(), "started_utc": run.started,
-                                 "load": {"loadavg_start": load_start, "loadavg_end": os.getloadavg()}}
+    results["runs"] = [{"pairs": ran, "sections": [k for k in SECTIONS if any(p in results[k] for p in ran)],
+                        "command": "python -m benchmarks." + NAME + " " + " ".join(sys.argv[1:]),
+                        "git_commit": _common._git_commit(), "started_utc": run.started,
+                        "load": {"loadavg_start": run.load_start, "loadavg_end": os.getloadavg()}}] if ran else []
     if args.merge:
-        _merge(results, ran)
+        _merge(results)
     targets = []
     for name, r in results["vs_hf"].items():
         targets.append(target_row(f"spec_decode / HF assisted generation, same constant γ, batch 1, {name}", 1.0,

