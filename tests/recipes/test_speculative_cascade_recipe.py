@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.recipes.test_lm_recipes import config_error, run_lm_recipe
+from tests.recipes.test_lm_recipes import check_pair_quality, config_error, run_lm_recipe
 
 
 @pytest.mark.slow
@@ -28,6 +28,7 @@ def test_speculative_cascade_smoke_writes_methods_and_exact_spec_decode(tmp_path
             assert row["tokens_per_verifier_call"] >= 1.0 - 1e-9, name
             assert 0.0 <= row["quality"] <= 1.0, name
     assert 0.0 <= small["quality"] <= 1.0 and m["task"]["n_test"] == 16
+    check_pair_quality(small["quality"], large["quality"])
     assert {r["method"] for r in csv.DictReader(open(out / "methods.csv"))} == set(methods)
     assert (out / "quality_latency.png").stat().st_size > 5000
 
