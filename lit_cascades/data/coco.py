@@ -1,5 +1,5 @@
 """COCO captions + images for text + sketch → image retrieval (TASK-former's real setting, Sangkloy et al.,
-ECCV 2022; ``shared/papers/training.md`` §3.5), from local files. Sketches are synthetic edge sketches made
+ECCV 2022; arXiv:2208.03354), from local files. Sketches are synthetic edge sketches made
 from each image (:func:`~lit_cascades.data.drawing.make_sketch`; the paper trained on synthetic PhotoSketch
 sketches and tested on 5,000 human sketches, which ``sketch_dir`` can supply for the evaluation splits).
 

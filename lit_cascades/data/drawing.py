@@ -2,7 +2,7 @@
 from images, and drawing primitives for sketches made by hand as arrays.
 
 Synthetic sketch (TASK-former trains on sketches generated from the images, Sangkloy et al., ECCV 2022;
-``shared/papers/training.md`` §3.5): luminance → optional Gaussian blur → Sobel gradient magnitude → threshold
+arXiv:2208.03354): luminance → optional Gaussian blur → Sobel gradient magnitude → threshold
 at ``edge_threshold × max`` → Zhang–Suen thinning to one-pixel strokes → stroke dropout (each stroke pixel kept
 with probability ``p ~ U(keep_min, 1)``, the reimplementations' augmentation). The result is one channel of
 ink (1 = stroke, 0 = paper) and carries no colour: it depends on the image only through its luminance (and,

@@ -1,6 +1,6 @@
 """Text retrieval data: an embedded code-search task from Python's standard library, and MS MARCO files.
 
-Used by USTAD (Kim et al., ICML 2024; ``shared/papers/training.md`` §2): training triples (query, positive
+Used by USTAD (Kim et al., ICML 2024): training triples (query, positive
 document, hard negatives) and, per evaluation split, the queries, the corpus searched and the qrels.
 
 Sources:

@@ -1,6 +1,6 @@
 """Asymmetric loss (ASL) for multi-label classification (Ridnik et al., "Asymmetric Loss For Multi-Label
 Classification", ICCV 2021), used by TASK-former's auxiliary object-classification loss (Sangkloy et al.,
-ECCV 2022; ``shared/papers/training.md`` §3.4, ``γ⁻ = 4, γ⁺ = 1, clip = 0.05`` from the reimplementations).
+ECCV 2022, arXiv:2208.03354; ``γ⁻ = 4, γ⁺ = 1, clip = 0.05`` from the reimplementations).
 
 For logits ``z`` with ``p = σ(z)`` and binary targets ``y``, per class:
 

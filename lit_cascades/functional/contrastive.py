@@ -1,7 +1,7 @@
 """InfoNCE / symmetric contrastive loss that gathers embeddings across ranks *with* gradients.
 
 Used by USTAD's dual-encoder loss (Kim et al., ICML 2024) and TASK-former's image–query loss (Sangkloy et al.,
-ECCV 2022, CLIP-style). See ``shared/papers/training.md`` §2.4 and §3.4.
+ECCV 2022, arXiv:2208.03354; CLIP-style).
 
 For a local batch of ``B_r`` queries ``q`` and their positive keys ``k`` on rank ``r`` of ``W`` ranks, the
 embeddings of every rank are all-gathered (``torch.distributed.nn.functional.all_gather``, whose backward

@@ -1,7 +1,7 @@
 """Token-level knowledge distillation from a small teacher LM, chunked over the sequence (SALT).
 
 Reference: Rawat et al., "A Little Help Goes a Long Way: Efficient LLM Training by Leveraging Small LMs",
-arXiv:2410.18779 (see ``shared/papers/training.md`` §1.3). The paper's loss as reported by reviewers:
+arXiv:2410.18779. The paper's loss as reported by reviewers:
 ``(1 − ω)·NTP + ω·KD`` for the first ``n_KD`` steps, then NTP only; the exact ω, τ and transition are
 UNVERIFIED and exposed as arguments here.
 
@@ -314,7 +314,7 @@ def learnable_token_losses(
 ) -> tuple[Tensor, Tensor]:
     """Per-token losses of a (small) model and which tokens are "learnable" (true token in its top-k).
 
-    SALT_DS (``shared/papers/training.md`` §1.4, Eq. 10 as described by reviewers): a token is kept when the
+    SALT_DS (arXiv:2410.18779, Eq. 10 as described by reviewers): a token is kept when the
     ground-truth token lies among the model's ``k`` most likely tokens. Rank = the number of vocabulary
     entries with a *strictly* larger logit, kept iff rank < k (ties count in the true token's favour).
 

@@ -1,4 +1,4 @@
-"""Late fusion of query embeddings (TASK-former, Sangkloy et al., ECCV 2022; ``shared/papers/training.md`` §3.3).
+"""Late fusion of query embeddings (TASK-former, Sangkloy et al., ECCV 2022; arXiv:2208.03354).
 
 The official code fuses the L2-normalised text and sketch embeddings by their mean, ``q = (t + s) / 2``
 (``feature_fusion='avg'``). A query that lacks one modality uses the other alone (``q = t`` or ``q = s``): the

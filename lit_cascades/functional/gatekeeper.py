@@ -1,7 +1,7 @@
 """The Gatekeeper confidence-tuning loss.
 
 Reference: Rabanser et al., "Gatekeeper: Improving Model Cascades Through Confidence Tuning",
-arXiv:2502.19335 (NeurIPS 2025), §3 (the loss as reported; see ``shared/papers/cascades.md`` §1.3).
+arXiv:2502.19335 (NeurIPS 2025), §3 (the loss as reported).
 
 .. math::
 

@@ -1,8 +1,8 @@
 """Bipartite ranking from several binary labels: loss aggregation vs label aggregation.
 
 Reference: Lukasik, Chen, Narasimhan, Menon, Jitkrittum, Yu, Reddi, Fu, Bateni, Kumar, "Bipartite Ranking
-From Multiple Labels: On Loss Versus Label Aggregation", ICML 2025 (arXiv:2504.11284), §4–§6 (as read in
-``shared/papers/training.md`` §4; equations there come from secondary sources).
+From Multiple Labels: On Loss Versus Label Aggregation", ICML 2025 (arXiv:2504.11284), §4–§6 (equations as
+reported by secondary sources).
 
 One scorer ``f`` ranks instances ``x`` that carry ``K`` binary labels ``Y ∈ {0, 1}^K``, with
 ``η_k(x) = P(Y_k = 1 | x)`` and priors ``π_k = P(Y_k = 1)``. The per-label AUC is

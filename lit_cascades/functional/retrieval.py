@@ -1,7 +1,7 @@
 """Full-corpus dense retrieval (chunked top-k) and rank metrics from ranked lists and qrels.
 
 Used by USTAD (dual-encoder retrieval then cross-encoder reranking, evaluated by MRR@10 and Recall@k as on
-MS MARCO; ``shared/papers/training.md`` §2.5) and TASK-former (Recall@K over an image gallery, §3.6).
+MS MARCO) and TASK-former (Recall@K over an image gallery; arXiv:2208.03354).
 
 Ranking convention (every function here): candidates are ordered by descending score and **ties are broken
 by the lower corpus index**. :func:`chunked_topk` returns exactly the first ``k`` columns of a stable

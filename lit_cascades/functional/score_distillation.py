@@ -1,7 +1,7 @@
 """Listwise ranking loss, score-distribution distillation and embedding matching (USTAD / EmbedDistill).
 
 Kim et al., "USTAD: Unified Single-model Training Achieving Diverse Scores for Information Retrieval",
-ICML 2024, and its predecessor EmbedDistill (arXiv:2301.12005); ``shared/papers/training.md`` §2.4. The paper
+ICML 2024, and its predecessor EmbedDistill (arXiv:2301.12005). The paper
 body was not read: the forms below are the standard ones the abstracts point to (stated as choices).
 
 * :func:`listwise_softmax_loss` — softmax cross-entropy over each query's candidate list (positive + negatives),

@@ -1,7 +1,7 @@
 """Sequence-level deferral scores from per-token log-probabilities.
 
-Reference: Gupta et al., "Language Model Cascades: Token-level Uncertainty and Beyond", ICLR 2024, §3–4
-(``shared/papers/cascades.md`` §2.3–2.4).
+Reference: Gupta et al., "Language Model Cascades: Token-level Uncertainty and Beyond", ICLR 2024
+(arXiv:2404.10136), §3–4.
 
 The small model of a cascade generates ``ŷ_1..ŷ_T`` for an input ``x``; ``ℓ_t = log q(ŷ_t | x, ŷ_<t)`` are its
 per-token log-probabilities of its own output. A batch of such sequences of different lengths is given as a

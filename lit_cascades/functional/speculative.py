@@ -1,7 +1,7 @@
 """Speculative cascades: deferral rules executed through speculative sampling (pure torch).
 
 Reference: Narasimhan et al., "Faster Cascades via Speculative Decoding", ICLR 2025 (arXiv 2405.19261), and
-the official colab ``google-research/speculative_cascades`` (``shared/papers/cascades.md`` §3). Notation as in
+the official colab ``google-research/speculative_cascades`` . Notation as in
 the paper and in Hugging Face's ``_speculative_sampling``: ``q`` is the drafter's (small model's) next-token
 distribution, ``p`` the verifier's (large model's), ``π`` the *target* distribution that a rule builds from
 them. Generic speculative sampling with target ``π`` (the paper's ``GenSpecSample``): a draft ``x ~ q`` is
@@ -29,7 +29,7 @@ rule               target ``π``                                                
 
 ``lossy`` is not of the ``min(1, π/q)`` form; :func:`rule_acceptance` returns its own acceptance and residual,
 and :func:`target_distribution` its *implied* output distribution. ``α = 0`` is exact only for ``lossy``;
-``diff``/``token_v1``/``token_v2`` at ``α = −1`` also always defer (``shared/papers/cascades.md`` §3.7), but
+``diff``/``token_v1``/``token_v2`` at ``α = −1`` also always defer, but
 use ``spec_decode`` for exact speculative decoding.
 
 Temperature 0 (greedy) follows the colab: the scaled distributions are one-hot at the argmax, so every target

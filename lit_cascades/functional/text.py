@@ -1,7 +1,7 @@
 """Per-example quality of generated text: exact match and a softer token-level F1.
 
 Used as the per-example quality of a generative cascade (Gupta et al., ICLR 2024, §2.5 use exact match for
-QA-style tasks and BLEU for translation; ``shared/papers/cascades.md`` §2.5). Plain Python on strings.
+QA-style tasks and BLEU for translation; arXiv:2404.10136). Plain Python on strings.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A small autoregressive caption decoder that cross-attends to one context vector (TASK-former's auxiliary
 caption-generation loss; Sangkloy et al., "A Sketch Is Worth a Thousand Words: Image Retrieval with Text and
-Sketch", arXiv:2208.03354, ECCV 2022; ``shared/papers/training.md`` §3.4: the released weights
+Sketch", arXiv:2208.03354, ECCV 2022: the released weights
 hold a 6-layer, 8-head, 512-d x-transformers decoder cross-attending to a 1-token context).
 
 Cross-attention to a single memory token is a projection: the softmax over one key is 1 whatever the query, so

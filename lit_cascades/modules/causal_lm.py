@@ -2,7 +2,7 @@
 
 :class:`CausalLM` trains any ``AutoModelForCausalLM`` with next-token cross-entropy; it trains both models of
 an LM pair and is the "plain fine-tuning" baseline. :class:`GatekeeperLM` swaps the loss for the Gatekeeper
-loss applied token by token (Rabanser et al., arXiv:2502.19335, §1.4 of ``shared/papers/cascades.md``): under
+loss applied token by token (Rabanser et al., arXiv:2502.19335, its LM variant): under
 teacher forcing each target position is one classification over the vocabulary; the positions the model
 currently predicts right get cross-entropy, the ones it gets wrong get ``KL(p ‖ Uniform)``; both sums are
 normalised by the number of counted (non-ignored) positions.

@@ -1,7 +1,7 @@
 """Sequence-level LM cascades: deferral scores from token-level uncertainty, and learned post-hoc deferral.
 
 Reference: Gupta et al., "Language Model Cascades: Token-level Uncertainty and Beyond", ICLR 2024
-(``shared/papers/cascades.md`` §2). The small LM answers every prompt; a deferral rule decides from the
+(arXiv:2404.10136). The small LM answers every prompt; a deferral rule decides from the
 small model's output whether to keep it or to run the large LM on the prompt instead.
 
 Two modules:

@@ -1,7 +1,6 @@
 """Speculative cascades as a LightningModule: a deferral rule executed by speculative decoding.
 
-Reference: Narasimhan et al., "Faster Cascades via Speculative Decoding", ICLR 2025 (``shared/papers/
-cascades.md`` §3). The decoding itself is :func:`~lit_cascades.models.speculative.speculative_generate`
+Reference: Narasimhan et al., "Faster Cascades via Speculative Decoding", ICLR 2025 (arXiv:2405.19261). The decoding itself is :func:`~lit_cascades.models.speculative.speculative_generate`
 (rules in :mod:`lit_cascades.functional.speculative`); this module holds the pair and the settings, and runs
 them over a DataModule of prompts:
 

@@ -1,6 +1,6 @@
 """TASK-former: image retrieval from text and sketch with a late-fusion dual encoder (Sangkloy, Jitkrittum,
 Yang, Hays, "A Sketch Is Worth a Thousand Words: Image Retrieval with Text and Sketch", ECCV 2022;
-``shared/papers/training.md`` §3).
+arXiv:2208.03354).
 
 * Towers: an image encoder, a sketch encoder (the same weights with ``share_encoders=True``; otherwise a
   separate copy initialised from the image encoder, as the official ``clip.load`` does) and a text encoder, each

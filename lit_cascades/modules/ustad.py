@@ -1,7 +1,7 @@
 """USTAD: one encoder that serves cross-encoder ranking and dual-encoder retrieval, and its distilled students
 (Kim, Rawat, Zaheer, Jitkrittum, Sadhanala, Jayasumana, Menon, Fergus, Kumar, "USTAD: Unified Single-model
-Training Achieving Diverse Scores for Information Retrieval", ICML 2024; EmbedDistill, arXiv:2301.12005;
-``shared/papers/training.md`` §2). The paper body was not read; every choice below is stated and exposed.
+Training Achieving Diverse Scores for Information Retrieval", ICML 2024; EmbedDistill, arXiv:2301.12005).
+The paper body was not read; every choice below is stated and exposed.
 
 :class:`USTAD` (the teacher) — one Hugging Face encoder ``f`` (BERT-like: it must accept ``token_type_ids``),
 two score functions that differ only in whether query and document attend to each other:
