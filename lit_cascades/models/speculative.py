@@ -551,7 +551,9 @@ def speculative_generate(
         outs = buffer[rows]
         drafts, q_raw, q, q_logp = [], [], [], []
         for j in range(g + (bonus == "target")):
-            keep = ids.shape[1] - d_run.length if j == 0 else 1
+            # logits of the last column only (the LM head is most of a small drafter's cost), except when pending
+            # tokens still need their drafter log-probs
+            keep = ids.shape[1] - d_run.length if j == 0 and bool((pending[rows] > 0).any()) else 1
             logits = d_run.forward(ids, mask, keep)
             stats["drafter_calls"][rows] += 1
             if j == 0:
@@ -572,8 +574,7 @@ def speculative_generate(
             ids = torch.cat([ids, x[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(x)[:, None]], 1)
         draft = torch.stack(drafts, 1) if drafts else ids.new_zeros(b, 0)
-        keep = ids.shape[1] - v_run.length
-        v_logits = v_run.forward(ids, mask, keep)[:, -(g + 1):]
+        v_logits = v_run.forward(ids, mask, g + 1)  # the block's g + 1 columns (not the prompt's, in round 1)
         stats["verifier_calls"][rows] += 1
         stats["drafted"][rows] += g
         v_processed = _apply_processors(processors, v_logits, prompts[rows], outs, n_out[rows], draft)
