@@ -37,7 +37,8 @@ SEEDS = [0, 1, 2]
 BASELINE = "next_token"
 #: per-variant values: token level (validation batches) and sequence level (test prompts)
 TOKEN = ("token_small_quality", "val_loss", "token_s_d", "token_auroc")
-SEQ_RULES = ("chow_average", "chow_quantile_0.5")
+SEQ_RULES = ("chow_sum", "chow_average", "chow_quantile_0")
+RULE_NAMES = {"chow_sum": "Chow-Sum", "chow_average": "Chow-Average", "chow_quantile_0": "Chow-Quantile(0)"}
 
 
 def alpha_of(variant: str) -> float:
@@ -122,10 +123,11 @@ def table_md(raw: dict[str, Any]) -> str:
     ft, pair = s["finetune"], raw["pair"]
     large = [p["large_quality"] for p in raw["per_seed"]]
     res = pair.get("results") or {}
-    small_line = (f" (as built: test loss {res['small']['test_loss']:.3f}, token acc {res['small']['test_token_acc']:.3f};"
-                  f" large: {res['large']['test_loss']:.3f}, {res['large']['test_token_acc']:.3f})") if res else ""
+    small_line = (f" (as built, on its test split: small loss {res['small']['test_loss']:.3f}, token acc "
+                  f"{res['small']['test_token_acc']:.3f}; large {res['large']['test_loss']:.3f}, "
+                  f"{res['large']['test_token_acc']:.3f})") if res else ""
     lines = [
-        f"Pair `lm_pair preset={pair.get('preset')}` (one fixed build){small_line}. Fine-tuning of the small LM: "
+        f"Pair `lm_pair preset={pair.get('preset')}`, one fixed build{small_line}. Fine-tuning of the small LM: "
         f"{ft['steps']} steps at lr {ft['module']['lr']}, batch {ft['batch_size']} × {ft['block_size']} tokens, the "
         f"same data order for every variant of a seed; Gatekeeper normalisation `{ft['module']['normalize']}`. "
         f"Token level: {ft['val_batches']} validation batches, score = max next-token probability, correct = argmax "
@@ -134,8 +136,7 @@ def table_md(raw: dict[str, Any]) -> str:
         f"{mean_std(large)}). Mean ± std over fine-tuning seeds {seeds}.",
         "",
         "| small LM | token acc | val loss (CE) | token s_d | token AUROC | next-line F1 | "
-        + " | ".join(f"seq s_d ({r.replace('chow_', 'Chow-').replace('average', 'Avg').replace('quantile_', 'Q')})"
-                     for r in SEQ_RULES) + " |",
+        + " | ".join(f"seq s_d, {RULE_NAMES[r]}" for r in SEQ_RULES) + " |",
         "|---" * (6 + len(SEQ_RULES)) + "|",
     ]
     for v in order(raw):
@@ -145,7 +146,7 @@ def table_md(raw: dict[str, Any]) -> str:
     lines += ["", "Each Gatekeeper α minus the next-token fine-tune, paired by seed (mean ± std; 'beyond seed spread' "
               "= the same sign on every seed and |mean| > 2 std, else noise):", "",
               "| α | Δ token s_d | Δ token acc | Δ next-line F1 | "
-              + " | ".join(f"Δ seq s_d ({r})" for r in SEQ_RULES) + " |", "|---" * (4 + len(SEQ_RULES)) + "|"]
+              + " | ".join(f"Δ seq s_d, {RULE_NAMES[r]}" for r in SEQ_RULES) + " |", "|---" * (4 + len(SEQ_RULES)) + "|"]
     base = {k: values(raw, BASELINE, k) for k in ("token_s_d", "token_small_quality", "small_quality")}
     for v in order(raw):
         if not v.startswith("gatekeeper_a"):
@@ -173,8 +174,10 @@ def table_md(raw: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------
 PANELS = (("token_s_d", None, "token-level s_d (deferral performance)"),
           ("token_small_quality", None, "small LM next-token accuracy"),
+          ("val_loss", None, "small LM validation loss (CE, nats/token)"),
           ("small_quality", None, "small LM next-line token F1"),
-          ("s_d", "chow_average", "sequence-level s_d, Chow-Average"))
+          ("s_d", "chow_sum", "sequence-level s_d, Chow-Sum"),
+          ("s_d", "chow_quantile_0", "sequence-level s_d, Chow-Quantile(0)"))
 
 
 def figure(raw: dict[str, Any]) -> Path:
@@ -189,7 +192,7 @@ def figure(raw: dict[str, Any]) -> Path:
     seeds = raw["seeds"]
     gk = [v for v in order(raw) if v.startswith("gatekeeper_a")]
     alphas = [alpha_of(v) for v in gk]
-    fig, grid = plt.subplots(2, 2, figsize=(10.5, 7.6))
+    fig, grid = plt.subplots(2, 3, figsize=(14, 7.8))
     axes = grid.ravel()
     refs = {BASELINE: ("tab:orange", "next-token (CE) fine-tune, same steps (baseline)"),
             "pretrained": ("tab:gray", "small LM as built (no fine-tuning)")}

@@ -147,12 +147,13 @@ def table_md(raw: dict[str, Any]) -> str:
     if pair.get("results"):
         lines.append(f"Pair `lm_pair preset={pair.get('preset')}` (one build, trained once): small "
                      f"{_arch(pair['results'], 'small')}; large {_arch(pair['results'], 'large')}"
-                     + (f"; built in {pair['build_wall_s'] / 60:.1f} min." if "build_wall_s" in pair else "."))
+                     + (f"; built in {pair['build_wall_s'] / 60:.1f} min of one thread on the shared machine."
+                        if "build_wall_s" in pair else "."))
     lines += [
         f"Task: next-line completion, {first['task']['n_train']} training prompts (val files) and "
         f"{first['task']['n_test']} test prompts (test files) per seed, greedy, quality = token F1. Small F1 "
-        f"{task('small_quality')}, large F1 {task('large_quality')}; the large model is better on "
-        f"{task('large_better_rate')} of the test prompts. Mean ± std over seeds {seeds} (a seed = another prompt "
+        f"{task('small_quality')}, large F1 {task('large_quality')}; share of test prompts where the large model "
+        f"is better: {task('large_better_rate')}. AUROC: the rule's score against small-model F1 >= 0.5. Mean ± std over seeds {seeds} (a seed = another prompt "
         "sample and post-hoc MLP initialisation; the pair is fixed).",
         "",
         "| rule | AUC-DF | gain over random | s_d | AUROC | " + " | ".join(f"F1 @ {r:.0%} deferred" for r in RATES)
