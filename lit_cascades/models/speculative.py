@@ -238,6 +238,7 @@ class _Runner:
     def __init__(self, model: nn.Module, vocab: int, max_position: int | None) -> None:
         self.model, self.vocab, self.max_position = model, vocab, max_position
         self.cached = is_hf_causal_lm(model)
+        self.cache_kwarg, self.has_keep = _forward_kwargs(type(model)) if self.cached else ("", False)
         self.length = 0
         self.cache = None
         if self.cached:
@@ -252,8 +253,7 @@ class _Runner:
             positions = positions.clamp(max=self.max_position - 1)
         if self.cached:
             start = self.length
-            cache_kwarg, has_keep = _forward_kwargs(type(self.model))
-            kwargs = {cache_kwarg: self.cache, **({"logits_to_keep": keep} if has_keep else {})}
+            kwargs = {self.cache_kwarg: self.cache, **({"logits_to_keep": keep} if self.has_keep else {})}
             out = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
                              use_cache=True, **kwargs)
             self.length = ids.shape[1]
