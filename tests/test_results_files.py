@@ -1,4 +1,4 @@
-"""The committed results of the bipartite-ranking, USTAD and TASK-former docs: every raw file parses, holds at
+"""The committed results of the bipartite-ranking, USTAD, TASK-former and LM-cascade docs: every raw file parses, holds at
 least 3 seeds per reported configuration, and every table in ``docs/results/<paper>/`` is exactly what the
 results script's table function makes from the raw file (so a table cannot be edited by hand)."""
 
@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import results_bipartite, results_taskformer, results_ustad
+from benchmarks import (
+    results_bipartite,
+    results_gatekeeper_lm,
+    results_lm_cascade,
+    results_taskformer,
+    results_ustad,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"bipartite": results_bipartite, "ustad": results_ustad, "taskformer": results_taskformer}
+SCRIPTS = {"bipartite": results_bipartite, "ustad": results_ustad, "taskformer": results_taskformer,
+           "lm_cascade": results_lm_cascade, "gatekeeper_lm": results_gatekeeper_lm}
 
 
 def _raw(paper: str) -> dict:
@@ -66,6 +73,29 @@ def test_taskformer_runs_have_three_seeds() -> None:
         assert len({r["seed"] for r in tf["runs"] if r["config"] == c}) >= 3, c
     for r in tf["runs"]:
         assert r["command"].startswith("python -m recipes.taskformer")
+
+
+def test_lm_cascade_runs_have_three_seeds_and_a_quality_gap() -> None:
+    raw = _raw("lm_cascade")
+    assert len({s["seed"] for s in raw["per_seed"]}) >= 3
+    for s in raw["per_seed"]:
+        assert s["run"]["command"].startswith("python -m recipes.lm_cascade preset=results")
+        assert set(results_lm_cascade.CHOW) | set(results_lm_cascade.POST_HOC) <= set(s["rules"])
+        assert s["task"]["large_quality"] > s["task"]["small_quality"]  # the pair has a gap to defer into
+        assert all(0.0 <= r["auc_df"] <= 1.0 for r in s["rules"].values())
+
+
+def test_gatekeeper_lm_runs_have_three_seeds_and_the_baseline() -> None:
+    raw = _raw("gatekeeper_lm")
+    assert len({s["seed"] for s in raw["per_seed"]}) >= 3
+    for s in raw["per_seed"]:
+        assert s["run"]["command"].startswith("python -m recipes.gatekeeper_lm preset=sweep")
+        variants = set(s["variants"])
+        assert {"pretrained", results_gatekeeper_lm.BASELINE} <= variants
+        assert len([v for v in variants if v.startswith("gatekeeper_a")]) >= 3
+        for name, v in s["variants"].items():
+            if name != "pretrained":
+                assert 0.0 <= v["token_small_quality"] <= 1.0 and -1.0 <= v["token_s_d"] <= 1.0
 
 
 @pytest.mark.parametrize("paper", list(SCRIPTS))
