@@ -353,3 +353,40 @@ def verdict(diffs: list[float]) -> str:
     m, s = statistics.fmean(diffs), statistics.stdev(diffs)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     return "beyond seed spread" if same_sign and abs(m) > 2 * s else "noise"
+
+
+def run_seeds(recipe: str, overrides: Callable[[int], list[str]], runs_dir: Path, seeds: Sequence[int],
+              rerun: bool = False, timeout_s: float = 7200.0) -> dict[int, dict[str, Any]]:
+    """One :func:`run_recipe_dir` per seed (``<runs_dir>/seed<seed>``, overrides ``overrides(seed)``), in order;
+    returns ``{seed: its run record}``."""
+    runs = {}
+    for seed in seeds:
+        runs[seed] = run_recipe_dir(recipe, overrides(seed), runs_dir / f"seed{seed}", rerun, timeout_s=timeout_s)
+        print(f"seed {seed}: {runs[seed]['wall_seconds']:.0f} s", flush=True)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results figures
+# ---------------------------------------------------------------------------------------------------------------
+IMG = ROOT / "docs" / "img"
+
+
+def shared_legend(fig: Any, axes: Sequence[Any], ncol: int = 3) -> None:
+    """One legend below the panels of ``fig`` with every label of ``axes`` once (first handle wins)."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+
+
+def save_figure(fig: Any, name: str, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``docs/img/<name>`` and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    path = IMG / name
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

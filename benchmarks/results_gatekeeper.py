@@ -30,11 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output
+from benchmarks._common import git_output, save_figure, shared_legend
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
-IMG = ROOT / "docs" / "img"
 RUNS = ROOT / "runs" / "results_gatekeeper"
 DATA = ("default", "digits", "fashion_mnist")
 COLUMNS = ("test_acc", "s_d", "s_o", "auroc", "auc_df", "quality_at_rate")
@@ -212,19 +211,11 @@ def figure(raw: dict[str, Any], data: str) -> Path:
         ax.set_title(label, fontsize=10)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    handles: dict[str, Any] = {}
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    shared_legend(fig, axes)
     fig.suptitle(f"Gatekeeper α sweep on {data.replace('_', '-')} (test split). Error bars and bands: ±1 std over "
                  f"{len(seeds)} seeds {seeds}", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-    IMG.mkdir(parents=True, exist_ok=True)
-    path = IMG / f"gatekeeper_sweep_{data}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, f"gatekeeper_sweep_{data}.png")
 
 
 def write_outputs(data: str) -> None:

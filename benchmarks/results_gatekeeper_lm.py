@@ -24,13 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, verdict
+from benchmarks._common import IMG, git_output, mean_std, run_seeds, save_figure, shared_legend, verdict
 from benchmarks._common import results_machine as machine
 from benchmarks.results_lm_cascade import pair_info
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "gatekeeper_lm"
-IMG = ROOT / "docs" / "img"
 RUNS = ROOT / "runs" / "results_gatekeeper_lm"
 RECIPE = "recipes.gatekeeper_lm"
 SEEDS = [0, 1, 2]
@@ -219,19 +218,11 @@ def figure(raw: dict[str, Any]) -> Path:
         ax.set_ylabel(name)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
-    handles: dict[str, Any] = {}
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    shared_legend(fig, axes)
     fig.suptitle(f"Gatekeeper-LM α sweep (token level: validation batches; sequence level: next-line test prompts). "
                  f"Error bars and bands: ±1 std over {len(seeds)} fine-tuning seeds {seeds}", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-    IMG.mkdir(parents=True, exist_ok=True)
-    path = IMG / "gatekeeper_lm_sweep.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "gatekeeper_lm_sweep.png")
 
 
 def tables(raw: dict[str, Any]) -> dict[str, str]:
@@ -252,11 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rerun", action="store_true", help="run again even where a finished run directory exists")
     args = p.parse_args(argv)
     if not args.tables_only:
-        runs = {}
-        for seed in SEEDS:
-            runs[seed] = run_recipe_dir(RECIPE, ["preset=sweep", f"seed={seed}"], RUNS / f"seed{seed}", args.rerun,
-                                        timeout_s=7200)
-            print(f"seed {seed}: {runs[seed]['wall_seconds']:.0f} s", flush=True)
+        runs = run_seeds(RECIPE, lambda seed: ["preset=sweep", f"seed={seed}"], RUNS, SEEDS, args.rerun)
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "raw.json").write_text(json.dumps(collect(runs), indent=1) + "\n")
     write_outputs()

@@ -25,12 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, verdict
+from benchmarks._common import IMG, git_output, mean_std, run_seeds, save_figure, verdict
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "lm_cascade"
-IMG = ROOT / "docs" / "img"
 RUNS = ROOT / "runs" / "results_lm_cascade"
 RECIPE = "recipes.lm_cascade"
 SEEDS = [0, 1, 2]
@@ -235,11 +234,7 @@ def figure(raw: dict[str, Any]) -> Path:
     fig.suptitle(f"LM cascade deferral rules (arXiv:2404.10136), next-line completion, token F1; {len(seeds)} seeds "
                  f"{seeds}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    IMG.mkdir(parents=True, exist_ok=True)
-    path = IMG / "lm_cascade_rules.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "lm_cascade_rules.png")
 
 
 def tables(raw: dict[str, Any]) -> dict[str, str]:
@@ -260,10 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rerun", action="store_true", help="run again even where a finished run directory exists")
     args = p.parse_args(argv)
     if not args.tables_only:
-        runs = {}
-        for seed in SEEDS:
-            runs[seed] = run_recipe_dir(RECIPE, overrides(seed), RUNS / f"seed{seed}", args.rerun, timeout_s=7200)
-            print(f"seed {seed}: {runs[seed]['wall_seconds']:.0f} s", flush=True)
+        runs = run_seeds(RECIPE, overrides, RUNS, SEEDS, args.rerun)
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "raw.json").write_text(json.dumps(collect(runs), indent=1) + "\n")
     write_outputs()

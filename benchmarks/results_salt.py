@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output
+from benchmarks._common import git_output, mean_std, verdict
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,22 +125,6 @@ def run_all(seeds: list[int], jobs: int, rerun: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def mean_std(values: list[float], digits: int = 3) -> str:
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def verdict(diffs: list[float]) -> str:
-    """'beyond seed spread' when every seed's difference has the same sign and |mean| > 2 × their std; else
-    'noise' (the criterion the docs use for every effect)."""
-    if len(diffs) < 2:
-        return "one seed"
-    m, s = statistics.fmean(diffs), statistics.stdev(diffs)
-    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return "beyond seed spread" if same_sign and abs(m) > 2 * s else "noise"
-
-
 def _curve(run: dict[str, Any], method: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in run["metrics"]["methods"][method]["curve"]}
 
