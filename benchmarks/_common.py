@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue as queue_mod
+import shutil
 import statistics
 import subprocess
 import sys
@@ -309,14 +310,16 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 def run_recipe_dir(recipe: str, overrides: list[str], out: Path, rerun: bool = False,
                    timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Run ``python -m <recipe> <overrides> output_dir=<out>`` (one thread) unless ``out`` holds a finished run;
-    return the command, its wall time and the load average before and after it."""
+    """Run ``python -m <recipe> <overrides> output_dir=<out>`` (one thread) unless ``out`` holds a finished run
+    (``rerun``: replace it; an unfinished one is never removed); return the command, its wall time and the load average before and after it."""
     argv = [*overrides, f"output_dir={out.relative_to(ROOT)}"]
     info: dict[str, Any] = {"command": " ".join(["python", "-m", recipe, *argv])}
     if rerun or not (out / "metrics.json").exists():
-        if out.exists():
+        if out.exists() and not (out / "metrics.json").exists():
             raise SystemExit(f"{out} exists without metrics.json (an interrupted run?): remove it or resume it with "
                              f"python -m {recipe} resume={out.relative_to(ROOT)}")
+        if out.exists():  # rerun: a finished run is replaced
+            shutil.rmtree(out)
         load_before, t = os.getloadavg(), time.time()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         proc = subprocess.run([sys.executable, "-m", recipe, *argv], cwd=ROOT, env=env, capture_output=True,

@@ -153,3 +153,42 @@ def test_summary_table_is_generated_from_the_json_files(tmp_path, monkeypatch):
     assert summary.main(["--check"]) == 0
     (tmp_path / "table.md").write_text("stale\n")
     assert summary.main(["--check"]) == 1
+
+
+def _fake_recipe(calls: list):
+    """A ``subprocess.run`` stand-in that "runs" a recipe by writing its run directory."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    def run(argv, **kwargs):
+        out = common.ROOT / next(a for a in argv if a.startswith("output_dir=")).split("=", 1)[1]
+        calls.append(out)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps({"git_commit": "abc"}))
+        (out / "metrics.json").write_text(json.dumps({"run": len(calls)}))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    return run
+
+
+def test_run_recipe_dir_reuses_reruns_and_refuses_unfinished(tmp_path, monkeypatch):
+    import json
+
+    calls: list = []
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setattr(common.subprocess, "run", _fake_recipe(calls))
+    out = tmp_path / "runs" / "seed0"
+    info = common.run_recipe_dir("recipes.fake", ["seed=0"], out)
+    assert len(calls) == 1 and info["command"] == "python -m recipes.fake seed=0 output_dir=runs/seed0"
+    (out / "stale.txt").write_text("from the first run")
+    common.run_recipe_dir("recipes.fake", ["seed=0"], out)  # finished: reused, not run again
+    assert len(calls) == 1
+    common.run_recipe_dir("recipes.fake", ["seed=0"], out, rerun=True)  # replaced: nothing of the old run stays
+    assert len(calls) == 2 and not (out / "stale.txt").exists()
+    assert json.loads((out / "metrics.json").read_text()) == {"run": 2}
+    (out / "metrics.json").unlink()  # an interrupted run is never removed, with or without rerun
+    for rerun in (False, True):
+        with pytest.raises(SystemExit, match="exists without metrics.json"):
+            common.run_recipe_dir("recipes.fake", ["seed=0"], out, rerun=rerun)
+    assert (out / "run.json").exists() and len(calls) == 2
