@@ -311,7 +311,8 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
 def run_recipe_dir(recipe: str, overrides: list[str], out: Path, rerun: bool = False,
                    timeout_s: float = 3600.0) -> dict[str, Any]:
     """Run ``python -m <recipe> <overrides> output_dir=<out>`` (one thread) unless ``out`` holds a finished run
-    (``rerun``: replace it; an unfinished one is never removed); return the command, its wall time and the load average before and after it."""
+    (``rerun``: replace it; an unfinished one is never removed); return the command, its wall time and the load
+    average before and after it."""
     argv = [*overrides, f"output_dir={out.relative_to(ROOT)}"]
     info: dict[str, Any] = {"command": " ".join(["python", "-m", recipe, *argv])}
     if rerun or not (out / "metrics.json").exists():
