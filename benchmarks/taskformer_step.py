@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image-size", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--alternations", type=int, default=20)
+    ap.add_argument("--alternations", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--image-encoder", default="cnn")
     ap.add_argument("--text-encoder", default="tiny-bert")
