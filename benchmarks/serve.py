@@ -36,7 +36,7 @@ from lit_cascades.serving import BatchResult, ClassificationAdapter
 
 NAME = "serve"
 RUNS = {  # dataset -> gatekeeper recipe arguments
-    "digits": ["trainer.enable_progress_bar=false"],
+    "digits": ["preset=digits", "trainer.enable_progress_bar=false"],
     "fashion_mnist": ["preset=fashion_mnist", "trainer.enable_progress_bar=false"],
 }
 SERVER = ["max_batch_size=16", "batch_timeout=0.005", "workers=1", "accelerator=cpu"]

@@ -761,7 +761,9 @@ class Cascade(nn.Module):
         dict, whose ``model.`` entries are the net's).
 
         Args:
-            run_dir: the run directory (``output_dir`` of the run).
+            run_dir: the run directory (``output_dir`` of the run). A run over several seeds (``seed<k>/``
+                subdirectories, the recipe's default) gives the cascade of its first seed, with a warning naming
+                the stages used; pass ``small_stage="seed1/gatekeeper"``, ``large_stage="seed1/large"`` for another.
             small_stage: the stage holding the small model's weights (``gatekeeper``, ``small``,
                 ``ce_finetune``, ``seed0/gatekeeper_a0.3`` in a sweep, ...).
             large_stage: the stage holding the large model's weights.
@@ -790,11 +792,14 @@ class Cascade(nn.Module):
         for key in ("small.model", "large.model", "data"):
             if OmegaConf.select(cfg, key) is None:
                 raise ValueError(f"run_dir: {cfg_path} has no '{key}' section; expected a gatekeeper recipe run")
+        small_stage, large_stage = _first_seed_stages(run_dir, small_stage, large_stage)
         weights = {}
         for arg, stage in (("small_stage", small_stage), ("large_stage", large_stage)):
             path = run_dir / stage / "model.pt"
             if not path.is_file():
-                raise FileNotFoundError(f"{arg}: no weights at {path}; is the stage name right and the run finished?")
+                found = sorted(str(p.parent.relative_to(run_dir)) for p in run_dir.glob("**/model.pt"))
+                raise FileNotFoundError(f"{arg}: no weights at {path}; is the stage name right and the run finished? "
+                                        f"Stages with weights in this run: {found or 'none'}")
             weights[arg] = path
         if datamodule is None:
             datamodule = build(cfg.data, "data", seed=int(cfg.get("seed", 0)))
@@ -827,6 +832,21 @@ class Cascade(nn.Module):
                           **{k: run_info[k] for k in ("run_id", "recipe", "preset", "config_hash", "git_commit")
                              if k in run_info}}
         return cascade
+
+
+def _first_seed_stages(run_dir: Path, small_stage: str, large_stage: str) -> tuple[str, str]:
+    """``(small_stage, large_stage)`` of ``run_dir``, or, when neither is at the top level and the run has
+    ``seed<k>/`` directories holding both, those of its lowest seed (with a warning naming them)."""
+    if (run_dir / small_stage / "model.pt").is_file() or (run_dir / large_stage / "model.pt").is_file():
+        return small_stage, large_stage
+    seeds = sorted((int(d.name[4:]), d.name) for d in run_dir.glob("seed*") if d.is_dir() and d.name[4:].isdigit()
+                   and (d / small_stage / "model.pt").is_file() and (d / large_stage / "model.pt").is_file())
+    if not seeds:
+        return small_stage, large_stage
+    first = seeds[0][1]
+    warnings.warn(f"{run_dir} is a run over {len(seeds)} seeds; using {first}: small_stage='{first}/{small_stage}', "
+                  f"large_stage='{first}/{large_stage}' (pass them explicitly for another seed)", stacklevel=3)
+    return f"{first}/{small_stage}", f"{first}/{large_stage}"
 
 
 def _stage_confidence(cfg: Any, stage: str) -> str:

@@ -312,6 +312,40 @@ def test_save_refuses_non_empty_dir_and_leaves_nothing_on_failure(tmp_path):
 # from a gatekeeper recipe run
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+def test_from_a_run_over_several_seeds_uses_the_first_seed(tmp_path):
+    from lit_cascades.runner import run_recipe
+    from recipes.gatekeeper import run
+
+    out = tmp_path / "run"
+    run_recipe("gatekeeper", run, ["preset=smoke", f"output_dir={out}", "logger.wandb=false",
+                                   "baseline.enabled=false", "sweep.seeds=[3,1]"])
+    assert not (out / "gatekeeper").exists() and (out / "seed1" / "gatekeeper" / "model.pt").is_file()
+    with pytest.warns(UserWarning, match="over 2 seeds; using seed1"):
+        cascade = Cascade.from_run(out)
+    assert cascade.source["small_stage"] == "seed1/gatekeeper" and cascade.source["large_stage"] == "seed1/large"
+    explicit = {s: Cascade.from_run(out, f"seed{s}/gatekeeper", f"seed{s}/large") for s in (1, 3)}
+    x = torch.randn(32, *_input_shape(out))
+    for mine, theirs in zip(cascade.small.state_dict().values(), explicit[1].small.state_dict().values(),
+                            strict=True):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(cascade.small(x), explicit[3].small(x))  # another seed, other weights
+    with pytest.raises(FileNotFoundError, match=r"small_stage: no weights at .*Stages with weights in this run: "
+                                                r"\['seed1/gatekeeper'"):
+        Cascade.from_run(out, "gatekeeper_a0.3")
+
+
+def _input_shape(run_dir):
+    """The input shape of a gatekeeper run's data (from its config)."""
+    from omegaconf import OmegaConf
+
+    from lit_cascades.runner import build
+
+    dm = build(OmegaConf.load(run_dir / "config.yaml").data, "data", seed=0)
+    dm.setup()
+    return tuple(dm.input_shape)
+
+
+@pytest.mark.slow
 def test_from_gatekeeper_run(tmp_path):
     from lit_cascades.runner import build, run_recipe
     from recipes.gatekeeper import run
