@@ -6,9 +6,9 @@ Target: ratio <= 1.05. One step = forward, loss, backward and AdamW update of a 
 ``[16, 128]`` batch, through the modules' own ``compute_loss`` (``CausalLM`` vs ``GatekeeperLM``). Two settings:
 the small LM of the default pair (1 layer, 128-d, vocabulary 4096: the loss over the vocabulary is a large part
 of the step, the worst case) and its large LM (4 layers, 256-d). The two steps alternate
-(``benchmarks._common.interleaved_ratios``, 30 alternations after warm-up: single steps vary by ±20% on a quiet
-machine, and 10 alternations moved the median by several percent between runs); the median per-alternation ratio is
-reported with its min-max. Writes docs/results/benchmarks/gatekeeper_lm_step.json.
+(``benchmarks._common.interleaved_ratios``, 30 alternations after warm-up, each timing a block of ``--inner`` 3
+steps: single steps vary by ±20% on a quiet machine, and 10 one-step alternations moved the median by several
+percent between runs); the median per-alternation ratio is reported with its min-max. Writes docs/results/benchmarks/gatekeeper_lm_step.json.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--alternations", type=int, default=30)
+    parser.add_argument("--inner", type=int, default=3, help="steps per timed block")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Run("gatekeeper_lm_step")
@@ -51,10 +52,11 @@ def main() -> None:
         model = build_causal_lm(gpt2_config(args.vocab, n_layer=layers, n_embd=dim, n_head=4))
         out = interleaved_ratios({"ntp": make_step(CausalLM(model), batch),
                                   "gk": make_step(GatekeeperLM(model, alpha=0.5), batch)},
-                                 baseline="ntp", alternations=args.alternations, warmup=2)
+                                 baseline="ntp", alternations=args.alternations, warmup=2, inner=args.inner)
         results[name] = out
         targets.append(target_row(f"Gatekeeper-LM step / next-token step, {name}", 1.05, out["ratios"]["gk"]))
-    run.write({"batch": [16, 128], "vocab": args.vocab, "torch_threads": args.threads, "results": results},
+    run.write({"batch": [16, 128], "vocab": args.vocab, "torch_threads": args.threads, "inner": args.inner,
+               "results": results},
               targets)
 
 if __name__ == "__main__":

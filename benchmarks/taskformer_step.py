@@ -3,9 +3,10 @@ same towers and batch: the overhead of the auxiliary losses (target: median rati
 
 Both models are built from the same seed, so their towers are identical; the contrastive-only model has the
 auxiliary weights at 0, which removes the classifier and the caption decoder. Steps of the two models alternate
-(``benchmarks._common.interleaved_ratios``); the median per-alternation ratio is reported with its min-max.
+(``benchmarks._common.interleaved_ratios``: 40 alternations after warm-up, each timing a block of ``--inner`` 3
+steps, since single steps vary widely); the median per-alternation ratio is reported with its min-max.
 
-    python -m benchmarks.taskformer_step [--image-size 40 --batch 64 --steps 30 --text-encoder tiny-bert]
+    python -m benchmarks.taskformer_step [--image-size 40 --batch 64 --alternations 40 --inner 3 --text-encoder tiny-bert]
 
 Writes docs/results/benchmarks/taskformer_step.json.
 """
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--alternations", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--inner", type=int, default=3, help="steps per timed block (single steps vary widely)")
     ap.add_argument("--image-encoder", default="cnn")
     ap.add_argument("--text-encoder", default="tiny-bert")
     args = ap.parse_args()
@@ -57,11 +59,12 @@ def main() -> None:
     towers = [sum(p.numel() for n, p in m.named_parameters() if "tower" in n) for m, _ in models.values()]
     assert towers[0] == towers[1], "the two models must share the tower architecture"
     timing = interleaved_ratios({name: _step(m, opt, batch) for name, (m, opt) in models.items()},
-                                baseline="contrastive_only", alternations=args.alternations, warmup=args.warmup)
+                                baseline="contrastive_only", alternations=args.alternations, warmup=args.warmup,
+                                inner=args.inner)
     ratio = timing["ratios"]["full"]
     result = {
         "image_size": args.image_size, "batch": args.batch, "image_encoder": args.image_encoder,
-        "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "timing": timing,
+        "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "inner": args.inner, "timing": timing,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()},
     }
     run.write(result, [target_row("TASK-former step (all losses) / contrastive-only step", 1.05, ratio)])
