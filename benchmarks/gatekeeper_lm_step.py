@@ -8,7 +8,8 @@ the small LM of the default pair (1 layer, 128-d, vocabulary 4096: the loss over
 of the step, the worst case) and its large LM (4 layers, 256-d). The two steps alternate
 (``benchmarks._common.interleaved_ratios``, 30 alternations after warm-up, each timing a block of ``--inner`` 3
 steps: single steps vary by ±20% on a quiet machine, and 10 one-step alternations moved the median by several
-percent between runs); the median per-alternation ratio is reported with its min-max. Writes docs/results/benchmarks/gatekeeper_lm_step.json.
+percent between runs); the median per-alternation ratio is reported with its min-max. Writes
+docs/results/benchmarks/gatekeeper_lm_step.json.
 """
 
 from __future__ import annotations

@@ -20,12 +20,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, verdict
+from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "bipartite"
-IMG = ROOT / "docs" / "img"
 RUNS = ROOT / "runs" / "results_bipartite"
 RECIPE = "recipes.bipartite_ranking"
 SEEDS = [0, 1, 2]
@@ -335,14 +334,10 @@ def write_outputs(raw: dict[str, Any], figures: bool = True) -> None:
         (OUT / fname).write_text(text)
         print(f"wrote {(OUT / fname).relative_to(ROOT)}")
     if figures:
-        import matplotlib.pyplot as plt
-
         for fname, (exp, fn) in FIGURES.items():
             if exp in raw["experiments"]:
-                fig = fn(raw)
-                fig.savefig(IMG / fname, dpi=130)
-                plt.close(fig)
-                print(f"wrote {(IMG / fname).relative_to(ROOT)}")
+                path = save_figure(fn(raw), fname, dpi=130)
+                print(f"wrote {path.relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> None:

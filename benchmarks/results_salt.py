@@ -27,12 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, verdict
+from benchmarks._common import IMG, git_output, mean_std, verdict
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "salt"
-IMG = ROOT / "docs" / "img"
 RUNS = ROOT / "runs" / "results_salt"
 RECIPE = "recipes.salt"
 SEEDS = [0, 1, 2]

@@ -22,12 +22,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, verdict
+from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "taskformer"
-IMG = ROOT / "docs" / "img"
 RUNS = ROOT / "runs" / "results_taskformer"
 RECIPE = "recipes.taskformer"
 SEEDS = [0, 1, 2]
@@ -123,15 +122,11 @@ def figure(raw: dict[str, Any]) -> Any:
 
 
 def write_outputs(raw: dict[str, Any]) -> None:
-    import matplotlib.pyplot as plt
-
     OUT.mkdir(parents=True, exist_ok=True)
     for fname, text in tables(raw).items():
         (OUT / fname).write_text(text)
         print(f"wrote {(OUT / fname).relative_to(ROOT)}")
-    fig = figure(raw)
-    fig.savefig(IMG / "taskformer_recall.png", dpi=130)
-    plt.close(fig)
+    save_figure(figure(raw), "taskformer_recall.png", dpi=130)
 
 
 def main(argv: list[str] | None = None) -> None:

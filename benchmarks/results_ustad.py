@@ -24,12 +24,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, verdict
+from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "ustad"
-IMG = ROOT / "docs" / "img"
 RUNS = ROOT / "runs" / "results_ustad"
 RECIPE = "recipes.ustad"
 SEEDS = [0, 1, 2]
@@ -160,15 +159,11 @@ def figure(raw: dict[str, Any]) -> Any:
 
 
 def write_outputs(raw: dict[str, Any]) -> None:
-    import matplotlib.pyplot as plt
-
     OUT.mkdir(parents=True, exist_ok=True)
     for fname, text in tables(raw).items():
         (OUT / fname).write_text(text)
         print(f"wrote {(OUT / fname).relative_to(ROOT)}")
-    fig = figure(raw)
-    fig.savefig(IMG / "ustad_mrr.png", dpi=130)
-    plt.close(fig)
+    save_figure(figure(raw), "ustad_mrr.png", dpi=130)
 
 
 def main(argv: list[str] | None = None) -> None:
