@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lit_cascades.callbacks._stage import StageMetricsCallback
 from lit_cascades.functional.deferral import DeferralReport, IdealVariant
 from lit_cascades.io import atomic_path, atomic_write_text
 from lit_cascades.metrics.deferral import DeferralMetrics
@@ -85,7 +86,7 @@ def save_deferral_curves(
     return csv_path, png_path
 
 
-class DeferralCurveLogger(pl.Callback):
+class DeferralCurveLogger(StageMetricsCallback):
     """Log deferral curves and scalars for any module following the ``"deferral"`` output contract.
 
     Args:
@@ -121,13 +122,9 @@ class DeferralCurveLogger(pl.Callback):
 
     # -- accumulation -----------------------------------------------------------------------------------
     def _update(self, pl_module: pl.LightningModule, outputs: Any, stage: str) -> None:
-        if not isinstance(outputs, Mapping) or self.key not in outputs:
+        batch = self._batch(outputs, ("scores", "small_quality", "large_quality"))
+        if batch is None:
             return
-        batch = outputs[self.key]
-        missing = {"scores", "small_quality", "large_quality"} - set(batch)
-        if missing:
-            raise KeyError(f"the `{self.key}` step output must hold scores, small_quality and large_quality; "
-                           f"missing {sorted(missing)}")
         scores = batch["scores"]
         named = isinstance(scores, Mapping)
         if not named:
@@ -139,22 +136,7 @@ class DeferralCurveLogger(pl.Callback):
                 metrics[name] = DeferralMetrics(ideal=self.ideal, rate=self.rate).to(pl_module.device)
             metrics[name].update(s, batch["small_quality"], batch["large_quality"], batch.get("ids"))
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not trainer.sanity_checking:
-            self._update(pl_module, outputs, "val")
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(pl_module, outputs, "test")
-
     # -- epoch end ----------------------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._finish(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         metrics = self._metrics.get(stage)

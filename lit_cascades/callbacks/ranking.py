@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 
+from lit_cascades.callbacks._stage import StageMetricsCallback
 from lit_cascades.io import atomic_path, atomic_write_text
 from lit_cascades.metrics.ranking import MultiLabelAUROC, RankingAUCReport
 
@@ -112,7 +113,7 @@ def _csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-class RankingAUCLogger(pl.Callback):
+class RankingAUCLogger(StageMetricsCallback):
     """Log per-label, mean and worst-label AUROC for any module following the ``"ranking"`` output contract.
 
     Args:
@@ -154,33 +155,15 @@ class RankingAUCLogger(pl.Callback):
         return list(names)
 
     def _update(self, pl_module: pl.LightningModule, outputs: Any, stage: str) -> None:
-        if not isinstance(outputs, Mapping) or self.key not in outputs:
+        batch = self._batch(outputs, ("scores", "labels"))
+        if batch is None:
             return
-        batch = outputs[self.key]
-        missing = {"scores", "labels"} - set(batch)
-        if missing:
-            raise KeyError(f"the `{self.key}` step output must hold scores and labels; missing {sorted(missing)}")
         if stage not in self._metrics:
             names = self._names(pl_module, batch["labels"].shape[-1])
             self._metrics[stage] = MultiLabelAUROC(names).to(pl_module.device)
         self._metrics[stage].update(batch["scores"], batch["labels"], batch.get("ids"))
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not trainer.sanity_checking:
-            self._update(pl_module, outputs, "val")
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(pl_module, outputs, "test")
-
     # -- epoch end ----------------------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._finish(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         metric = self._metrics.get(stage)
