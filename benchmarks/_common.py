@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -383,6 +383,18 @@ def shared_legend(fig: Any, axes: Sequence[Any], ncol: int = 3) -> None:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+
+
+def write_tables(out: Path, tables: Mapping[str, str]) -> list[Path]:
+    """Write a results script's ``{file name: text}`` tables into ``out`` (created); print and return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in tables.items():
+        path = out / name
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        paths.append(path)
+    return paths
 
 
 def save_figure(fig: Any, name: str, dpi: int = 110) -> Path:

@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict
+from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict, write_tables
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,10 +329,7 @@ FIGURES = {"bipartite_ranking_skew.png": ("skew", figure_skew),
 
 
 def write_outputs(raw: dict[str, Any], figures: bool = True) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for fname, text in tables(raw).items():
-        (OUT / fname).write_text(text)
-        print(f"wrote {(OUT / fname).relative_to(ROOT)}")
+    write_tables(OUT, tables(raw))
     if figures:
         for fname, (exp, fn) in FIGURES.items():
             if exp in raw["experiments"]:

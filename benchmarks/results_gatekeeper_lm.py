@@ -24,7 +24,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import IMG, git_output, mean_std, run_seeds, save_figure, shared_legend, verdict
+from benchmarks._common import (
+    git_output,
+    mean_std,
+    run_seeds,
+    save_figure,
+    shared_legend,
+    verdict,
+    write_tables,
+)
 from benchmarks._common import results_machine as machine
 from benchmarks.results_lm_cascade import pair_info
 
@@ -232,9 +240,8 @@ def tables(raw: dict[str, Any]) -> dict[str, str]:
 
 def write_outputs() -> None:
     raw = json.loads((OUT / "raw.json").read_text())
-    for name, text in tables(raw).items():
-        (OUT / name).write_text(text)
-    figure(raw)
+    write_tables(OUT, tables(raw))
+    print(f"wrote {figure(raw).relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,7 +254,6 @@ def main(argv: list[str] | None = None) -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "raw.json").write_text(json.dumps(collect(runs), indent=1) + "\n")
     write_outputs()
-    print(f"wrote {OUT / 'table.md'} and {IMG / 'gatekeeper_lm_sweep.png'}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import IMG, git_output, mean_std, verdict
+from benchmarks._common import IMG, git_output, mean_std, verdict, write_tables
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,10 +307,9 @@ def tables(raw: dict[str, Any]) -> dict[str, str]:
 
 
 def write_outputs(raw: dict[str, Any]) -> None:
-    for name, text in tables(raw).items():
-        (OUT / name).write_text(text)
-        print(text)
+    write_tables(OUT, tables(raw))
     figure(raw, IMG / "salt_val_loss.png")
+    print(f"wrote {(IMG / 'salt_val_loss.png').relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict
+from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict, write_tables
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,11 +122,8 @@ def figure(raw: dict[str, Any]) -> Any:
 
 
 def write_outputs(raw: dict[str, Any]) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for fname, text in tables(raw).items():
-        (OUT / fname).write_text(text)
-        print(f"wrote {(OUT / fname).relative_to(ROOT)}")
-    save_figure(figure(raw), "taskformer_recall.png", dpi=130)
+    write_tables(OUT, tables(raw))
+    print(f"wrote {save_figure(figure(raw), 'taskformer_recall.png', dpi=130).relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> None:

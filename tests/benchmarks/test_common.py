@@ -192,3 +192,10 @@ def test_run_recipe_dir_reuses_reruns_and_refuses_unfinished(tmp_path, monkeypat
         with pytest.raises(SystemExit, match="exists without metrics.json"):
             common.run_recipe_dir("recipes.fake", ["seed=0"], out, rerun=rerun)
     assert (out / "run.json").exists() and len(calls) == 2
+
+
+def test_write_tables_writes_each_file_and_reports_it(tmp_path, capsys):
+    paths = common.write_tables(tmp_path / "new", {"table.md": "| a |\n", "other.md": "x\n"})
+    assert [p.name for p in paths] == ["table.md", "other.md"]
+    assert (tmp_path / "new" / "table.md").read_text() == "| a |\n" and (tmp_path / "new" / "other.md").read_text() == "x\n"
+    assert capsys.readouterr().out.splitlines() == [f"wrote {p}" for p in paths]
