@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_cascades.data.sampling import EpochSeededSampler, process_batch_size
+from lit_cascades.data.sampling import EpochSeededSampler, SplitLoaders, process_batch_size
 from lit_cascades.functional._checks import check_choice
 from lit_cascades.io import cache_dir, file_md5
 
@@ -253,7 +253,7 @@ def random_crop_flip(x: Tensor, padding: int = 4) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 # the DataModule
 # --------------------------------------------------------------------------------------------------------
-class ImageClassificationDataModule(pl.LightningDataModule):
+class ImageClassificationDataModule(SplitLoaders, pl.LightningDataModule):
     """In-memory image classification splits (train/val/test) from one of :data:`SOURCES`.
 
     Args:
@@ -385,18 +385,6 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                               sampler=EpochSeededSampler(len(ds), self.seed), num_workers=self.num_workers,
                               drop_last=False)
         return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self, split: str = "test") -> DataLoader:
-        return self._loader(split, shuffle=False)
 
 
 def _to_nchw(x: np.ndarray) -> Tensor:

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_cascades import io
 from lit_cascades._progress import progress_bar
+from lit_cascades.data.sampling import SplitLoaders
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EXCLUDED_DIRS: frozenset[str] = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
@@ -493,7 +494,7 @@ def collate_prompts(pad_token_id: int):
     return collate
 
 
-class LMCorpusDataModule(L.LightningDataModule):
+class LMCorpusDataModule(SplitLoaders, L.LightningDataModule):
     """Token blocks of a corpus for causal-LM training, plus next-line prompts for evaluation.
 
     ``setup()`` loads and splits the corpus (see :func:`load_corpus`), trains a BPE tokenizer on the training
@@ -627,15 +628,6 @@ class LMCorpusDataModule(L.LightningDataModule):
             self.setup()
         return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
                           num_workers=self.hparams.num_workers, drop_last=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     def next_line_dataset(self, split: str = "test", **overrides: Any) -> NextLineDataset:
         """Next-line prompts from the held-out documents of ``split`` (``"val"`` or ``"test"``)."""

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lit_cascades.data.sampling import EpochSeededSampler, process_batch_size
+from lit_cascades.data.sampling import EpochSeededSampler, SplitLoaders, process_batch_size
 
 DIGIT_LABELS: dict[str, list[int]] = {"even": [0, 2, 4, 6, 8], "zero": [0]}
 """Default label definitions of :func:`load_digits_ranking`: a balanced label and a skewed one (π ≈ 0.1)."""
@@ -475,7 +475,7 @@ class GroupBatchSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
-class MultiLabelDataModule(pl.LightningDataModule):
+class MultiLabelDataModule(SplitLoaders, pl.LightningDataModule):
     """Train/val/test splits of a multi-label ranking dataset; subclasses implement :meth:`load_data`.
 
     Training batches are reshuffled every epoch from ``(split_seed, epoch)`` (so a resumed run sees the same
@@ -582,28 +582,19 @@ class MultiLabelDataModule(pl.LightningDataModule):
         return train.priors if train.priors is not None else train.empirical_priors()
 
     # -- loaders ------------------------------------------------------------------------------------------
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         data = self.splits[split]
-        if train and data.groups is not None:  # whole groups per batch, so that pairs exist within groups
+        if shuffle and data.groups is not None:  # whole groups per batch, so that pairs exist within groups
             return DataLoader(RankingDataset(data), num_workers=self.num_workers,
                               batch_sampler=GroupBatchSampler(data.groups, self.batch_size, self.split_seed))
         return DataLoader(
             RankingDataset(data),
-            batch_size=process_batch_size(self.batch_size, self.trainer) if train else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(data), self.split_seed) if train else None,
-            drop_last=train and len(data) > self.batch_size,
+            batch_size=process_batch_size(self.batch_size, self.trainer) if shuffle else self.eval_batch_size,
+            sampler=EpochSeededSampler(len(data), self.split_seed) if shuffle else None,
+            drop_last=shuffle and len(data) > self.batch_size,
             num_workers=self.num_workers,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
 
 def standardization(train: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""Training-order helpers shared by the datamodules: an epoch-seeded shuffling sampler and global batch sizes.
+"""Training-order helpers shared by the datamodules: an epoch-seeded shuffling sampler, global batch sizes and
+the per-split loader methods.
 
 **Global batch sizes.** A datamodule's ``batch_size`` is the batch of one optimisation step, whatever the number
 of processes: under DDP with ``W`` processes each loads ``batch_size / W`` rows (:func:`process_batch_size`).
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -51,3 +52,26 @@ def process_batch_size(batch_size: int, trainer: Any = None) -> int:
         raise ValueError(f"batch_size: {batch_size} is the global batch of a step and must be divisible by the "
                          f"{world} processes; choose a multiple of {world}")
     return batch_size // world
+
+
+class SplitLoaders:
+    """The split loaders of a datamodule that builds each one with ``_loader(split, shuffle)``.
+
+    ``train_dataloader`` shuffles; ``val_dataloader``, ``test_dataloader`` and ``predict_dataloader(split)``
+    (default ``"test"``) keep the order. Put it before ``LightningDataModule`` in the bases.
+    """
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self, split: str = "test") -> DataLoader:
+        return self._loader(split, shuffle=False)

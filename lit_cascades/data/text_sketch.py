@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_cascades.data.sampling import EpochSeededSampler, process_batch_size
+from lit_cascades.data.sampling import EpochSeededSampler, SplitLoaders, process_batch_size
 
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
@@ -104,7 +104,7 @@ def check_caption(caption: object, where: str) -> str:
     return caption
 
 
-class TextSketchImageDataModule(pl.LightningDataModule):
+class TextSketchImageDataModule(SplitLoaders, pl.LightningDataModule):
     """Base of the text + sketch → image DataModules: loaders, vocabulary, class names.
 
     Subclasses fill ``self.splits`` (``{"train", "val", "test"}`` → datasets yielding the items of the module
@@ -162,18 +162,6 @@ class TextSketchImageDataModule(pl.LightningDataModule):
                               num_workers=self.num_workers, drop_last=len(ds) > self.batch_size,
                               persistent_workers=self.num_workers > 0)
         return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self, split: str = "test") -> DataLoader:
-        return self._loader(split, shuffle=False)
 
     def items(self, split: str, indices: Sequence[int]) -> dict[str, object]:
         """The items ``indices`` of ``split`` collated into one batch (images, sketches, captions, ...)."""

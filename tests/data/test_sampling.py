@@ -59,3 +59,27 @@ def test_epoch_seed_passes_the_epoch_through_lightnings_wrapper():
     assert inner.epoch == 4 and loader.sampler.shuffle is False
     inner.set_epoch(4)
     assert list(loader.sampler) == list(inner)[0::2]
+
+
+def test_split_loaders_route_every_split_and_count_as_overridden_for_lightning():
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from lit_cascades.data.image import ImageClassificationDataModule
+    from lit_cascades.data.lm import LMCorpusDataModule
+    from lit_cascades.data.multilabel import MultiLabelDataModule
+    from lit_cascades.data.sampling import SplitLoaders
+    from lit_cascades.data.text_sketch import TextSketchImageDataModule
+
+    class Routed(SplitLoaders, pl.LightningDataModule):
+        def _loader(self, split, shuffle):
+            return split, shuffle
+
+    dm = Routed()
+    assert [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader(),
+            dm.predict_dataloader("val")] == [("train", True), ("val", False), ("test", False), ("test", False),
+                                              ("val", False)]
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader"):
+        assert is_overridden(name, dm), name  # Lightning finds the loaders
+    for cls in (ImageClassificationDataModule, TextSketchImageDataModule, LMCorpusDataModule, MultiLabelDataModule):
+        assert issubclass(cls, SplitLoaders), cls
