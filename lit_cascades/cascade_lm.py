@@ -1071,22 +1071,9 @@ class GenerationAdapter:
         """``{"inputs": [prompt, ...]}`` -> the prompts; ``BadRequest`` (of :mod:`lit_cascades.serving`) naming
         the bad part."""
         from lit_cascades.models.lm_pair import context_length
-        from lit_cascades.serving import BadRequest
+        from lit_cascades.serving import BadRequest, request_inputs
 
-        if not isinstance(payload, dict) or "inputs" not in payload:
-            got = f"an object with keys {sorted(payload)}" if isinstance(payload, dict) else type(payload).__name__
-            raise BadRequest(f'request: expected a JSON object {{"inputs": [prompt, ...]}}; got {got}')
-        extra = sorted(set(payload) - {"inputs"})
-        if extra:
-            raise BadRequest(f"request: unknown keys {extra}; expected only 'inputs'")
-        prompts = payload["inputs"]
-        if not isinstance(prompts, list):
-            raise BadRequest(f"inputs: expected a list of prompt strings; got {type(prompts).__name__}")
-        if not prompts:
-            raise BadRequest(f"inputs: empty; expected 1 to {self.max_prompts} prompts")
-        if len(prompts) > self.max_prompts:
-            raise BadRequest(f"inputs: {len(prompts)} prompts; this server takes at most {self.max_prompts} per "
-                             "request", status=413)
+        prompts = request_inputs(payload, self.max_prompts, "prompt", "prompts", "prompt strings")
         c = self.cascade
         limits = [n for n in (context_length(c.small), context_length(c.large)) if n is not None]
         for i, p in enumerate(prompts):

@@ -60,6 +60,32 @@ class BadRequest(ValueError):
         self.message, self.status = message, status
 
 
+def request_inputs(payload: Any, limit: int, item: str = "row", items: str = "rows", listed: str = "rows") -> list:
+    """The ``"inputs"`` list of a request body ``{"inputs": [item, ...]}``, checked to hold 1 to ``limit`` entries.
+
+    ``item``, ``items`` and ``listed`` name the entries in the messages (``"prompt"``, ``"prompts"``,
+    ``"prompt strings"`` for an LM server). The entries themselves are the caller's to check.
+
+    Raises:
+        BadRequest: not such an object (422), other keys (422), ``inputs`` not a list or empty (422), more than
+            ``limit`` entries (413).
+    """
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        got = f"an object with keys {sorted(payload)}" if isinstance(payload, dict) else type(payload).__name__
+        raise BadRequest(f'request: expected a JSON object {{"inputs": [{item}, ...]}}; got {got}')
+    extra = sorted(set(payload) - {"inputs"})
+    if extra:
+        raise BadRequest(f"request: unknown keys {extra}; expected only 'inputs'")
+    inputs = payload["inputs"]
+    if not isinstance(inputs, list):
+        raise BadRequest(f"inputs: expected a list of {listed}; got {type(inputs).__name__}")
+    if not inputs:
+        raise BadRequest(f"inputs: empty; expected 1 to {limit} {items}")
+    if len(inputs) > limit:
+        raise BadRequest(f"inputs: {len(inputs)} {items}; this server takes at most {limit} per request", status=413)
+    return inputs
+
+
 @dataclass
 class BatchResult:
     """What :meth:`Adapter.run` returns for the requests of one dynamic batch.
@@ -150,20 +176,7 @@ class ClassificationAdapter:
 
     def parse(self, payload: Any) -> np.ndarray:
         """``{"inputs": [...]}`` -> a float32 array ``[B, *in_shape]``; :class:`BadRequest` naming the bad part."""
-        if not isinstance(payload, dict) or "inputs" not in payload:
-            got = f"an object with keys {sorted(payload)}" if isinstance(payload, dict) else type(payload).__name__
-            raise BadRequest(f'request: expected a JSON object {{"inputs": [row, ...]}}; got {got}')
-        extra = sorted(set(payload) - {"inputs"})
-        if extra:
-            raise BadRequest(f"request: unknown keys {extra}; expected only 'inputs'")
-        rows = payload["inputs"]
-        if not isinstance(rows, list):
-            raise BadRequest(f"inputs: expected a list of rows; got {type(rows).__name__}")
-        if not rows:
-            raise BadRequest(f"inputs: empty; expected 1 to {self.max_rows} rows")
-        if len(rows) > self.max_rows:
-            raise BadRequest(f"inputs: {len(rows)} rows; this server takes at most {self.max_rows} per request",
-                             status=413)
+        rows = request_inputs(payload, self.max_rows)
         flat_ok, nested = (self.row_size,), self.in_shape
         out = np.empty((len(rows), self.row_size), dtype=np.float32)
         for i, row in enumerate(rows):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -531,3 +532,19 @@ def test_importing_the_serving_module_stays_light():
             "assert not {'litserve', 'fastapi', 'uvicorn', 'torch', 'lightning'} & set(sys.modules), sys.modules.keys(); "
             "s.CascadeAPI; assert 'litserve' in sys.modules and s.CascadeAPI.__module__ == 'lit_cascades.serving'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=ROOT)
+
+
+def test_request_inputs_checks_the_envelope_with_the_callers_nouns():
+    from lit_cascades.serving import request_inputs
+
+    assert request_inputs({"inputs": ["a", "b"]}, 2, "prompt", "prompts", "prompt strings") == ["a", "b"]
+    for payload, limit, status, msg in [
+        (["a"], 2, 422, 'expected a JSON object {"inputs": [prompt, ...]}; got list'),
+        ({"input": 1}, 2, 422, "got an object with keys ['input']"),
+        ({"inputs": "a"}, 2, 422, "inputs: expected a list of prompt strings; got str"),
+        ({"inputs": []}, 2, 422, "inputs: empty; expected 1 to 2 prompts"),
+        ({"inputs": ["a"] * 3}, 2, 413, "inputs: 3 prompts; this server takes at most 2 per request"),
+    ]:
+        with pytest.raises(BadRequest, match=re.escape(msg)) as err:
+            request_inputs(payload, limit, "prompt", "prompts", "prompt strings")
+        assert err.value.status == status, msg
