@@ -35,8 +35,8 @@ class StageMetricsCallback(pl.Callback):
         batch = outputs[self.key]
         missing = set(required) - set(batch)
         if missing:
-            raise KeyError(f"the `{self.key}` step output must hold {', '.join(required[:-1])} and {required[-1]}; "
-                           f"missing {sorted(missing)}")
+            names = ", ".join(required[:-1]) + " and " + required[-1] if len(required) > 1 else required[0]
+            raise KeyError(f"the `{self.key}` step output must hold {names}; missing {sorted(missing)}")
         return batch
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,

@@ -137,7 +137,6 @@ class DeferralCurveLogger(StageMetricsCallback):
             metrics[name].update(s, batch["small_quality"], batch["large_quality"], batch.get("ids"))
 
     # -- epoch end ----------------------------------------------------------------------------------------
-
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         metrics = self._metrics.get(stage)
         if not metrics:

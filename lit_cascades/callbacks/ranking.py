@@ -164,7 +164,6 @@ class RankingAUCLogger(StageMetricsCallback):
         self._metrics[stage].update(batch["scores"], batch["labels"], batch.get("ids"))
 
     # -- epoch end ----------------------------------------------------------------------------------------
-
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         metric = self._metrics.get(stage)
         if metric is None or not metric.update_count:

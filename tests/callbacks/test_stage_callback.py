@@ -40,6 +40,8 @@ def test_missing_keys_are_named():
     cb = _Recorder()
     with pytest.raises(KeyError, match=r"must hold a and b; missing \['b'\]"):
         cb._batch({"thing": {"a": 1}}, ("a", "b"))
+    with pytest.raises(KeyError, match=r"must hold a; missing \['a'\]"):
+        cb._batch({"thing": {}}, ("a",))
     assert cb._batch(None, ("a",)) is None and cb._batch({"x": 1}, ("a",)) is None
 
 
