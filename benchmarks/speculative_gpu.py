@@ -169,7 +169,7 @@ def main() -> None:
                                                  for r in o.tokens.tolist()], greedy1),
              "batch1_hf_assisted": greedy_match(continuations(hf()), greedy1)}
     if not all(v["rows_identical"] == 1 for v in match.values()):
-        if exact_expected and match["batch"]["rows_identical"] * match["batch1_spec_decode"]["rows_identical"] < 1:
+        if exact_expected and min(match["batch"]["rows_identical"], match["batch1_spec_decode"]["rows_identical"]) < 1:
             raise AssertionError(f"spec_decode differs from the verifier's greedy decoding in float32 on CPU: {match}")
         print(f"note: greedy outputs differ from the verifier's own in {args.dtype} on {args.device} (rounding of "
               f"blocked verification; recorded as greedy_match): {match}")
