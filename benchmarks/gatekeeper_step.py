@@ -1,6 +1,6 @@
 """Gatekeeper training-step time / cross-entropy training-step time, same model, batch and optimiser.
 
-    python -m benchmarks.gatekeeper_step [--alternations 20] [--threads 1]
+    python -m benchmarks.gatekeeper_step [--alternations 60] [--threads 1]
 
 Target: median ratio <= 1.05 in both settings: the Fashion-MNIST-sized CNN (batch 128; the model dominates
 the step) and the 460-parameter MLP of the Gatekeeper recipe's digits setting (batch 64; the loss's dispatch
@@ -8,7 +8,9 @@ overhead dominates). Both steps run forward, loss, backward and the AdamW update
 (``benchmarks._common.interleaved_ratios``) with identical models and data. Also reported: the loss alone
 (forward + backward on fixed logits) against ``F.cross_entropy`` at several sizes, for both implementations of
 the loss (the NumPy path for small CPU inputs and the fused torch path): the crossover behind
-``lit_cascades.functional.gatekeeper.SMALL_MAX_ELEMENTS``.
+``lit_cascades.functional.gatekeeper.SMALL_MAX_ELEMENTS``. Where the opt-in C++ kernel
+(``lit_cascades.functional.gatekeeper.use_native_kernel``) builds, it is measured as a third side of the same
+rounds (``gatekeeper_native``, ``gk_native``) with its own target rows; otherwise the reason is recorded.
 Writes docs/results/benchmarks/gatekeeper_step.json.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +34,40 @@ SETTINGS = {
 }
 
 
-def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str) -> Callable[[], None]:
-    """One training step (forward, loss, backward, AdamW) of a fresh seed-0 model on a fixed random batch."""
+def native_kernel() -> tuple[Any, str | None]:
+    """The compiled Gatekeeper kernel, or None and why it could not be built."""
+    from lit_cascades.functional._native import load_kernel
+
+    try:
+        return load_kernel("gatekeeper"), None
+    except RuntimeError as exc:
+        return None, str(exc)
+
+
+def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, kernel: Any = None) -> torch.Tensor:
+    """The Gatekeeper loss (α = 0.5) through the default dispatch, or through ``kernel`` when given."""
+    saved = gk_impl._NATIVE
+    gk_impl._NATIVE = kernel
+    try:
+        return gatekeeper_loss(logits, y, alpha=0.5).loss
+    finally:
+        gk_impl._NATIVE = saved
+
+
+def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str,
+              kernel: Any = None) -> Callable[[], None]:
+    """One training step (forward, loss, backward, AdamW) of a fresh seed-0 model on a fixed random batch:
+    ``"ce"``, ``"gatekeeper"`` (default dispatch) or ``"gatekeeper_native"`` (through ``kernel``)."""
     torch.manual_seed(0)
     model = build_classifier(arch, shape, 10, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    use = kernel if loss == "gatekeeper_native" else None
 
     def step() -> None:
         logits = model(x)
-        value = F.cross_entropy(logits, y) if loss == "ce" else gatekeeper_loss(logits, y, alpha=0.5).loss
+        value = F.cross_entropy(logits, y) if loss == "ce" else gatekeeper_value(logits, y, use)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -49,13 +75,13 @@ def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss:
     return step
 
 
-def make_loss(batch: int, classes: int, loss: str) -> Callable[[], None]:
-    """Loss forward + backward on fixed logits: ``"ce"``, ``"gk"`` (default dispatch), ``"gk_numpy"`` or
-    ``"gk_torch"`` (one implementation forced)."""
+def make_loss(batch: int, classes: int, loss: str, kernel: Any = None) -> Callable[[], None]:
+    """Loss forward + backward on fixed logits: ``"ce"``, ``"gk"`` (default dispatch), ``"gk_numpy"``,
+    ``"gk_torch"`` or ``"gk_native"`` (one implementation forced; the last through ``kernel``)."""
     g = torch.Generator().manual_seed(2)
     z = torch.randn(batch, classes, generator=g).requires_grad_(True)
     y = torch.randint(0, classes, (batch,), generator=g)
-    limit = {"gk_numpy": 1 << 62, "gk_torch": 0}.get(loss)
+    limit = {"gk_numpy": 1 << 62, "gk_native": 1 << 62, "gk_torch": 0}.get(loss)
 
     def run() -> None:
         if loss == "ce":
@@ -64,7 +90,7 @@ def make_loss(batch: int, classes: int, loss: str) -> Callable[[], None]:
             saved = gk_impl.SMALL_MAX_ELEMENTS
             gk_impl.SMALL_MAX_ELEMENTS = saved if limit is None else limit
             try:
-                value = gatekeeper_loss(z, y, alpha=0.5).loss
+                value = gatekeeper_value(z, y, kernel if loss == "gk_native" else None)
             finally:
                 gk_impl.SMALL_MAX_ELEMENTS = saved
         value.backward()
@@ -76,25 +102,31 @@ def make_loss(batch: int, classes: int, loss: str) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--alternations", type=int, default=20)
+    parser.add_argument("--alternations", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Run("gatekeeper_step")
+    kernel, why_not = native_kernel()  # built before timing starts (about 40 s the first time on a machine)
+    step_sides = ("ce", "gatekeeper") + (("gatekeeper_native",) if kernel is not None else ())
     results, targets = {}, []
     for name, (arch, shape, batch, kwargs) in SETTINGS.items():
         inner = 20 if arch == "mlp" else 2
-        out = interleaved_ratios({"ce": make_step(arch, shape, batch, kwargs, "ce"),
-                                  "gatekeeper": make_step(arch, shape, batch, kwargs, "gatekeeper")},
+        out = interleaved_ratios({side: make_step(arch, shape, batch, kwargs, side, kernel) for side in step_sides},
                                  baseline="ce", alternations=args.alternations, warmup=3, inner=inner)
         results[name] = {"arch": arch, "batch": batch, "inner_steps_per_block": inner, **out}
         targets.append(target_row(f"Gatekeeper step / CE step, {name}", 1.05, out["ratios"]["gatekeeper"]))
-    # the loss alone, both implementations: where the NumPy path stops paying (SMALL_MAX_ELEMENTS)
+        if kernel is not None:
+            targets.append(target_row(f"Gatekeeper step / CE step, {name}, C++ kernel (use_native_kernel)", 1.05,
+                                      out["ratios"]["gatekeeper_native"]))
+    # the loss alone, each implementation: where the NumPy path stops paying (SMALL_MAX_ELEMENTS)
+    loss_sides = ("ce", "gk_numpy", "gk_torch") + (("gk_native",) if kernel is not None else ())
     for batch, classes in ((64, 10), (128, 10), (512, 100), (2048, 100), (1024, 1000)):
         small = batch * classes < 10_000
-        out = interleaved_ratios({side: make_loss(batch, classes, side) for side in ("ce", "gk_numpy", "gk_torch")},
+        out = interleaved_ratios({side: make_loss(batch, classes, side, kernel) for side in loss_sides},
                                  baseline="ce", alternations=args.alternations, warmup=3, inner=50 if small else 2)
         results[f"loss_only_{batch}x{classes}"] = out
-    run.write({"torch_threads": args.threads, "results": results}, targets)
+    run.write({"torch_threads": args.threads, "native_kernel": "built" if kernel is not None else why_not,
+               "results": results}, targets)
 
 
 if __name__ == "__main__":

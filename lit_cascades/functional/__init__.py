@@ -30,7 +30,12 @@ from lit_cascades.functional.distillation import (
     topk_median_score,
 )
 from lit_cascades.functional.fusion import late_fusion
-from lit_cascades.functional.gatekeeper import GatekeeperLossOutput, gatekeeper_loss, kl_to_uniform
+from lit_cascades.functional.gatekeeper import (
+    GatekeeperLossOutput,
+    gatekeeper_loss,
+    kl_to_uniform,
+    use_native_kernel,
+)
 from lit_cascades.functional.ranking import (
     RankingLossOutput,
     aggregate_labels,
@@ -126,5 +131,6 @@ __all__ = [
     "select_top_fraction",
     "target_distribution",
     "topk_median_score",
+    "use_native_kernel",
     "verify_block",
 ]

@@ -17,7 +17,7 @@ entropy. Note the direction: ``F.kl_div(log_p, U)`` computes ``KL(U ‖ p)``, wh
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -84,6 +84,37 @@ class _CrossEntropyAndKL(torch.autograd.Function):
         grad = torch.addcmul((g_ce - g_kl * pz)[:, None], g_kl[:, None], z).mul_(p)
         grad.scatter_add_(-1, y[:, None], -g_ce[:, None])
         return grad, None
+
+
+#: The compiled kernel used instead of the NumPy path while :func:`use_native_kernel` is on (None: off).
+_NATIVE: Any = None
+
+
+def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
+    """Compute the loss of small CPU inputs (the NumPy path's inputs) with a compiled C++ kernel, or stop.
+
+    The kernel (``lit_cascades/functional/_native/gatekeeper.cpp``) is one native autograd node with the NumPy
+    path's math and outputs: no Python runs in its forward or backward, which is what a training step of a small
+    classifier pays for (``python -m benchmarks.gatekeeper_step``: on the 460-parameter digits MLP the NumPy path
+    costs about 1.3x a cross-entropy step, the kernel about 1.0x). It is compiled on the first call (about 40 s;
+    needs a C++ compiler, ``ninja`` and the Python headers, see :mod:`lit_cascades.functional._native`) and
+    cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
+    ``ddp_spawn``.
+
+    Args:
+        enabled: True to use the kernel, False to go back to the NumPy path.
+        verbose: print the compiler's output.
+
+    Raises:
+        RuntimeError: the kernel could not be built (what is missing is in the message).
+    """
+    global _NATIVE
+    if not enabled:
+        _NATIVE = None
+        return
+    from lit_cascades.functional._native import load_kernel
+
+    _NATIVE = load_kernel("gatekeeper", verbose=verbose)
 
 
 #: CPU inputs with at most this many logits take the NumPy path (:class:`_SmallGatekeeper`); above it, and on
@@ -219,6 +250,12 @@ def gatekeeper_loss(
     num_classes = logits.shape[-1]
     if (logits.is_cpu and target.is_cpu and logits.numel() <= SMALL_MAX_ELEMENTS
             and logits.dtype in (torch.float32, torch.float64) and len(target)):
+        if _NATIVE is not None and target.dtype == torch.int64:
+            try:
+                return GatekeeperLossOutput(*_NATIVE.gatekeeper(logits, target, ignore_index, alpha,
+                                                                normalize == "subset"))
+            except ValueError:  # a bad target or logit: the checked path below raises with the details
+                pass
         return _small_path(logits, target, alpha, normalize, ignore_index)
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))

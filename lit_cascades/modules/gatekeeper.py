@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_cascades.callbacks.deferral import deferral_batch
 from lit_cascades.functional._checks import check_choice, check_range
 from lit_cascades.functional.confidence import CONFIDENCE_KINDS, ConfidenceKind, confidence_from_logits
-from lit_cascades.functional.gatekeeper import Normalize, gatekeeper_loss
+from lit_cascades.functional.gatekeeper import Normalize, gatekeeper_loss, use_native_kernel
 from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
 
 
@@ -133,6 +133,10 @@ class GatekeeperClassifier(Classifier):
         alpha: ``α ∈ [0, 1]``.
         normalize: ``"batch"`` (the paper's ``1/N``) or ``"subset"`` (per-subset means).
         lr, weight_decay, scheduler, confidence: as in :class:`Classifier` (fine-tuning uses a lower lr).
+        native_kernel: compute the loss of small CPU batches with the compiled C++ kernel
+            (:func:`~lit_cascades.functional.gatekeeper.use_native_kernel`: built once, about 40 s, needs a C++
+            compiler and ``ninja``; same values and gradients). It turns the kernel on for the process, and again
+            in :meth:`setup` of each worker process. Worth it for small models, whose steps the loss dominates.
     """
 
     def __init__(
@@ -145,12 +149,19 @@ class GatekeeperClassifier(Classifier):
         weight_decay: float = 0.0,
         scheduler: str = "cosine",
         confidence: ConfidenceKind = "max_prob",
+        native_kernel: bool = False,
     ) -> None:
         check_range("alpha", alpha, 0.0, 1.0)
         check_choice("normalize", normalize, ("batch", "subset"))
         super().__init__(model, num_classes, lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                          confidence=confidence)
         self.save_hyperparameters(ignore=["model"])
+        if native_kernel:
+            use_native_kernel()  # fails here, before any training, when the kernel cannot be built
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.get("native_kernel"):
+            use_native_kernel()  # a spawned worker process starts with the setting off
 
     def compute_loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         out = gatekeeper_loss(logits, target, alpha=self.hparams.alpha, normalize=self.hparams.normalize)

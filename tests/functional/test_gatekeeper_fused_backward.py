@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from lit_cascades.functional.gatekeeper import gatekeeper_loss
+from tests.functional.gatekeeper_paths import LOSS_PATHS, select_loss_path
 
 
-@pytest.fixture(autouse=True, params=["numpy", "torch"])
+@pytest.fixture(autouse=True, params=LOSS_PATHS)
 def loss_path(request, monkeypatch):
-    """Run every test on both implementations: the small-input NumPy path and the fused torch path."""
-    import lit_cascades.functional.gatekeeper as gk
-
-    monkeypatch.setattr(gk, "SMALL_MAX_ELEMENTS", 1 << 30 if request.param == "numpy" else 0)
+    """Run every test on each implementation: the NumPy path, the fused torch path and the compiled kernel."""
+    select_loss_path(request.param, monkeypatch)
     return request.param
 
 

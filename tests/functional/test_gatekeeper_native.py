@@ -1,0 +1,73 @@
+"""The opt-in C++ Gatekeeper kernel: switched on and off, used by the module, and a clear error when it cannot be
+built. Its values and gradients are checked by every Gatekeeper loss test (``gatekeeper_paths.LOSS_PATHS``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lit_cascades.functional.gatekeeper as gk
+from lit_cascades.functional import use_native_kernel
+from lit_cascades.functional._native import load_kernel
+from lit_cascades.modules import GatekeeperClassifier
+from tests.functional.gatekeeper_paths import native_kernel_or_skip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def restore_setting(monkeypatch):
+    native_kernel_or_skip()  # builds the kernel once per machine
+    monkeypatch.setattr(gk, "_NATIVE", None)  # each test starts with the setting off and leaves it so
+
+
+def test_use_native_kernel_switches_the_small_path_on_and_off():
+    z = torch.randn(8, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    assert gk.gatekeeper_loss(z, y).loss.grad_fn.name() == "_SmallGatekeeperBackward"
+    use_native_kernel()
+    assert gk.gatekeeper_loss(z, y).loss.grad_fn.name().endswith("GatekeeperFunction>")
+    big = torch.randn(gk.SMALL_MAX_ELEMENTS // 4 + 1, 4, requires_grad=True)  # above the small-input bound
+    name = gk.gatekeeper_loss(big, torch.zeros(len(big), dtype=torch.long)).loss.grad_fn.name()
+    assert not name.endswith("GatekeeperFunction>")  # the fused torch path
+    use_native_kernel(False)
+    assert gk._NATIVE is None
+
+
+def test_kernel_rejects_bad_input_with_the_checked_paths_messages():
+    use_native_kernel()
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="out-of-range"):
+        gk.gatekeeper_loss(z, torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match="ignore_index"):
+        gk.gatekeeper_loss(z, torch.full((3,), -100))
+    with pytest.raises(ValueError, match="finite"):
+        gk.gatekeeper_loss(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]), torch.tensor([0, 1]))
+
+
+def test_gatekeeper_module_turns_the_kernel_on_in_init_and_setup():
+    module = GatekeeperClassifier(nn.Linear(4, 3), num_classes=3, native_kernel=True)
+    assert gk._NATIVE is not None
+    gk._NATIVE = None  # what a spawned worker process starts with
+    module.setup("fit")
+    assert gk._NATIVE is not None
+    loss, parts = module.compute_loss(module(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1]))
+    assert loss.grad_fn.name().endswith("GatekeeperFunction>") and set(parts) == {"loss_correct", "loss_incorrect",
+                                                                          "error_rate"}
+
+
+def test_a_failed_build_names_what_is_needed(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    from lit_cascades.functional import _native
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(ext, "load", fail)
+    monkeypatch.setattr(_native, "_LOADED", {})
+    with pytest.raises(RuntimeError, match=r"could not build the native gatekeeper kernel: Ninja .* C\+\+ compiler"):
+        load_kernel("gatekeeper")
+    with pytest.raises(FileNotFoundError, match="no native kernel 'nope'"):
+        load_kernel("nope")
