@@ -1,7 +1,8 @@
 // The Gatekeeper loss of small CPU logits as one native autograd node (lit_cascades.functional.gatekeeper).
 //
 // Same math as the NumPy path (_SmallGatekeeper): for logits z [N, C] with p = softmax(z), k = argmax z,
-// row i is ignored when y_i == ignore_index, else correct when k == y_i; CE_i = lse - z_y, KL_i = sum_c p_c log p_c + log C. Forward returns
+// row i is ignored when y_i == ignore_index, else correct when k == y_i; CE_i = lse - z_y and
+// KL_i = sum_c p_c log p_c + log C. Forward returns
 // (loss, loss_correct, loss_incorrect, error_rate) as 0-dim tensors and keeps the unweighted per-row gradients
 // (p - e_y on correct rows, p * (log p - sum p log p) on incorrect rows, 0 on ignored rows); backward scales each
 // row by a = (alpha g_loss + g_corr) / d_corr or b = ((1 - alpha) g_loss + g_incorr) / d_incorr.
