@@ -36,7 +36,7 @@ def test_preset_then_overrides_win():
 
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError, match=r"^gatekeeper.module.alfa: unknown config key .*valid keys under "
-                                          r"'gatekeeper.module': _target_, alpha, confidence, lr, normalize"):
+                                          r"'gatekeeper.module': _target_, alpha, confidence, lr, native_kernel, normalize"):
         load_config("gatekeeper", ["gatekeeper.module.alfa=0.3"], CONFIGS)
     with pytest.raises(ConfigError, match="^nope: unknown config key.*top level"):
         load_config("gatekeeper", ["nope=1"], CONFIGS)
