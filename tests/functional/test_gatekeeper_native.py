@@ -71,3 +71,23 @@ def test_a_failed_build_names_what_is_needed(monkeypatch):
         load_kernel("gatekeeper")
     with pytest.raises(FileNotFoundError, match="no native kernel 'nope'"):
         load_kernel("nope")
+
+
+def test_kernel_equals_the_numpy_path_on_strided_inputs_and_without_grad():
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(12, 14, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 7, (12,), generator=g)
+    target[::3] = wide[::3, ::2].argmax(-1)
+    outs, grads = {}, {}
+    for native in (False, True):
+        use_native_kernel(native)
+        leaf = wide.clone().requires_grad_(True)
+        out = gk.gatekeeper_loss(leaf[:, ::2], target, alpha=0.3, normalize="subset")  # non-contiguous [12, 7]
+        out.loss.backward()
+        outs[native], grads[native] = out, leaf.grad
+        with torch.no_grad():
+            assert gk.gatekeeper_loss(leaf[:, ::2], target).loss.grad_fn is None
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grads[True], grads[False])
+    assert grads[True][:, 1::2].abs().sum() == 0  # the skipped columns get no gradient
