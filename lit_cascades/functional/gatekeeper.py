@@ -99,7 +99,9 @@ def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
     costs about 1.3x a cross-entropy step, the kernel about 1.0x). It is compiled on the first call (about 40 s;
     needs a C++ compiler, ``ninja`` and the Python headers, see :mod:`lit_cascades.functional._native`) and
     cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
-    ``ddp_spawn``.
+    ``ddp_spawn``. Multi-process use is not covered by the test suite: with the kernel in two ``ddp_spawn`` CPU
+    workers the Gatekeeper recipe matched its one-process run in eight of nine runs, and in one a worker aborted
+    after training (``terminate called without an active exception``; cause not found).
 
     Args:
         enabled: True to use the kernel, False to go back to the NumPy path.
