@@ -100,7 +100,7 @@ def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
     needs a C++ compiler, ``ninja`` and the Python headers, see :mod:`lit_cascades.functional._native`) and
     cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
     ``ddp_spawn``. Multi-process use is not covered by the test suite: with the kernel in two ``ddp_spawn`` CPU
-    workers the Gatekeeper recipe matched its one-process run in eight of nine runs, and in one a worker aborted
+    workers the Gatekeeper recipe matched its one-process run in nine of ten runs, and in one a worker aborted
     after training (``terminate called without an active exception``; cause not found).
 
     Args:
