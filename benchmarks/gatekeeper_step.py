@@ -44,14 +44,17 @@ def native_kernel() -> tuple[Any, str | None]:
         return None, str(exc)
 
 
-def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, kernel: Any = None) -> torch.Tensor:
-    """The Gatekeeper loss (α = 0.5) through the default dispatch, or through ``kernel`` when given."""
-    saved = gk_impl._NATIVE
+def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, kernel: Any = None,
+                     small_max: int | None = None) -> torch.Tensor:
+    """The Gatekeeper loss (α = 0.5) through the default dispatch, or through ``kernel`` when given; ``small_max``
+    replaces ``SMALL_MAX_ELEMENTS`` for the call (forcing the NumPy/kernel path or the torch path)."""
+    saved = gk_impl._NATIVE, gk_impl.SMALL_MAX_ELEMENTS
     gk_impl._NATIVE = kernel
+    gk_impl.SMALL_MAX_ELEMENTS = saved[1] if small_max is None else small_max
     try:
         return gatekeeper_loss(logits, y, alpha=0.5).loss
     finally:
-        gk_impl._NATIVE = saved
+        gk_impl._NATIVE, gk_impl.SMALL_MAX_ELEMENTS = saved
 
 
 def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str,
@@ -87,12 +90,7 @@ def make_loss(batch: int, classes: int, loss: str, kernel: Any = None) -> Callab
         if loss == "ce":
             value = F.cross_entropy(z, y)
         else:
-            saved = gk_impl.SMALL_MAX_ELEMENTS
-            gk_impl.SMALL_MAX_ELEMENTS = saved if limit is None else limit
-            try:
-                value = gatekeeper_value(z, y, kernel if loss == "gk_native" else None)
-            finally:
-                gk_impl.SMALL_MAX_ELEMENTS = saved
+            value = gatekeeper_value(z, y, kernel if loss == "gk_native" else None, limit)
         value.backward()
         z.grad = None
 

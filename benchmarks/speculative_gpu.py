@@ -5,9 +5,10 @@
     python -m benchmarks.speculative_gpu --verifier PATH --device cpu --prompts 4 --alternations 2   # smoke run
 
 The verifier is a directory written by ``save_pretrained``, a hub id already in the local cache (the machine needs
-no network) or ``smollm2-135m-instruct`` (:func:`lit_cascades.models.hf.load_causal_lm`). The drafter is another directory sharing the tokenizer, or ``layers:N``, the verifier's first
-``N`` layers (``lit_cascades.models.lm_pair.truncated_copy``; a weak drafter, kept for comparability with the
-CPU results). Prompts: the first ``--context-tokens`` tokens of ``--prompts`` files of Python's standard library
+no network) or ``smollm2-135m-instruct`` (:func:`lit_cascades.models.hf.load_causal_lm`). The drafter is another
+directory sharing the tokenizer, or ``layers:N``, the verifier's first ``N`` layers
+(``lit_cascades.models.lm_pair.truncated_copy``; a weak drafter, kept for comparability with the CPU results).
+Prompts: the first ``--context-tokens`` tokens of ``--prompts`` files of Python's standard library
 (the LM pair's corpus), no stop token, ``--max-new-tokens`` tokens each (greedy).
 
 Before timing, ``spec_decode``'s greedy tokens are compared with the verifier's own greedy ``generate`` (and, at
@@ -160,13 +161,16 @@ def main() -> None:
 
     # correctness before any timing: the batch against HF greedy decoding, batch 1 against it and HF assisted
     def continuations(outs: list[torch.Tensor]) -> list[list[int]]:
+        """Rows of HF ``generate`` outputs without the prompt."""
         return [row for o in outs for row in o[:, prompts.shape[1]:].tolist()]
 
+    def spec_rows(outs: list[Any]) -> list[list[int]]:
+        """Rows of ``speculative_generate`` outputs."""
+        return [row for o in outs for row in o.tokens.tolist()]
+
     greedy1 = continuations([verifier.generate(p, attention_mask=torch.ones_like(p), **kw) for p in hf_prompts])
-    match = {"batch": greedy_match([r for o in spec("spec_decode", None)() for r in o.tokens.tolist()],
-                                   continuations(large())),
-             "batch1_spec_decode": greedy_match([r for o in spec("spec_decode", None, hf_prompts)()
-                                                 for r in o.tokens.tolist()], greedy1),
+    match = {"batch": greedy_match(spec_rows(spec("spec_decode", None)()), continuations(large())),
+             "batch1_spec_decode": greedy_match(spec_rows(spec("spec_decode", None, hf_prompts)()), greedy1),
              "batch1_hf_assisted": greedy_match(continuations(hf()), greedy1)}
     if not all(v["rows_identical"] == 1 for v in match.values()):
         if exact_expected and min(match["batch"]["rows_identical"], match["batch1_spec_decode"]["rows_identical"]) < 1:
