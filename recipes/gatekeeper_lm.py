@@ -39,7 +39,6 @@ from lit_cascades.lm_tasks import (
     next_line_loader,
     pair_name,
     plain,
-    set_threads,
     val_curve,
 )
 from lit_cascades.modules.lm_cascade import merge_records
@@ -50,7 +49,6 @@ TOKEN_KEYS = ("small_quality", "large_quality", "auc_df", "s_d", "auroc")
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
-    set_threads(cfg.threads)
     ft, task = cfg.finetune, cfg.task
     check_pair_section(cfg.pair)
     check_task(task)

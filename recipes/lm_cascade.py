@@ -44,7 +44,6 @@ from lit_cascades.lm_tasks import (
     next_line_loader,
     pair_name,
     plain,
-    set_threads,
 )
 from lit_cascades.modules.lm_cascade import post_hoc_dataset, post_hoc_in_features
 from lit_cascades.runner import ConfigError, Run, build, build_list, main
@@ -84,7 +83,6 @@ def post_hoc_data(records: dict[str, Any], features: str, alphas: list[float], q
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
-    set_threads(cfg.threads)
     task, ph = cfg.task, cfg.post_hoc
     check_pair_section(cfg.pair)
     check_task(task, counts=("num_train", "num_test"))

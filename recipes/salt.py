@@ -51,7 +51,6 @@ from lit_cascades.lm_tasks import (
     data_parallel_size,
     load_or_build_pair,
     plain,
-    set_threads,
     val_curve,
 )
 from lit_cascades.modules.salt import count_non_embedding_parameters
@@ -195,7 +194,6 @@ def plot_curves(r: Run, results: dict[str, dict[str, Any]], teacher: dict[str, A
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
-    set_threads(cfg.threads)
     methods = check(cfg)
     world = data_parallel_size(cfg.trainer)
     pair = load_or_build_pair(cfg.pair, CONFIG_DIR) if cfg.data is None or cfg.teacher.source == "pair" else None

@@ -47,7 +47,6 @@ from lit_cascades.lm_tasks import (
     plain_decode,
     plain_row,
     sequence_cascade_rows,
-    set_threads,
     speculative_row,
 )
 from lit_cascades.models.generation import greedy_generate
@@ -118,7 +117,6 @@ def plot_methods(rows: list[dict[str, Any]], quality: str):
 
 
 def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
-    set_threads(cfg.threads)
     task = cfg.task
     check_pair_section(cfg.pair)
     check_task(task)

@@ -93,10 +93,6 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
                           key="train.epochs")
     if int(cfg.train.student_epochs) < 1:
         raise ConfigError(f"expected an integer >= 1; got {cfg.train.student_epochs}", key="train.student_epochs")
-    if cfg.threads is not None:
-        if int(cfg.threads) < 1:
-            raise ConfigError(f"expected an integer >= 1 or null; got {cfg.threads}", key="threads")
-        torch.set_num_threads(int(cfg.threads))
     teacher = build(cfg.teacher, "teacher")
     if not isinstance(teacher, USTAD):
         raise ConfigError(f"expected a USTAD subclass; got {type(teacher).__qualname__}", key="teacher._target_")

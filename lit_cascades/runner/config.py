@@ -91,7 +91,9 @@ def _check_types(default: Any, new: Any, path: str) -> None:
     else:
         ok = True  # strings accept anything (paths, names)
     if not ok:
-        raise ConfigError(f"expected a {type(default).__name__} (default {default!r}); got {new!r}", key=path)
+        kind = type(default).__name__
+        raise ConfigError(f"expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} (default {default!r}); got {new!r}",
+                          key=path)
 
 
 def _merge_strict(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:

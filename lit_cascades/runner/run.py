@@ -81,6 +81,27 @@ def _child_rank() -> int:
     return 0
 
 
+def apply_threads(cfg: DictConfig) -> None:
+    """Set the run's torch threads from ``cfg.threads`` (``null``: leave torch's default).
+
+    Also exported as ``OMP_NUM_THREADS``, which the processes this one starts read at startup: DDP workers
+    (``ddp_spawn``, ``ddp``) then use the same count, and Lightning does not replace it with
+    ``cpu_count // processes``. The count changes how CPU kernels
+    (convolutions, matrix products) split their sums, so results are bit-for-bit repeatable only at a fixed
+    count: recipes whose README numbers are meant to be rerun set it (``python -m recipes.gatekeeper``: 1).
+
+    Raises:
+        ConfigError: ``threads`` is not ``null`` or an integer >= 1.
+    """
+    threads = cfg.get("threads")
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"expected an integer >= 1 or null (torch's default); got {threads!r}", key="threads")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parents[2]
     try:
@@ -686,6 +707,7 @@ def setup_run(name: str, argv: Sequence[str], config_dir: str | Path) -> Run:
         run_dir = Path(env_dir)
         cfg = OmegaConf.load(run_dir / "config.yaml")
         meta = json.loads((run_dir / "run.json").read_text())
+        apply_threads(cfg)
         pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
         return Run(name, cfg, run_dir, meta.get("preset", "default"), run_id=meta["run_id"], writer=False)  # type: ignore[arg-type]
     if items.get("resume"):
@@ -704,6 +726,7 @@ def setup_run(name: str, argv: Sequence[str], config_dir: str | Path) -> Run:
             raise ConfigError(f"{run_dir} is not empty: a run directory belongs to one run; pass resume={run_dir} "
                               "to continue it, or choose another output_dir", key="output_dir")
         resumed = False
+    apply_threads(cfg)
     validate_trainer(cfg)
     meta_id = json.loads((run_dir / "run.json").read_text()).get("run_id") if resumed else None
     r = Run(name, cfg, run_dir, preset, run_id=meta_id, resumed=resumed)

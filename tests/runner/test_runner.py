@@ -51,6 +51,27 @@ def test_unknown_preset_wrong_type_and_malformed():
         load_config("gatekeeper", ["alpha"], CONFIGS)
 
 
+def test_threads_are_set_for_the_run_and_its_workers(tmp_path, monkeypatch):
+    """``threads`` sets torch's count before the recipe body and exports OMP_NUM_THREADS for DDP workers;
+    ``null`` leaves both alone."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = torch.get_num_threads()
+    seen = {}
+
+    def body(cfg, r):
+        seen[cfg.threads] = (torch.get_num_threads(), __import__("os").environ["OMP_NUM_THREADS"])
+        return {}
+
+    try:
+        torch.set_num_threads(1)
+        run_recipe("gatekeeper", body, [f"output_dir={tmp_path / 'a'}", "threads=2", *QUIET], CONFIGS)
+        run_recipe("gatekeeper", body, [f"output_dir={tmp_path / 'b'}", "threads=null", *QUIET], CONFIGS)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {2: (2, "2"), None: (2, "2")}  # null: the count the process already had
+    assert load_config("gatekeeper", [], CONFIGS)[0].threads == 1  # the default run repeats the README's table
+
+
 def test_plus_adds_only_where_something_reads_it():
     cfg, _ = load_config("gatekeeper", ["+gatekeeper.module.weight_decay=0.1"], CONFIGS)
     assert cfg.gatekeeper.module.weight_decay == 0.1  # a constructor argument: GatekeeperClassifier checks it
@@ -88,6 +109,8 @@ def test_help_lists_presets(capsys):
     (["gatekeeper.module.alfa=1"], "error: gatekeeper.module.alfa: unknown config key"),
     (["trainer.precision=banana"], "error: trainer.precision: "),
     (["trainer.accelerator=cuda"], "error: trainer.accelerator: "),
+    (["threads=0"], "error: threads: expected an integer >= 1 or null"),
+    (["threads=two"], "error: threads: expected an int (default 1); got 'two'"),
 ])
 def test_cli_error_is_one_line_and_exits_2(tmp_path, capsys, argv, line):
     with pytest.raises(SystemExit) as exc:
