@@ -5,6 +5,7 @@ stdlib code-search task, over several seeds.
     python -m benchmarks.results_ustad                     # train every run (minutes of CPU each), write all
     python -m benchmarks.results_ustad --tables-only       # regenerate the tables and figure from raw.json
     python -m benchmarks.results_ustad --seeds 0 1 2 3     # more seeds (finished run directories are reused)
+    python -m benchmarks.results_ustad --jobs 2            # two recipe runs at a time (one thread each)
 
 Runs (``python -m recipes.ustad``, one thread each, in ``runs/results_ustad/<run>-seed<s>/``): the untrained
 all-MiniLM-L6-v2 teacher (zero-shot, deterministic: one run), the USTAD teacher (one encoder) with its distilled
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -163,41 +165,48 @@ def write_outputs(raw: dict[str, Any]) -> None:
     print(f"wrote {save_figure(figure(raw), 'ustad_mrr.png', dpi=130).relative_to(ROOT)}")
 
 
+def one_run(name: str, seed: int, extra: list[str], rerun: bool) -> dict[str, Any]:
+    """Run (or reuse) ``runs/results_ustad/<name>-seed<seed>``; its command, timing and stage metrics."""
+    out = RUNS / f"{name}-seed{seed}"
+    print(f"[results_ustad] {name} seed {seed}", flush=True)
+    overrides = [*extra, f"seed={seed}", *SETTING]
+    if (out / "teacher" / "metrics.json").exists() and not (out / "metrics.json").exists() and not rerun:
+        # stopped after its teacher stage (the students did not fit the CPU budget): report the teacher only
+        info = {"command": " ".join(["python", "-m", RECIPE, *overrides, f"output_dir={out.relative_to(ROOT)}"]),
+                "partial": "stopped after the teacher stage; students not run",
+                "teacher_wall_seconds": round((out / "teacher" / "metrics.json").stat().st_mtime - datetime.fromisoformat(
+                    json.loads((out / "run.json").read_text())["created"]).timestamp(), 1),
+                "wall_seconds_source": "run.json 'created' to the mtime of teacher/metrics.json",
+                "run_git_commit": json.loads((out / "run.json").read_text()).get("git_commit")}
+    else:
+        info = run_recipe_dir(RECIPE, overrides, out, rerun)
+    return {"run": name, "seed": seed, **info, "metrics": collect(out)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tables-only", action="store_true", help="regenerate tables and figure from raw.json")
     ap.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     ap.add_argument("--rerun", action="store_true", help="train again even when a finished run directory exists")
+    ap.add_argument("--jobs", type=int, default=1, help="recipe runs at a time (one thread each)")
     args = ap.parse_args(argv)
     raw_path = OUT / "raw.json"
     if args.tables_only:
         write_outputs(json.loads(raw_path.read_text()))
         return
-    runs = []
     plan = [("zero_shot", 0, ZERO_SHOT)] + [(name, s, extra) for s in args.seeds for name, extra in RUNS_PER_SEED.items()]
-    data = None
-    for name, seed, extra in plan:
-        out = RUNS / f"{name}-seed{seed}"
-        print(f"[results_ustad] {name} seed {seed}", flush=True)
-        overrides = [*extra, f"seed={seed}", *SETTING]
-        if (out / "teacher" / "metrics.json").exists() and not (out / "metrics.json").exists() and not args.rerun:
-            # stopped after its teacher stage (the students did not fit the CPU budget): report the teacher only
-            info = {"command": " ".join(["python", "-m", RECIPE, *overrides, f"output_dir={out.relative_to(ROOT)}"]),
-                    "partial": "stopped after the teacher stage; students not run",
-                    "teacher_wall_seconds": round((out / "teacher" / "metrics.json").stat().st_mtime - datetime.fromisoformat(
-                        json.loads((out / "run.json").read_text())["created"]).timestamp(), 1),
-                    "wall_seconds_source": "run.json 'created' to the mtime of teacher/metrics.json",
-                    "run_git_commit": json.loads((out / "run.json").read_text()).get("git_commit")}
-        else:
-            info = run_recipe_dir(RECIPE, overrides, out, args.rerun)
-            data = json.loads((out / "metrics.json").read_text())["data"]
-        runs.append({"run": name, "seed": seed, **info, "metrics": collect(out)})
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own one-thread process
+        runs = list(pool.map(lambda item: one_run(*item, rerun=args.rerun), plan))
+    data = next((json.loads((RUNS / f"{r['run']}-seed{r['seed']}" / "metrics.json").read_text())["data"]
+                 for r in runs if "partial" not in r), None)
     raw = {"command": "python -m benchmarks.results_ustad" + (f" --seeds {' '.join(map(str, args.seeds))}"
-                                                              if args.seeds != SEEDS else ""),
+                                                              if args.seeds != SEEDS else "")
+                      + (f" --jobs {args.jobs}" if args.jobs != 1 else ""),
            "commit": git_output("rev-parse", "HEAD"),
            "dirty": bool(git_output("status", "--porcelain", "--", "lit_cascades", "recipes")),
-           "seeds": args.seeds, "setting": SETTING, "machine": machine(), "data": data,
-           "note": "one thread per run on a 2-core machine shared with other work (see loadavg per run)", "runs": runs}
+           "seeds": args.seeds, "setting": SETTING, "machine": machine(), "data": data, "jobs": args.jobs,
+           "note": f"one thread per run, {args.jobs} run(s) at a time, on a 2-core machine (see loadavg per run)",
+           "runs": runs}
     OUT.mkdir(parents=True, exist_ok=True)
     raw_path.write_text(json.dumps(raw, indent=1) + "\n")
     write_outputs(raw)

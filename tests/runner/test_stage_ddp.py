@@ -1,6 +1,8 @@
 """Stages under ddp_spawn (2 CPU processes): weights come back, predictions are gathered across ranks in
 example order with the sampler's padding dropped, and callbacks get their rank-0 results back."""
 
+import os
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -56,6 +58,22 @@ class _SeenRows(pl.Callback):
         self.rows = state["rows"]
 
 
+class _Threads(pl.Callback):
+    """Records the torch thread count of the process that fits (rank 0's comes back to the main process)."""
+
+    def __init__(self):
+        self.threads = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.threads = torch.get_num_threads()
+
+    def export_results(self):
+        return {"threads": self.threads}
+
+    def import_results(self, state):
+        self.threads = state["threads"]
+
+
 def _stage(tmp_path, devices):
     cfg = OmegaConf.create({"seed": 0, "logger": {"wandb": False}, "trainer": {
         "accelerator": "cpu", "devices": devices, "strategy": "ddp_spawn" if devices > 1 else "auto",
@@ -64,15 +82,22 @@ def _stage(tmp_path, devices):
 
 
 @pytest.mark.slow
-def test_fit_predict_and_callback_results_across_two_processes(tmp_path):
+def test_fit_predict_and_callback_results_across_two_processes(tmp_path, monkeypatch):
+    # what the runner's `threads` key exports. Lightning alone gives each worker cpu_count // 2 threads, and torch
+    # caps the count at the cores: ask for a count that differs from Lightning's and fits the machine
+    want = 2 if (os.cpu_count() or 1) // 2 == 1 else 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(want))
     data = _Rows(7)  # odd: the processes hold 4 and 3 rows (Lightning's predict sampler does not pad)
     for devices in (1, 2):
         st = _stage(tmp_path, devices)
         torch.manual_seed(0)
         module = _Affine()
         init = module.lin.weight.detach().clone()
-        st.fit(module, train_dataloaders=DataLoader(data, batch_size=2))
+        threads = _Threads()
+        st.fit(module, callbacks=[threads], train_dataloaders=DataLoader(data, batch_size=2))
         assert not torch.equal(module.lin.weight, init)  # under ddp_spawn: rank 0's weights came back
+        if devices == 2:
+            assert threads.threads == want  # the spawned worker took OMP_NUM_THREADS
         seen = _SeenRows()
         st.test(module, callbacks=[seen], dataloaders=DataLoader(data, batch_size=2))
         # rank 0's count reached the main process: all 7 rows, or 4 of the 8 the test sampler pads to
