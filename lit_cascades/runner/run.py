@@ -85,10 +85,10 @@ def apply_threads(cfg: DictConfig) -> None:
     """Set the run's torch threads from ``cfg.threads`` (``null``: leave torch's default).
 
     Also exported as ``OMP_NUM_THREADS``, which the processes this one starts read at startup: DDP workers
-    (``ddp_spawn``, ``ddp``) then use the same count, and Lightning does not replace it with
-    ``cpu_count // processes``. The count changes how CPU kernels
-    (convolutions, matrix products) split their sums, so results are bit-for-bit repeatable only at a fixed
-    count: recipes whose README numbers are meant to be rerun set it (``python -m recipes.gatekeeper``: 1).
+    (``ddp_spawn``, ``ddp``) then use the same count (torch caps it at the cores), and Lightning does not
+    replace it with ``cpu_count // processes``. The count changes how CPU kernels (convolutions, matrix
+    products) split their sums, so results repeat bit for bit only at a fixed count: recipes whose README
+    numbers are meant to be rerun set it (``python -m recipes.gatekeeper``: 1).
 
     Raises:
         ConfigError: ``threads`` is not ``null`` or an integer >= 1.
