@@ -10,8 +10,10 @@ stdlib code-search task, over several seeds.
 Runs (``python -m recipes.ustad``, one thread each, in ``runs/results_ustad/<run>-seed<s>/``): the untrained
 all-MiniLM-L6-v2 teacher (zero-shot, deterministic: one run), the USTAD teacher (one encoder) with its distilled
 asymmetric student and the same student without the teacher (``stage=distill``), and separate CE + DE encoders
-(``teacher.model=separate``), each for every seed. The setting is the default preset's with a smaller training set
-(``SETTING``): 20 steps of 16 queries instead of 40, so that 3 seeds fit a CPU budget. Writes
+(``teacher.model=separate``), each for every seed; then both students again with a 10x longer schedule
+(``train.student_epochs=10``) from each seed's USTAD teacher (``distill.teacher_checkpoint``, not retrained). The
+setting is the default preset's with a smaller training set (``SETTING``): 20 steps of 16 queries instead of 40,
+so that 3 seeds fit a CPU budget. Writes
 ``docs/results/ustad/raw.json`` (per-run test metrics, commands, commit, machine and load) and, from that file alone,
 ``docs/results/ustad/table.md``, ``table_students.md`` and ``docs/img/ustad_mrr.png``.
 """
@@ -38,6 +40,11 @@ SEEDS = [0, 1, 2]
 SETTING = ["data.max_train_queries=320", "trainer.limit_val_batches=0", "logger.wandb=false",
            "trainer.enable_progress_bar=false"]
 RUNS_PER_SEED = {"ustad": ["stage=distill"], "separate": ["teacher.model=separate"]}
+#: the same students trained 10x longer (200 steps) from each seed's finished USTAD teacher (loaded, not retrained)
+STUDENT_EPOCHS_LONG = 10
+LONG_STUDENTS = "students_long"
+#: student rows of table_students: (run, schedule)
+STUDENT_RUNS = (("ustad", "1 epoch (20 steps)"), (LONG_STUDENTS, f"{STUDENT_EPOCHS_LONG} epochs (200 steps)"))
 ZERO_SHOT = ["train.epochs=0"]
 METRICS = ("mrr@10", "recall@1", "recall@10", "recall@100")
 
@@ -98,20 +105,25 @@ def table_students(raw: dict[str, Any]) -> str:
     lines = [f"Asymmetric students of the USTAD teachers above (one per seed): the teacher's embeddings + first layer, "
              f"embeddings frozen ({st['params']['trainable'] / 1e6:.2f}M trainable, "
              f"{st['online_params']['total'] / 1e6:.1f}M online query encoder), against the teacher's frozen document "
-             f"tower; 1 epoch, lr 2e-4, `distill_scores=both`, `emb_distance=mse`, α = β = γ = 1. Mean ± sample std "
-             f"over seeds {seeds}; retention = student DE MRR@10 / its teacher's DE MRR@10.", "",
-             "| student | n | DE MRR@10 | R@1 | R@10 | R@100 | retention of teacher MRR@10 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"tower; lr 2e-4, `distill_scores=both`, `emb_distance=mse`, α = β = γ = 1. Mean ± sample std over seeds "
+             f"{seeds}; retention = student DE MRR@10 / its teacher's DE MRR@10.", "",
+             "| student | schedule | n | DE MRR@10 | R@1 | R@10 | R@100 | retention of teacher MRR@10 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     teacher = _vals(raw, "ustad", "teacher", "de", "mrr@10")
-    for part, name in (("student", "distilled"), ("student_no_teacher", "no teacher (α = β = 0)")):
-        cells = [_fmt(_vals(raw, "ustad", part, "de", m)) for m in METRICS]
-        mrr = _vals(raw, "ustad", part, "de", "mrr@10")
-        ret = [mrr[s] / teacher[s] for s in sorted(mrr)]
-        lines.append(f"| {name} | {len(mrr)} | " + " | ".join(cells) + f" | {mean_std([100 * x for x in ret], 1)}% |")
-    a, b = _vals(raw, "ustad", "student", "de", "mrr@10"), _vals(raw, "ustad", "student_no_teacher", "de", "mrr@10")
-    d = [a[s] - b[s] for s in sorted(a)]
-    lines += ["", f"Distilled − no teacher, DE MRR@10 paired by seed: {mean_std(d)} "
-              f"({' / '.join(f'{x:+.3f}' for x in d)}): {verdict(d)}."]
+    verdicts = []
+    for run, schedule in STUDENT_RUNS:
+        if not any(r["run"] == run and "student" in r["metrics"] for r in raw["runs"]):
+            continue
+        for part, name in (("student", "distilled"), ("student_no_teacher", "no teacher (α = β = 0)")):
+            cells = [_fmt(_vals(raw, run, part, "de", m)) for m in METRICS]
+            mrr = _vals(raw, run, part, "de", "mrr@10")
+            ret = [mrr[s] / teacher[s] for s in sorted(mrr)]
+            lines.append(f"| {name} | {schedule} | {len(mrr)} | " + " | ".join(cells)
+                         + f" | {mean_std([100 * x for x in ret], 1)}% |")
+        a, b = _vals(raw, run, "student", "de", "mrr@10"), _vals(raw, run, "student_no_teacher", "de", "mrr@10")
+        d = [a[s] - b[s] for s in sorted(a)]
+        verdicts.append(f"{schedule}: {mean_std(d)} ({' / '.join(f'{x:+.3f}' for x in d)}), {verdict(d)}")
+    lines += ["", "Distilled − no teacher, DE MRR@10 paired by seed: " + "; ".join(verdicts) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -127,9 +139,12 @@ def figure(raw: dict[str, Any]) -> Any:
     from lit_cascades.plotting import new_axes
 
     bars = [("USTAD\n(one encoder)", "ustad", "teacher"), ("separate\nCE + DE", "separate", "teacher"),
-            ("student,\ndistilled", "ustad", "student"), ("student,\nno teacher", "ustad", "student_no_teacher")]
+            ("student,\ndistilled,\n1 epoch", "ustad", "student"),
+            ("student,\nno teacher,\n1 epoch", "ustad", "student_no_teacher"),
+            (f"student,\ndistilled,\n{STUDENT_EPOCHS_LONG} epochs", LONG_STUDENTS, "student"),
+            (f"student,\nno teacher,\n{STUDENT_EPOCHS_LONG} epochs", LONG_STUDENTS, "student_no_teacher")]
     bars = [b for b in bars if any(r["run"] == b[1] and b[2] in r["metrics"] for r in raw["runs"])]
-    fig, ax = new_axes(figsize=(7.5, 4.4))
+    fig, ax = new_axes(figsize=(8.5, 4.6))
     n = len({r["seed"] for r in raw["runs"] if r["run"] == "ustad"})
     for j, (scorer, color, label) in enumerate((("de", "tab:blue", "DE retrieval"),
                                                 ("rerank", "tab:orange", "DE top-10 + CE rerank"))):
@@ -197,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     plan = [("zero_shot", 0, ZERO_SHOT)] + [(name, s, extra) for s in args.seeds for name, extra in RUNS_PER_SEED.items()]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own one-thread process
         runs = list(pool.map(lambda item: one_run(*item, rerun=args.rerun), plan))
+        # then the longer student schedule, from each seed's finished USTAD teacher
+        long = [(LONG_STUDENTS, s, ["stage=distill", f"train.student_epochs={STUDENT_EPOCHS_LONG}",
+                                    f"distill.teacher_checkpoint={(RUNS / f'ustad-seed{s}' / 'teacher' / 'model.pt').relative_to(ROOT)}"])
+                for s in args.seeds if (RUNS / f"ustad-seed{s}" / "teacher" / "model.pt").exists()]
+        runs += list(pool.map(lambda item: one_run(*item, rerun=args.rerun), long))
     data = next((json.loads((RUNS / f"{r['run']}-seed{r['seed']}" / "metrics.json").read_text())["data"]
                  for r in runs if "partial" not in r), None)
     raw = {"command": "python -m benchmarks.results_ustad" + (f" --seeds {' '.join(map(str, args.seeds))}"
