@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own one-thread process
         runs = list(pool.map(lambda item: one_run(*item, rerun=args.rerun), plan))
         # then the longer student schedule, from each seed's finished USTAD teacher
+        teachers = {s: RUNS / f"ustad-seed{s}" / "teacher" / "model.pt" for s in args.seeds}
         long = [(LONG_STUDENTS, s, ["stage=distill", f"train.student_epochs={STUDENT_EPOCHS_LONG}",
-                                    f"distill.teacher_checkpoint={(RUNS / f'ustad-seed{s}' / 'teacher' / 'model.pt').relative_to(ROOT)}"])
-                for s in args.seeds if (RUNS / f"ustad-seed{s}" / "teacher" / "model.pt").exists()]
+                                    f"distill.teacher_checkpoint={ckpt.relative_to(ROOT)}"])
+                for s, ckpt in teachers.items() if ckpt.exists()]
         runs += list(pool.map(lambda item: one_run(*item, rerun=args.rerun), long))
     data = next((json.loads((RUNS / f"{r['run']}-seed{r['seed']}" / "metrics.json").read_text())["data"]
                  for r in runs if "partial" not in r), None)

@@ -1,6 +1,7 @@
 """The runner: config composition and checks, exclusive run directories, stages, resume of a run directory."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_threads_are_set_for_the_run_and_its_workers(tmp_path, monkeypatch):
     seen = {}
 
     def body(cfg, r):
-        seen[cfg.threads] = (torch.get_num_threads(), __import__("os").environ["OMP_NUM_THREADS"])
+        seen[cfg.threads] = (torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
         return {}
 
     try:
