@@ -36,3 +36,36 @@ def tiny_pair_dir(tmp_path_factory: pytest.TempPathFactory):
     from tests.lm_helpers import build_tiny_pair
 
     return build_tiny_pair(tmp_path_factory.mktemp("lm_pair") / "pair")
+
+
+# A ddp_spawn worker on this torch/gloo build occasionally aborts while exiting, after its work is done
+# ("terminate called without an active exception", SIGABRT; about 1 run in 10 of tests/runner/test_stage_ddp.py,
+# with one or two threads per worker, with or without the C++ Gatekeeper kernel). A test that fails that way, and
+# only that way, runs once more, with a line in the terminal saying so. Any other failure counts, and a second
+# abort fails the test.
+_WORKER_ABORT = ("ProcessExitedException", "terminated with signal SIGABRT")
+
+
+def _worker_abort(reports) -> bool:
+    failed = [r for r in reports if r.failed]
+    return bool(failed) and all(all(s in str(r.longrepr) for s in _WORKER_ABORT) for r in failed)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    from _pytest.runner import runtestprotocol
+
+    if item.get_closest_marker("slow") is None:
+        return None
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    if _worker_abort(reports):
+        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[conftest] {item.nodeid}: a ddp_spawn worker aborted (SIGABRT); running it once more")
+        item._initrequest()
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    for report in reports:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True

@@ -101,7 +101,9 @@ def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
     cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
     ``ddp_spawn``. Multi-process use is not covered by the test suite: with the kernel in two ``ddp_spawn`` CPU
     workers the Gatekeeper recipe matched its one-process run in nine of ten runs, and in one a worker aborted
-    after training (``terminate called without an active exception``; cause not found).
+    after training (``terminate called without an active exception``). The same abort also happens without the
+    kernel, in about 1 of 10 runs of a toy ``ddp_spawn`` stage test, so it comes from worker shutdown, not from
+    the kernel.
 
     Args:
         enabled: True to use the kernel, False to go back to the NumPy path.
