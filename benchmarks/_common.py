@@ -349,6 +349,19 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def paired_interval(diffs: list[float], level: float = 0.95, digits: int = 3) -> str:
+    """The ``level`` Student-t confidence interval of the mean of per-seed paired differences, ``"[lo, hi]"``
+    (``mean ± t_{n-1} · std / √n``): how well the seeds pin down the *mean* effect, where :func:`verdict` compares
+    the effect with the spread of single seeds."""
+    from scipy.stats import t
+
+    if len(diffs) < 2:
+        return "—"
+    m, s = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = float(t.ppf(0.5 + level / 2, len(diffs) - 1)) * s / len(diffs) ** 0.5
+    return f"[{m - half:+.{digits}f}, {m + half:+.{digits}f}]"
+
+
 def verdict(diffs: list[float]) -> str:
     """'beyond seed spread' when every seed's difference has the same sign and |mean| > 2 × their std; else
     'noise' (the criterion the docs use for every effect)."""

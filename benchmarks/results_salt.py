@@ -1,10 +1,10 @@
 """Results of docs/salt.md (Rawat et al., *A Little Help Goes a Long Way: Efficient LLM Training by Leveraging
 Small LMs*, arXiv:2410.18779) on the embedded stdlib corpus, over several seeds.
 
-    python -m benchmarks.results_salt                  # 3 seeds of the default preset (~4 CPU minutes each), all outputs
+    python -m benchmarks.results_salt                  # 8 seeds of the default preset (~3 CPU minutes each), all outputs
     python -m benchmarks.results_salt --jobs 2         # two seeds at a time (2 cores)
     python -m benchmarks.results_salt --tables-only    # regenerate table.md and the figure from raw.json
-    python -m benchmarks.results_salt --seeds 0 1 2 3  # more seeds (finished run directories are reused)
+    python -m benchmarks.results_salt --seeds 0 1 2    # fewer or other seeds (finished run directories are reused)
 
 Each seed is one run of the recipe (``python -m recipes.salt seed=<s>``, one thread, in
 ``runs/results_salt/seed<s>/``): the teacher trained on the same data, then baseline, SALT, the KD-weight-0
@@ -27,14 +27,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import IMG, git_output, mean_std, verdict, write_tables
+from benchmarks._common import IMG, git_output, mean_std, paired_interval, verdict, write_tables
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "salt"
 RUNS = ROOT / "runs" / "results_salt"
 RECIPE = "recipes.salt"
-SEEDS = [0, 1, 2]
+SEEDS = list(range(8))
 #: the reported setting: the default preset as is (W&B off, no progress bars)
 SETTING = ["logger.wandb=false", "trainer.enable_progress_bar=false"]
 METHODS = ("baseline", "salt", "control", "salt_ds")
@@ -118,7 +118,7 @@ def run_all(seeds: list[int], jobs: int, rerun: bool) -> dict[str, Any]:
             "started_utc": started, "wall_seconds": time.time() - t0, "jobs": jobs,
             "reused_runs": reused,  # finished run directories collected again (their own timing is per run)
             "machine": machine(), "loadavg_start": list(load_start),
-            "note": "shared 2-core machine: other engineers' jobs ran at the same time (see each run's loadavg)",
+            "note": "other jobs ran at the same time (see each run's loadavg)",
             "seeds": seeds, "setting": SETTING, "config": config.read_text() if config.exists() else None,
             "runs": runs}
 
@@ -140,12 +140,14 @@ def table(raw: dict[str, Any]) -> str:
         f"Validation loss (nats/token) after {steps} steps and steps to reach the baseline's final validation loss, "
         f"seeds {seeds} (n = {len(seeds)}; mean ± sample std over seeds; per-seed values in brackets). KD for "
         f"steps < {kd} ({100 * kd / steps:.0f}% of the steps). Δ = method − baseline final val loss, paired by seed; "
-        "verdict: *beyond seed spread* when all seeds agree in sign and |mean Δ| > 2 × std of Δ, else *noise*. "
-        "Steps to reach: the first evaluated step with val loss ≤ that seed's baseline final (evaluations every "
+        "verdict: *beyond seed spread* when all seeds agree in sign and |mean Δ| > 2 × std of Δ, else *noise*; "
+        "95% interval: Student-t interval of the mean paired Δ (how well the seeds pin down the mean effect; it "
+        "does not change the verdict). Steps to reach: the first evaluated step with val loss ≤ that seed's baseline final (evaluations every "
         f"{_eval_every(runs[0])} steps; *not reached* within {steps}).",
         "",
-        "| method | final val loss | Δ vs baseline | verdict | steps to baseline's final | per seed: final val loss / steps to reach |",
-        "|---|---|---|---|---|---|",
+        "| method | final val loss | Δ vs baseline | 95% interval of mean Δ | verdict | steps to baseline's final "
+        "| per seed: final val loss / steps to reach |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         res = {r["seed"]: r["metrics"]["methods"][m] for r in runs}
@@ -161,12 +163,13 @@ def table(raw: dict[str, Any]) -> str:
                 reach_txt += f" (others: {', '.join(str(x) for x in got)})"
         per_seed = ", ".join(f"{f:.3f} / {x if x is not None else '—'}" for f, x in zip(finals, reach))
         if m == "baseline":
-            d_txt, v_txt = "—", "—"
+            d_txt, ci_txt, v_txt = "—", "—", "—"
         else:
             d_txt = f"{statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.4f}"
+            ci_txt = paired_interval(diffs)
             v_txt = verdict(diffs) if any(abs(d) > 0 for d in diffs) else "identical"
         name = LABELS[m].format(w=omega)
-        lines.append(f"| {name} | {mean_std(finals)} | {d_txt} | {v_txt} | {reach_txt} | [{per_seed}] |")
+        lines.append(f"| {name} | {mean_std(finals)} | {d_txt} | {ci_txt} | {v_txt} | {reach_txt} | [{per_seed}] |")
     lines += ["", curve_table(runs, methods, omega)]
     t = [r["metrics"]["teacher"] for r in runs]
     student_ne = runs[0]["metrics"]["methods"]["baseline"]["student_non_embedding_params"]
@@ -238,7 +241,7 @@ def _cost(raw: dict[str, Any]) -> str:
     return (f"{sum(cpu) / 60:.1f} CPU minutes for the {len(runs)} seeds ({', '.join(f'{c / 60:.1f}' for c in cpu)} per "
             f"seed: teacher + 4 methods, one thread each); wall {', '.join(f'{w / 60:.1f}' for w in wall)} min per seed "
             f"with {raw.get('jobs', 1)} run(s) at a time on the shared 2-core machine (1-min load average before→after "
-            f"each run: {', '.join(loads)}; other engineers' jobs were running).")
+            f"each run: {', '.join(loads)}; {raw.get('note', 'other jobs were running')}).")
 
 
 # ---------------------------------------------------------------------------------------------- figure

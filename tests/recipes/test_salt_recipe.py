@@ -158,7 +158,7 @@ def _flat(d, prefix=""):
 
 def test_published_salt_results_regenerate_from_raw_and_hold_three_seeds():
     """docs/results/salt: provenance, >= 3 seeds per method, the table exactly what the script makes from raw.json,
-    and one cell and one verdict recomputed here independently of the script's helpers."""
+    and one cell, one verdict and one interval recomputed here independently of the script's helpers."""
     import statistics
     from pathlib import Path
 
@@ -184,4 +184,8 @@ def test_published_salt_results_regenerate_from_raw_and_hold_three_seeds():
              for r in raw["runs"]]
     beyond = (all(d < 0 for d in diffs) or all(d > 0 for d in diffs)) and \
         abs(statistics.fmean(diffs)) > 2 * statistics.stdev(diffs)
-    assert row.split(" | ")[3] == ("beyond seed spread" if beyond else "noise")
+    assert row.split(" | ")[4] == ("beyond seed spread" if beyond else "noise")
+    from scipy import stats
+
+    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=statistics.fmean(diffs), scale=stats.sem(diffs))
+    assert row.split(" | ")[3] == f"[{lo:+.3f}, {hi:+.3f}]"
