@@ -38,11 +38,11 @@ def tiny_pair_dir(tmp_path_factory: pytest.TempPathFactory):
     return build_tiny_pair(tmp_path_factory.mktemp("lm_pair") / "pair")
 
 
-# A ddp_spawn worker on this torch/gloo build occasionally aborts while exiting, after its work is done
-# ("terminate called without an active exception", SIGABRT; about 1 run in 10 of tests/runner/test_stage_ddp.py,
-# with one or two threads per worker, with or without the C++ Gatekeeper kernel). A test that fails that way, and
-# only that way, runs once more, with a line in the terminal saying so. Any other failure counts, and a second
-# abort fails the test.
+# A ddp_spawn worker that exits with its gloo process group alive occasionally aborts after its work is done
+# ("terminate called without an active exception", SIGABRT). Stage trainers now destroy the group at the end of
+# each worker's work (lit_cascades.runner.ReleaseProcessGroup); this stays as a guard for a process that still
+# exits that way: a test that fails that way, and only that way, runs once more, with a line in the terminal
+# saying so. Any other failure counts, and a second abort fails the test.
 _WORKER_ABORT = ("ProcessExitedException", "terminated with signal SIGABRT")
 
 

@@ -99,11 +99,8 @@ def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
     costs about 1.3x a cross-entropy step, the kernel about 1.0x). It is compiled on the first call (about 40 s;
     needs a C++ compiler, ``ninja`` and the Python headers, see :mod:`lit_cascades.functional._native`) and
     cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
-    ``ddp_spawn``. Multi-process use is not covered by the test suite: with the kernel in two ``ddp_spawn`` CPU
-    workers the Gatekeeper recipe matched its one-process run in nine of ten runs, and in one a worker aborted
-    after training (``terminate called without an active exception``). The same abort also happens without the
-    kernel, in about 1 of 10 runs of a toy ``ddp_spawn`` stage test, so it comes from worker shutdown, not from
-    the kernel.
+    ``ddp_spawn`` (``GatekeeperClassifier(native_kernel=True)`` does). The Gatekeeper recipe's two-process
+    ``ddp_spawn`` test runs the kernel in both workers and matches the one-process run.
 
     Args:
         enabled: True to use the kernel, False to go back to the NumPy path.

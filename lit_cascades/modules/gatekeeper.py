@@ -136,7 +136,7 @@ class GatekeeperClassifier(Classifier):
         native_kernel: compute the loss of small CPU batches with the compiled C++ kernel
             (:func:`~lit_cascades.functional.gatekeeper.use_native_kernel`: built once, about 40 s, needs a C++
             compiler and ``ninja``; same values and gradients). It turns the kernel on for the process, and again
-            in :meth:`setup` of each worker process (meant for one-process runs: see ``use_native_kernel``).
+            in :meth:`setup` of each worker process (``ddp_spawn`` workers included).
             Worth it for small models, whose steps the loss dominates.
     """
 

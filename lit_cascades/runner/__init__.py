@@ -27,11 +27,13 @@ from lit_cascades.runner.config import (
 )
 from lit_cascades.runner.run import (
     GatherPredictions,
+    ReleaseProcessGroup,
     Run,
     Stage,
     apply_threads,
     flatten,
     main,
+    release_process_group,
     run_recipe,
     setup_run,
     summarize_runs,
@@ -41,6 +43,7 @@ from lit_cascades.runner.run import (
 __all__ = [
     "ConfigError",
     "GatherPredictions",
+    "ReleaseProcessGroup",
     "Run",
     "Stage",
     "apply_threads",
@@ -55,6 +58,7 @@ __all__ = [
     "load_config",
     "locate",
     "main",
+    "release_process_group",
     "run_recipe",
     "setup_run",
     "summarize_runs",

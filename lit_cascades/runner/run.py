@@ -28,8 +28,9 @@ Distributed runs: with ``trainer.strategy=ddp_spawn`` the recipe runs in the mai
 test and predict spawns the workers; weights come back through Lightning, predictions are gathered across
 ranks (the distributed sampler's padding dropped by example id) and written by rank 0, and callbacks that
 define ``export_results() -> dict`` / ``import_results(dict)`` get their rank-0 results back in the main
-process. With ``strategy=ddp`` every rank runs the recipe; ranks > 0 attach to rank 0's run directory (passed
-in ``$LIT_CASCADES_RUN_DIR``) and write nothing.
+process; each worker destroys its process group when its work is done (:class:`ReleaseProcessGroup`). With
+``strategy=ddp`` every rank runs the recipe; ranks > 0 attach to rank 0's run directory (passed in
+``$LIT_CASCADES_RUN_DIR``) and write nothing, and every rank destroys the group when the recipe succeeds.
 """
 
 from __future__ import annotations
@@ -232,6 +233,42 @@ class _ExportResults(pl.Callback):
         self.path.unlink(missing_ok=True)
 
 
+def release_process_group(barrier: bool = True) -> bool:
+    """Destroy ``torch.distributed``'s default process group, if one is live; returns whether it did.
+
+    A process that exits with a gloo group alive leaves its worker threads to the exit-time destructors, which
+    now and then abort it after its work is done (``terminate called without an active exception``, SIGABRT;
+    pytorch/pytorch#190489). Call it once the process's collectives are over, on success only: with ``barrier``
+    it first waits for every rank, which would wait on a rank that failed.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if barrier:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return True
+
+
+class ReleaseProcessGroup(pl.Callback):
+    """Ends the process group of a spawned worker once its trainer's work is done (:func:`release_process_group`).
+
+    Lightning's ``ddp_spawn`` workers exit with their process group alive (Lightning destroys it at exit only for
+    NCCL); on torch 2.13 (CPU) that now and then aborted a worker of a two-worker stage after its work was done.
+    Every trainer a :class:`Stage` builds carries this callback: in its ``teardown`` hook, in a process other
+    than ``main_pid`` (the one that built the trainer), it waits for every rank and destroys the group. A
+    failing rank raises before ``teardown``, so no rank waits on a dead peer. A ``LightningModule.teardown``
+    runs after it, without the group. The main process, and the ranks of ``strategy=ddp`` (which keep one group
+    for the whole run and release it when the recipe has finished), are left alone.
+    """
+
+    def __init__(self, main_pid: int) -> None:
+        self.main_pid = main_pid
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if os.getpid() != self.main_pid:
+            release_process_group()
+
+
 def _sampler_ids(dataloader: Any) -> torch.Tensor | None:
     sampler = getattr(dataloader, "sampler", None)
     if sampler is None:
@@ -369,7 +406,7 @@ class Stage:
         """A ``Trainer`` from ``cfg.trainer`` (``overrides`` win) logging to this stage's ``split`` loggers."""
         kwargs = {**OmegaConf.to_container(self.run.cfg.trainer, resolve=True), **overrides}  # type: ignore[dict-item]
         logger = kwargs.pop("logger", None)
-        cbs = list(callbacks)
+        cbs = [*callbacks, ReleaseProcessGroup(os.getpid())]
         if checkpoint:
             cbs.append(AtomicCheckpoint(self.dir / "checkpoints"))
         self.run.started = True
@@ -770,9 +807,11 @@ def run_recipe(name: str, run_fn: Callable[[DictConfig, Run], dict[str, Any]], a
     """Programmatic entry point (tests, notebooks): returns ``(run, metrics)``; raises :class:`ConfigError`.
 
     A run that fails before any stage started work (a bad value found while building components or setting
-    up data) removes the run directory it created.
+    up data) removes the run directory it created. A run that succeeds destroys the process group its trainers
+    created (``strategy=ddp``; :func:`release_process_group`), not one that existed before it.
     """
     config_dir = Path(config_dir) if config_dir is not None else _default_config_dir(run_fn)
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     r = setup_run(name, argv, config_dir)
     try:
         metrics = run_fn(r.cfg, r)
@@ -782,6 +821,8 @@ def run_recipe(name: str, run_fn: Callable[[DictConfig, Run], dict[str, Any]], a
             shutil.rmtree(r.dir, ignore_errors=True)
         raise
     r.finish(metrics)
+    if not had_group:  # strategy=ddp: the group the run's trainers made; a caller's own group is left alone
+        release_process_group(barrier=False)
     return r, metrics
 
 

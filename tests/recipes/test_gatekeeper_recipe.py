@@ -174,10 +174,21 @@ def test_resume_a_killed_sweep_equals_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_spawn_two_processes_equal_one(smoke_run, tmp_path):
+    """Where a compiler is available, the two processes use the C++ loss kernel (turned on by each worker's
+    ``setup``) and the one-process run the NumPy path: same values and gradients, so the same metrics. (One DDP
+    run costs about a minute, so the NumPy path is not run a second time under DDP: it has no DDP-specific part.)"""
+    from tests.functional.gatekeeper_paths import native_kernel_or_skip
+
+    try:
+        native_kernel_or_skip()  # built before the workers start, which then load it
+        native = True
+    except pytest.skip.Exception:
+        native = False
     out = tmp_path / "ddp"
     run_recipe("gatekeeper", run, ["preset=smoke", f"output_dir={out}", "gatekeeper.module.alpha=0.3",
                                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
-                                   *MLP_LARGE, "logger.wandb=false", "baseline.enabled=false"])
+                                   *MLP_LARGE, "logger.wandb=false", "baseline.enabled=false",
+                                   f"gatekeeper.module.native_kernel={str(native).lower()}"])
     one, two = _results(smoke_run / "metrics.json"), _results(out / "metrics.json")
     # global batches: each process loads half of every batch of the same permutation and DDP averages the two
     # halves' gradients, so training matches one process up to float summation order (weights within ~3e-8

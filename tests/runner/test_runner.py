@@ -253,3 +253,23 @@ def test_preset_swapping_a_class_replaces_the_section():
     assert cfg.small.module.lr == 0.003 and cfg.data.limit_train is None  # sibling sections still merge
     cfg, _ = load_config("gatekeeper", ["preset=cifar10", "small.model.width=8"], CONFIGS)
     assert cfg.small.model.width == 8  # the replaced section still takes overrides
+
+
+def test_a_run_releases_the_process_group_its_trainers_made_and_no_other(tmp_path):
+    """strategy=ddp: a group created during the run is destroyed when the run succeeds (a process that exits with
+    a live gloo group may abort); a group the caller made before the run is the caller's."""
+    import torch.distributed as dist
+
+    def make_group(name):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / name), 1), rank=0, world_size=1)
+
+    try:
+        run_recipe("gatekeeper", lambda cfg, r: make_group("during") or {}, [f"output_dir={tmp_path / 'a'}", *QUIET],
+                   CONFIGS)
+        assert not dist.is_initialized()
+        make_group("before")
+        run_recipe("gatekeeper", lambda cfg, r: {}, [f"output_dir={tmp_path / 'b'}", *QUIET], CONFIGS)
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -107,3 +107,23 @@ def test_fit_predict_and_callback_results_across_two_processes(tmp_path, monkeyp
         with torch.no_grad():
             torch.testing.assert_close(pred["y"], module.lin(data.x).squeeze(1))  # each row's own output
         assert set(pred["rank"].tolist()) == ({0} if devices == 1 else {0, 1})
+
+
+def test_release_process_group_ends_a_spawned_workers_group_only(tmp_path):
+    """Every stage trainer carries ReleaseProcessGroup: in a spawned worker (a pid other than the one that built
+    the trainer) its teardown destroys the group; in the process that built the trainer it does nothing."""
+    import torch.distributed as dist
+
+    from lit_cascades.runner import ReleaseProcessGroup, release_process_group
+
+    assert any(isinstance(cb, ReleaseProcessGroup) for cb in _stage(tmp_path, 1).trainer("fit").callbacks)
+    assert release_process_group() is False  # no group: nothing to do
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ReleaseProcessGroup(main_pid=os.getpid()).teardown(None, None, "fit")
+        assert dist.is_initialized()
+        ReleaseProcessGroup(main_pid=-1).teardown(None, None, "fit")  # as in a spawned worker
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
