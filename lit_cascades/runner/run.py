@@ -233,6 +233,10 @@ class _ExportResults(pl.Callback):
         self.path.unlink(missing_ok=True)
 
 
+def _group_live() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def release_process_group(barrier: bool = True) -> bool:
     """Destroy ``torch.distributed``'s default process group, if one is live; returns whether it did.
 
@@ -241,7 +245,7 @@ def release_process_group(barrier: bool = True) -> bool:
     pytorch/pytorch#190489). Call it once the process's collectives are over, on success only: with ``barrier``
     it first waits for every rank, which would wait on a rank that failed.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _group_live():
         return False
     if barrier:
         torch.distributed.barrier()
@@ -811,7 +815,7 @@ def run_recipe(name: str, run_fn: Callable[[DictConfig, Run], dict[str, Any]], a
     created (``strategy=ddp``; :func:`release_process_group`), not one that existed before it.
     """
     config_dir = Path(config_dir) if config_dir is not None else _default_config_dir(run_fn)
-    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    had_group = _group_live()
     r = setup_run(name, argv, config_dir)
     try:
         metrics = run_fn(r.cfg, r)
