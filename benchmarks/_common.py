@@ -44,7 +44,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "results" / "benchmarks"
+#: where benchmarks write their raw JSON (and tables); ``LIT_CASCADES_BENCHMARK_DIR`` redirects it, e.g. for a
+#: rerun that must not replace the published files (``python -m benchmarks.reproduce``)
+RESULTS = Path(os.environ.get("LIT_CASCADES_BENCHMARK_DIR") or ROOT / "docs" / "results" / "benchmarks")
+PUBLISHED = ROOT / "docs" / "results" / "benchmarks"
 
 #: the allocator setting every memory measurement's child process starts with (see module docstring)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "131072",

@@ -9,11 +9,15 @@ Measured in one run, on one machine:
    :func:`lit_cascades.functional.loss_aggregation_loss` (forward, and forward + backward) against a naive
    Python double loop over pairs (forward only, plain floats: its cheapest form). The double loop over all
    ``B² · K`` pairs would take minutes, so it runs over the first ``--loop-rows`` rows of the pair matrix and
-   is extrapolated linearly (every row costs the same); the JSON says so.
-2. peak memory: the resident-set growth of a fresh process running one forward + backward, for the
-   all-pairs mode and for the sampled mode, plus the bytes autograd keeps for the backward pass.
+   is extrapolated linearly (every row costs the same); the JSON says so. The sides alternate
+   (``benchmarks._common.interleaved_ratios``, ``--alternations`` rounds after one warm-up call each); speed-ups
+   are per-alternation ratios (median, min–max).
+2. peak memory: the resident-set growth of a fresh process running one forward + backward
+   (``benchmarks._common.peak_memory_mib``: ``--repeats`` processes, fixed allocator setting), for the all-pairs
+   mode and for the sampled mode, plus the bytes autograd keeps for the backward pass.
 3. sampled pairs at ``pair_fraction=0.1``: relative error of the loss and cosine similarity of the
-   gradient with the exact all-pairs values over ``--draws`` draws, and the speed-up.
+   gradient with the exact all-pairs values over ``--draws`` draws, and the speed-up (alternating with the
+   all-pairs forward + backward in the same rounds as 1).
 
 Writes ``docs/results/benchmarks/ranking_pairwise.json``.
 """
@@ -23,12 +27,12 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import time
+import statistics
 from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import best_time, peak_extra_memory_mb, write_results
+from benchmarks._common import Run, interleaved_ratios, peak_memory_mib
 from lit_cascades.functional import label_aggregation_loss, loss_aggregation_loss
 
 PRIORS = (0.5, 0.2, 0.05)
@@ -80,30 +84,41 @@ def _fwd_bwd(batch: int, pair_fraction: float | None) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="fresh processes per memory measurement")
+    parser.add_argument("--alternations", type=int, default=10)
     parser.add_argument("--loop-rows", type=int, default=48)
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    run = Run("ranking_pairwise")
 
     b = args.batch
     scores, labels = make_batch(b)
     n_pairs = float((labels.sum(0) * (b - labels.sum(0))).sum())
 
-    # 1. speed: vectorised vs naive double loop
-    t_fwd = best_time(lambda: loss_aggregation_loss(scores, labels), args.repeats)
-
+    # 1. speed: vectorised vs naive double loop (on `rows` rows), vs LaA, and sampled vs all pairs, in alternation
     def fwd_bwd(**kw) -> None:
         s = scores.clone().requires_grad_(True)
         loss_aggregation_loss(s, labels, **kw).loss.backward()
 
-    t_fwd_bwd = best_time(fwd_bwd, args.repeats)
     s_list, y_list = scores.tolist(), labels.tolist()
     rows = min(args.loop_rows, b)
-    t0 = time.perf_counter()
-    naive_loss(s_list, y_list, rows)
-    t_naive = (time.perf_counter() - t0) * b / rows
+    timing = interleaved_ratios({
+        "vectorised_forward": lambda: loss_aggregation_loss(scores, labels),
+        "naive_double_loop_forward_rows": lambda: naive_loss(s_list, y_list, rows),
+        "vectorised_forward_backward": fwd_bwd,
+        "sampled_10pct_forward_backward": lambda: fwd_bwd(pair_fraction=0.1),
+        "label_aggregation_forward": lambda: label_aggregation_loss(scores, labels),
+    }, baseline="vectorised_forward", alternations=args.alternations, warmup=1)
+    scale = b / rows  # the naive loop's time for all rows, extrapolated linearly
+    naive_ratio = {k: timing["ratios"]["naive_double_loop_forward_rows"][k] * scale for k in ("median", "min", "max")}
+    per_sampled = [a / s for a, s in zip(timing["seconds"]["vectorised_forward_backward"],
+                                         timing["seconds"]["sampled_10pct_forward_backward"], strict=True)]
+    sampled_speedup = {"median": statistics.median(per_sampled), "min": min(per_sampled), "max": max(per_sampled)}
+    t_fwd, t_fwd_bwd = timing["median_s"]["vectorised_forward"], timing["median_s"]["vectorised_forward_backward"]
+    t_naive = timing["median_s"]["naive_double_loop_forward_rows"] * scale
+    t_laa, t_sampled = timing["median_s"]["label_aggregation_forward"], timing["median_s"]["sampled_10pct_forward_backward"]
     # correctness of the naive loop on a small batch (it is the oracle in the tests too)
     small_s, small_y = make_batch(64, seed=1)
     n_small = small_y.sum(0) * (64 - small_y.sum(0))
@@ -111,12 +126,9 @@ def main() -> None:
     naive_small = naive_loss(small_s.tolist(), small_y.tolist(), 64) / float(n_small.sum())
     assert abs(ref - naive_small) < 1e-5 * max(1.0, abs(ref)), (ref, naive_small)
 
-    # LaA timing for reference
-    t_laa = best_time(lambda: label_aggregation_loss(scores, labels), args.repeats)
-
     # 2. memory
-    mem_all = peak_extra_memory_mb(functools.partial(_fwd_bwd, b, None), args.threads)
-    mem_sampled = peak_extra_memory_mb(functools.partial(_fwd_bwd, b, 0.1), args.threads)
+    mem_all = peak_memory_mib(functools.partial(_fwd_bwd, b, None), args.repeats, args.threads)
+    mem_sampled = peak_memory_mib(functools.partial(_fwd_bwd, b, 0.1), args.repeats, args.threads)
     s_req = scores.clone().requires_grad_(True)
     saved_all = saved_bytes(lambda: loss_aggregation_loss(s_req, labels).loss)
     saved_sampled = saved_bytes(lambda: loss_aggregation_loss(s_req, labels, pair_fraction=0.1).loss)
@@ -134,7 +146,6 @@ def main() -> None:
         est.backward()
         rel_err.append(abs(est.item() - exact.item()) / exact.item())
         cosines.append(torch.nn.functional.cosine_similarity(s.grad, g_exact, dim=0).item())
-    t_sampled = best_time(lambda: fwd_bwd(pair_fraction=0.1), args.repeats)
     rel = torch.tensor(rel_err)
     cos = torch.tensor(cosines)
 
@@ -143,7 +154,9 @@ def main() -> None:
         "labels": len(PRIORS),
         "priors": PRIORS,
         "positive_negative_pairs": n_pairs,
-        "time_s": {
+        "torch_threads": args.threads,
+        "timing": timing,
+        "time_s": {  # medians over the alternations
             "vectorised_forward": t_fwd,
             "vectorised_forward_backward": t_fwd_bwd,
             "label_aggregation_forward": t_laa,
@@ -151,9 +164,9 @@ def main() -> None:
             "naive_double_loop_note": f"measured on {rows} of {b} rows, extrapolated linearly",
             "sampled_10pct_forward_backward": t_sampled,
         },
-        "speedup": {
-            "vectorised_vs_naive_forward": t_naive / t_fwd,
-            "sampled_10pct_vs_all_pairs_forward_backward": t_fwd_bwd / t_sampled,
+        "speedup": {  # per-alternation ratios
+            "vectorised_vs_naive_forward": naive_ratio,
+            "sampled_10pct_vs_all_pairs_forward_backward": sampled_speedup,
         },
         "memory_mib": {
             "all_pairs_peak_rss_growth": mem_all,
@@ -169,16 +182,17 @@ def main() -> None:
             "gradient_cosine_min": float(cos.min()),
         },
     }
-    out = write_results("ranking_pairwise", result)
+    out = run.write(result)
     print(f"batch {b}, {len(PRIORS)} labels, {n_pairs:.3g} positive-negative pairs")
     print(f"  vectorised forward        {t_fwd * 1e3:9.1f} ms   (forward+backward {t_fwd_bwd * 1e3:.1f} ms)")
     print(f"  naive double loop forward {t_naive * 1e3:9.1f} ms   ({rows} rows measured, extrapolated)")
-    print(f"  speed-up vectorised / naive: {t_naive / t_fwd:,.0f}x")
-    print(f"  peak memory growth: all pairs {mem_all:.0f} MiB, sampled 10% {mem_sampled:.0f} MiB; "
+    print(f"  speed-up vectorised / naive: {naive_ratio['median']:,.0f}x "
+          f"({naive_ratio['min']:,.0f}-{naive_ratio['max']:,.0f}x over {args.alternations} alternations)")
+    print(f"  peak memory growth: all pairs {mem_all['median']:.0f} MiB, sampled 10% {mem_sampled['median']:.0f} MiB; "
           f"saved for backward {saved_all / 2**20:.0f} MiB vs {saved_sampled / 2**20:.1f} MiB")
     print(f"  sampled 10%: loss rel. error mean {rel.mean():.2e} (p95 {rel.quantile(0.95):.2e}), "
           f"gradient cosine mean {cos.mean():.4f} (min {cos.min():.4f}), "
-          f"speed-up {t_fwd_bwd / t_sampled:.1f}x")
+          f"speed-up {sampled_speedup['median']:.1f}x")
     print(f"wrote {out}")
 
 

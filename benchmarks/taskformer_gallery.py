@@ -2,14 +2,17 @@
 (text, sketch, text+sketch) against the whole gallery with chunked top-k vs the full score matrix.
 
 * encoding: the default image tower (CNN, 40 px) over ``--encode`` real constructed-scene images, in
-  evaluation batches; images/s and the implied time for the 100k gallery;
+  evaluation batches, ``--repeats`` times after a warm-up pass; images/s (median, min–max) and the implied time for
+  the 100k gallery;
 * ranking: ``--queries`` queries of each type against ``--gallery`` embeddings (``D = --dim``; random unit
   vectors, the cost does not depend on their values), top-``k``: :func:`~lit_cascades.functional.retrieval.
   chunked_topk` vs ``torch.topk`` on the full ``[Q, N]`` score matrix. Each method runs once in a fresh process
   (freed memory stays in a process, so one method would reuse the other's, and a warm-up call would let the
   chunked search reuse its own freed chunks), started with the fixed allocator setting of
   ``benchmarks._common.MALLOC_ENV`` and a timeout; time and peak extra memory (Linux ``VmHWM`` reset after the
-  embeddings are built), and whether both return the same lists.
+  embeddings are built), and whether both return the same lists. The two methods' processes alternate
+  ``--repeats`` times (order reversed every other time); the time and memory ratios are per-repeat ratios
+  (median, min–max).
 
     python -m benchmarks.taskformer_gallery [--gallery 100000 --queries 1000 --dim 64 --encode 8192]
 
@@ -22,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import MALLOC_ENV, write_results
+from benchmarks._common import MALLOC_ENV, Run
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.functional.retrieval import chunked_topk
 from lit_cascades.modules.taskformer import TaskFormer
@@ -86,10 +90,12 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=1024)  # TaskFormer's eval_chunk_size
     ap.add_argument("--encode", type=int, default=8192)
     ap.add_argument("--eval-batch", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5, help="encoding passes and processes per ranking method")
     ap.add_argument("--rank-only", choices=("chunked", "full_matrix"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_only:
         return rank_only(args.rank_only, args)
+    run = Run("taskformer_gallery")
 
     # image encoding throughput of the default tower
     dm = SceneRetrievalDataModule(num_train=2, num_val=2, num_test=min(args.encode, 2048), eval_batch_size=args.eval_batch)
@@ -98,31 +104,42 @@ def main() -> None:
     images = images.repeat((args.encode + len(images) - 1) // len(images), 1, 1, 1)[: args.encode]
     model = TaskFormer(image_size=dm.image_size, embed_dim=args.dim, image_encoder_kwargs={"width": 16, "depth": 3},
                        query="sketch").eval()
-    sec, _, _ = _measure(lambda: [model.encode_image(x) for x in images.split(args.eval_batch)])
-    enc_rate = args.encode / sec
+    model.encode_image(images[: args.eval_batch])  # warm-up
+    rates = [args.encode / _measure(lambda: [model.encode_image(x) for x in images.split(args.eval_batch)])[0]
+             for _ in range(args.repeats)]
+    enc_rate = statistics.median(rates)
 
-    # ranking: chunked vs full matrix, each in its own process
-    rank = {}
-    for method in ("chunked", "full_matrix"):
-        cmd = [sys.executable, "-m", "benchmarks.taskformer_gallery", "--rank-only", method,
-               *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "rank_only")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800,
-                              env={**os.environ, **MALLOC_ENV})
-        rank[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-    same = float(torch.tensor(rank["chunked"].pop("ids")).eq(torch.tensor(rank["full_matrix"].pop("ids")))
-                 .float().mean())
+    # ranking: chunked vs full matrix, each in its own process, alternating
+    runs: dict[str, list[dict]] = {"chunked": [], "full_matrix": []}
+    for i in range(args.repeats):
+        for method in ("chunked", "full_matrix") if i % 2 == 0 else ("full_matrix", "chunked"):
+            cmd = [sys.executable, "-m", "benchmarks.taskformer_gallery", "--rank-only", method,
+                   *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "rank_only")]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800,
+                                  env={**os.environ, **MALLOC_ENV})
+            runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ids = {m: torch.tensor([r.pop("ids") for r in rs]) for m, rs in runs.items()}
+    same = float(ids["chunked"].eq(ids["full_matrix"]).float().mean())
+
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+    pairs = list(zip(runs["chunked"], runs["full_matrix"], strict=True))
+    rank = {m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "queries_per_s", "peak_extra_mib")}
+            for m, rs in runs.items()}
+    has_mem = all(f["peak_extra_mib"] for _, f in pairs)
     result = {
         "gallery": args.gallery, "queries_per_type": args.queries, "dim": args.dim, "k": args.k,
-        "chunk_size": args.chunk_size, "threads": torch.get_num_threads(),
-        "encode_images_per_s": enc_rate, "encode_100k_gallery_s": 100_000 / enc_rate,
-        "ranking": rank, "score_matrix_mib": args.queries * args.gallery * 4 / 2**20,
-        "speed_ratio_chunked_over_full": rank["full_matrix"]["seconds"] / rank["chunked"]["seconds"],
-        "memory_ratio_chunked_over_full": (rank["chunked"]["peak_extra_mib"] / rank["full_matrix"]["peak_extra_mib"]
-                                           if rank["full_matrix"]["peak_extra_mib"] else None),
+        "chunk_size": args.chunk_size, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "encode_images_per_s": enc_rate, "encode_images_per_s_repeats": spread(rates),
+        "encode_100k_gallery_s": 100_000 / enc_rate,
+        "ranking": rank, "ranking_runs": runs, "score_matrix_mib": args.queries * args.gallery * 4 / 2**20,
+        "speed_ratio_chunked_over_full": spread([f["seconds"] / c["seconds"] for c, f in pairs]),
+        "memory_ratio_chunked_over_full": (spread([c["peak_extra_mib"] / f["peak_extra_mib"] for c, f in pairs])
+                                           if has_mem else None),
         "identical_top_k_fraction": same,
     }
-    write_results("taskformer_gallery", result)
-
+    run.write(result)
 
 if __name__ == "__main__":
     main()
