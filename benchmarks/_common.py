@@ -362,7 +362,8 @@ def paired_interval(diffs: list[float], level: float = 0.95, digits: int = 3) ->
         return "—"
     m, s = statistics.fmean(diffs), statistics.stdev(diffs)
     half = float(t.ppf(0.5 + level / 2, len(diffs) - 1)) * s / len(diffs) ** 0.5
-    return f"[{m - half:+.{digits}f}, {m + half:+.{digits}f}]"
+    lo, hi = (round(v, digits) + 0.0 for v in (m - half, m + half))  # + 0.0: no "-0.000"
+    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def verdict(diffs: list[float]) -> str:

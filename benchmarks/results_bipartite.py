@@ -20,7 +20,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict, write_tables
+from benchmarks._common import (
+    git_output,
+    mean_std,
+    paired_interval,
+    run_recipe_dir,
+    save_figure,
+    verdict,
+    write_tables,
+)
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,10 +142,11 @@ OBJ_NAMES = {"loss_aggregation": "LoA", "label_aggregation": "LaA (sum, differen
 def table_worst_label(raw: dict[str, Any]) -> str:
     lines = [f"Test AUROC, mean ± sample std over seeds {raw['seeds']} (n = {len(raw['seeds'])} per row; `worst` is "
              "the mean over seeds of each run's worst label). Δ worst = LoA − LaA worst-label AUROC, paired by seed; "
-             "verdict: *beyond seed spread* when all seeds agree in sign and |mean Δ| > 2 × std of Δ, else *noise*.",
+             "verdict: *beyond seed spread* when all seeds agree in sign and |mean Δ| > 2 × std of Δ, else *noise*; 95% "
+             "interval of the mean Δ: Student t over the seeds.",
              "", "| data | objective | AUC label 1 | AUC label 2 | worst label | n |", "|---|---|---:|---:|---:|---:|"]
-    diffs_lines = ["", "| data | Δ worst (LoA − LaA) | per seed | verdict | Bayes-optimal LoA / LaA worst |",
-                   "|---|---:|---|---|---:|"]
+    diffs_lines = ["", "| data | Δ worst (LoA − LaA) | per seed | verdict | 95% interval | Bayes-optimal LoA / LaA "
+                   "worst |", "|---|---:|---|---|---:|---:|"]
     for name in ("digits", "synthetic", "dictatorship"):
         exp = raw["experiments"].get(name)
         if not exp:
@@ -164,7 +173,7 @@ def table_worst_label(raw: dict[str, Any]) -> str:
         bayes = (f"{ref['bayes_loss_aggregation']['auc_min']:.3f} / {ref['bayes_label_aggregation']['auc_min']:.3f}"
                  if "bayes_label_aggregation" in ref else "–")
         diffs_lines.append(f"| {data_name} | {mean_std(d)} | {' / '.join(f'{x:+.3f}' for x in d)} | {verdict(d)} | "
-                           f"{bayes} |")
+                           f"{paired_interval(d)} | {bayes} |")
     return "\n".join(lines + diffs_lines) + "\n"
 
 
@@ -207,7 +216,7 @@ def table_skew(raw: dict[str, Any]) -> str:
              f"weights; mean ± sample std over seeds {seeds} (n = {len(seeds)}). Bayes: the exact optimal scorers on "
              "the same test split. Δ worst = LoA − LaA worst-label AUROC, paired by seed (verdict as above).",
              "", "| π₂ | LoA \\|AUC₁ − AUC₂\\| | LaA \\|AUC₁ − AUC₂\\| | LoA worst | LaA worst | Bayes LoA / LaA worst | "
-             "Δ worst | verdict |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "Δ worst | verdict | 95% interval |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for p in _skew_points(exp):
         loa, laa = _by(exp["stages"], prior=p, aggregation="loss"), _by(exp["stages"], prior=p, aggregation="label")
         ref = exp["reference"][f"prior_{p:g}"] if f"prior_{p:g}" in exp["reference"] else exp["reference"][f"prior_{p}"]
@@ -215,7 +224,7 @@ def table_skew(raw: dict[str, Any]) -> str:
         lines.append(f"| {p:g} | {mean_std([r['auc_diff'] for r in loa])} | {mean_std([r['auc_diff'] for r in laa])} | "
                      f"{mean_std([r['auc_min'] for r in loa])} | {mean_std([r['auc_min'] for r in laa])} | "
                      f"{ref['bayes_loss_aggregation']['auc_min']:.3f} / {ref['bayes_label_aggregation']['auc_min']:.3f}"
-                     f" | {mean_std(d)} | {verdict(d)} |")
+                     f" | {mean_std(d)} | {verdict(d)} | {paired_interval(d)} |")
     return "\n".join(lines) + "\n"
 
 

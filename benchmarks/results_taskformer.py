@@ -22,7 +22,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict, write_tables
+from benchmarks._common import (
+    git_output,
+    mean_std,
+    paired_interval,
+    run_recipe_dir,
+    save_figure,
+    verdict,
+    write_tables,
+)
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +87,14 @@ def table(raw: dict[str, Any]) -> str:
                *((f"{q} query: ({abl}) minus (TASK-former)", abl, q, "TASK-former", q)
                  for abl in configs if abl.startswith("TASK-former −") for q in QUERIES)]
     lines += ["", "Effects on R@1 (points), paired by seed; verdict: *beyond seed spread* when all seeds agree in sign "
-              "and |mean Δ| > 2 × std of Δ, else *noise*.", "",
-              "| comparison | Δ R@1 mean ± std | per seed | verdict |", "|---|---:|---|---|"]
+              "and |mean Δ| > 2 × std of Δ, else *noise*; 95% interval of the mean Δ: Student t over the seeds.", "",
+              "| comparison | Δ R@1 mean ± std | per seed | verdict | 95% interval |", "|---|---:|---|---|---:|"]
     for label, a, qa, b, qb in effects:
         va, vb = _values(raw, a, qa, "recall@1"), _values(raw, b, qb, "recall@1")
         d = [va[s] - vb[s] for s in sorted(va) if s in vb]
         if d:
-            lines.append(f"| {label} | {mean_std(d, 1)} | {' / '.join(f'{x:+.1f}' for x in d)} | {verdict(d)} |")
+            lines.append(f"| {label} | {mean_std(d, 1)} | {' / '.join(f'{x:+.1f}' for x in d)} | {verdict(d)} | "
+                         f"{paired_interval(d, digits=1)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_recipe_dir, save_figure, verdict, write_tables
+from benchmarks._common import (
+    git_output,
+    mean_std,
+    paired_interval,
+    run_recipe_dir,
+    save_figure,
+    verdict,
+    write_tables,
+)
 from benchmarks._common import results_machine as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,14 +95,15 @@ def table_teachers(raw: dict[str, Any]) -> str:
         cells += [_fmt(_vals(raw, run, "teacher", "rerank", m)) for m in ("mrr@10", "recall@1")]
         lines.append(f"| {name} | {params:.1f}M | {len(rows)} | " + " | ".join(cells) + " |")
     lines += ["", "Paired by seed (USTAD − separate); verdict: *beyond seed spread* when all seeds agree in sign and "
-              "|mean Δ| > 2 × std of Δ, else *noise*.", "",
-              "| metric | Δ mean ± std | per seed | verdict |", "|---|---:|---|---|"]
+              "|mean Δ| > 2 × std of Δ, else *noise*; 95% interval of the mean Δ: Student t over the seeds.", "",
+              "| metric | Δ mean ± std | per seed | verdict | 95% interval |", "|---|---:|---|---|---:|"]
     for scorer, metric, name in (("de", "mrr@10", "DE MRR@10"), ("de", "recall@1", "DE R@1"),
                                  ("rerank", "mrr@10", "DE+CE MRR@10"), ("rerank", "recall@1", "DE+CE R@1")):
         a, b = _vals(raw, "ustad", "teacher", scorer, metric), _vals(raw, "separate", "teacher", scorer, metric)
         d = [a[s] - b[s] for s in sorted(a) if s in b]
         mean = mean_std(d) if len(d) > 1 else f"{d[0]:+.3f} (one seed)"
-        lines.append(f"| {name} | {mean} | {' / '.join(f'{x:+.3f}' for x in d)} | {verdict(d)} |")
+        lines.append(f"| {name} | {mean} | {' / '.join(f'{x:+.3f}' for x in d)} | {verdict(d)} | "
+                     f"{paired_interval(d)} |")
     return "\n".join(lines) + "\n"
 
 

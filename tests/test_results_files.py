@@ -137,3 +137,17 @@ def test_verdict_rule(diffs: list[float], expected: str) -> None:
 def test_mean_std_is_the_sample_std() -> None:
     assert results_bipartite.mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
     assert results_bipartite.mean_std([0.5, 0.5, 0.8], 2) == "0.60 ± 0.17"
+
+
+def test_paired_interval_cells_match_scipy() -> None:
+    """The 95% interval column of the USTAD paired table, recomputed from the raw runs with scipy's t interval."""
+    from scipy import stats
+
+    raw = _raw("ustad")
+    by = {run: {r["seed"]: r["metrics"]["teacher"]["rerank"]["mrr@10"] for r in raw["runs"] if r["run"] == run}
+          for run in ("ustad", "separate")}
+    d = [by["ustad"][s] - by["separate"][s] for s in sorted(by["ustad"]) if s in by["separate"]]
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=statistics.fmean(d), scale=stats.sem(d))
+    row = next(line for line in (ROOT / "docs/results/ustad/table.md").read_text().splitlines()
+               if line.startswith("| DE+CE MRR@10 |"))
+    assert row.split(" | ")[4].rstrip(" |") == f"[{lo:+.3f}, {hi:+.3f}]"
