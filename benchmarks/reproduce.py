@@ -3,9 +3,11 @@
     python -m benchmarks.reproduce gatekeeper_step salt_step   # rerun, compare, record, regenerate the table
     python -m benchmarks.reproduce --table                     # regenerate the table from the recorded reruns
     python -m benchmarks.reproduce --check                     # exit 1 if the table is out of date
+    python -m benchmarks.reproduce speculative --command "python -m benchmarks.speculative ..."  # another run
 
 A rerun runs the published file's own command (the ``"command"`` field of
-``docs/results/benchmarks/<name>.json``) in a child process whose ``LIT_CASCADES_BENCHMARK_DIR`` is a temporary
+``docs/results/benchmarks/<name>.json``; for a file merged from several runs that is the last one, and
+``--command`` names another, e.g. one of the commands in ``speculative.json``'s ``results.runs``) in a child process whose ``LIT_CASCADES_BENCHMARK_DIR`` is a temporary
 directory, so the published files stay as they are. When it succeeds, its raw output is kept as
 ``docs/results/benchmarks/reruns/<name>-<UTC start time>.json`` with a ``"reproduction"`` section: the published run
 it was compared with (start time, commit) and, for every figure both runs hold, both values. A figure is an entry
@@ -110,8 +112,12 @@ def published_command(name: str, payload: dict[str, Any]) -> list[str]:
 
 
 def rerun(name: str, published_dir: Path | None = None, reruns_dir: Path | None = None,
-          timeout_s: float = 3600.0, tolerance: float = TOLERANCE) -> Path:
+          timeout_s: float = 3600.0, tolerance: float = TOLERANCE, command: str | None = None) -> Path:
     """Rerun benchmark ``name`` with its published command; record and return the rerun file (see module docstring).
+
+    ``command`` replaces the recorded command (``python -m benchmarks.<name> ...``): for a file merged from several
+    runs (``speculative``, ``serve``), whose recorded command is only the last of them, name the run to repeat;
+    the comparison covers the figures both files hold.
 
     Raises:
         FileNotFoundError: no published ``<name>.json``.
@@ -125,7 +131,7 @@ def rerun(name: str, published_dir: Path | None = None, reruns_dir: Path | None 
     if not path.is_file():
         raise FileNotFoundError(f"no published results for {name!r}: {path} does not exist")
     published = json.loads(path.read_text())
-    argv = published_command(name, published)
+    argv = published_command(name, {"command": command} if command else published)
     with tempfile.TemporaryDirectory(prefix=f"rerun-{name}-") as tmp:
         env = {**os.environ, "LIT_CASCADES_BENCHMARK_DIR": tmp,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(_common.ROOT), os.environ.get("PYTHONPATH")]))}
@@ -149,11 +155,15 @@ def rerun(name: str, published_dir: Path | None = None, reruns_dir: Path | None 
     payload["reproduction"] = {
         "published": {"file": str(path.relative_to(_common.ROOT)) if path.is_relative_to(_common.ROOT) else str(path),
                       "started_utc": published.get("started_utc"), "git_commit": published.get("git_commit")},
-        "tolerance": tolerance, "rerun_wall_s": time.perf_counter() - t0, "figures": rows,
+        "command": " ".join(["python", *argv]), "tolerance": tolerance, "rerun_wall_s": time.perf_counter() - t0, "figures": rows,
     }
     stamp = (payload.get("started_utc") or time.strftime("%Y-%m-%dT%H:%M:%S")).split("+")[0]
     reruns_dir.mkdir(parents=True, exist_ok=True)
-    dest = reruns_dir / f"{name}-{stamp.replace('-', '').replace(':', '')}.json"
+    base = f"{name}-{stamp.replace('-', '').replace(':', '')}"
+    dest, n = reruns_dir / f"{base}.json", 1
+    while dest.exists():  # two reruns started in the same second
+        n += 1
+        dest = reruns_dir / f"{base}-{n}.json"
     part = dest.with_suffix(".json.part")
     part.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     part.replace(dest)
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="only regenerate the table")
     parser.add_argument("--check", action="store_true", help="exit 1 if the table is out of date")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per rerun")
+    parser.add_argument("--command", default=None,
+                        help="the command to rerun instead of the recorded one (one benchmark name only)")
     args = parser.parse_args(argv)
     table = _common.PUBLISHED / TABLE
     if args.check:
@@ -214,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.names and not args.table:
         parser.error("name the benchmarks to rerun, or pass --table / --check")
+    if args.command and len(args.names) != 1:
+        parser.error(f"--command needs exactly one benchmark name; got {len(args.names)}")
     status = 0
     for name in args.names:
         try:
-            dest = rerun(name, timeout_s=args.timeout)
+            dest = rerun(name, timeout_s=args.timeout, command=args.command)
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = 1

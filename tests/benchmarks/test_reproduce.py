@@ -94,6 +94,15 @@ def test_rerun_runs_the_published_command_elsewhere_and_records_the_comparison(t
     assert "| `fakebench` | side / baseline | 0.500 (0.400–0.600) | 0.500 (0.400–0.600) | yes | meets → meets |" in table
     assert "Figures that reproduce: 2 of 3." in table
 
+    other = reproduce.rerun("fakebench", published_dir=published, timeout_s=120,
+                            command="python -m fakebench median=1.0")  # a command other than the recorded one
+    assert other != dest and dest.exists()  # the first record is kept
+    record = json.loads(other.read_text())["reproduction"]
+    assert record["command"].endswith("-m fakebench median=1.0")
+    assert {r["figure"]: r["reproduces"] for r in record["figures"]}["timing/ratios/side"] is True
+    with pytest.raises(SystemExit):
+        reproduce.main(["a", "b", "--command", "python -m fakebench"])
+
 
 @pytest.mark.slow
 def test_a_failed_rerun_records_nothing_and_names_the_cause(tmp_path: Path, monkeypatch) -> None:
