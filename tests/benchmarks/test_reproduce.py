@@ -24,6 +24,15 @@ Run("fakebench").write({"timing": {"ratios": {"side": ratio}}, "memory": {"media
 '''
 
 
+@pytest.fixture
+def fakebench(tmp_path: Path, monkeypatch) -> None:
+    """The stand-in benchmark, importable as ``fakebench`` by the rerun's child process."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "fakebench.py").write_text(FAKE)
+    monkeypatch.setenv("PYTHONPATH", str(pkg))
+
+
 def _payload(command: str = "python -m fakebench median=1.0") -> dict:
     return {"benchmark": "fakebench", "command": command, "started_utc": "2026-01-01T00:00:00+00:00",
             "git_commit": "abc", "load": {"loadavg_start": [0.5, 0, 0], "loadavg_end": [1.0, 0, 0]},
@@ -69,11 +78,7 @@ def test_compare_keeps_shared_figures_and_both_target_verdicts() -> None:
 
 
 @pytest.mark.slow
-def test_rerun_runs_the_published_command_elsewhere_and_records_the_comparison(tmp_path: Path, monkeypatch) -> None:
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "fakebench.py").write_text(FAKE)
-    monkeypatch.setenv("PYTHONPATH", str(pkg))
+def test_rerun_runs_the_published_command_elsewhere_and_records_the_comparison(tmp_path: Path, fakebench) -> None:
     published = tmp_path / "published"
     published.mkdir()
     (published / "fakebench.json").write_text(json.dumps(_payload("python -m fakebench median=1.5")))
@@ -105,11 +110,7 @@ def test_rerun_runs_the_published_command_elsewhere_and_records_the_comparison(t
 
 
 @pytest.mark.slow
-def test_a_failed_rerun_records_nothing_and_names_the_cause(tmp_path: Path, monkeypatch) -> None:
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "fakebench.py").write_text(FAKE)
-    monkeypatch.setenv("PYTHONPATH", str(pkg))
+def test_a_failed_rerun_records_nothing_and_names_the_cause(tmp_path: Path, fakebench) -> None:
     (tmp_path / "fakebench.json").write_text(json.dumps(_payload("python -m fakebench median=1 fail=1")))
     with pytest.raises(RuntimeError, match="exit status 1") as info:
         reproduce.rerun("fakebench", published_dir=tmp_path, timeout_s=120)
