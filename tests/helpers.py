@@ -25,6 +25,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while a peer is still in a collective (see ReleaseProcessGroup)
     finally:
         dist.destroy_process_group()
 
