@@ -128,19 +128,6 @@ def interleaved_ratios(
     return summarize_ratios(interleaved_times(fns, alternations, warmup, inner, clock), baseline)
 
 
-def best_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """Minimum wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (seconds).
-
-    For absolute throughput figures only; compare two functions with :func:`interleaved_ratios`.
-    """
-    return min(interleaved_times({"fn": fn}, alternations=repeats, warmup=warmup)["fn"])
-
-
-def interleaved_best_times(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Best time of each function, timed in alternation (kept for older scripts; prefer :func:`interleaved_ratios`)."""
-    return {k: min(v) for k, v in interleaved_times(fns, alternations=repeats, warmup=warmup).items()}
-
-
 # ---------------------------------------------------------------------------------------------- memory
 
 
@@ -299,13 +286,6 @@ def _dump(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(text + "\n")
     print(text)
     return path
-
-
-def write_results(name: str, results: dict[str, Any]) -> Path:
-    """Print ``results`` and write them to ``RESULTS/<name>.json`` with machine info and load average."""
-    payload = {"benchmark": name, "machine": machine_info(),
-               "load": {"loadavg_end": os.getloadavg()}, **results}
-    return _dump(name, payload)
 
 
 # ---------------------------------------------------------------------------------------------------------------
