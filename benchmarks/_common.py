@@ -235,8 +235,9 @@ def _git_commit() -> str | None:
 
 def results_machine() -> dict[str, Any]:
     """What a results script's runs were measured on (one torch thread per run), with the machine's load."""
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads_per_run": 1, "loadavg_1_5_15": list(os.getloadavg())}
+    return {"platform": platform.platform(), "cpu": machine_info()["cpu"], "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_run": 1,
+            "loadavg_1_5_15": list(os.getloadavg())}
 
 
 def machine_info() -> dict[str, Any]:
@@ -324,36 +325,6 @@ def run_recipe_dir(recipe: str, overrides: list[str], out: Path, rerun: bool = F
     info["loadavg"] = json.loads(load_file.read_text()) if load_file.exists() else None
     info["run_git_commit"] = json.loads((out / "run.json").read_text()).get("git_commit")  # what the run ran
     return info
-
-
-def mean_std(values: list[float], digits: int = 3) -> str:
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def paired_interval(diffs: list[float], level: float = 0.95, digits: int = 3) -> str:
-    """The ``level`` Student-t confidence interval of the mean of per-seed paired differences, ``"[lo, hi]"``
-    (``mean ± t_{n-1} · std / √n``): how well the seeds pin down the *mean* effect, where :func:`verdict` compares
-    the effect with the spread of single seeds."""
-    from scipy.stats import t
-
-    if len(diffs) < 2:
-        return "—"
-    m, s = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = float(t.ppf(0.5 + level / 2, len(diffs) - 1)) * s / len(diffs) ** 0.5
-    lo, hi = (round(v, digits) + 0.0 for v in (m - half, m + half))  # + 0.0: no "-0.000"
-    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
-
-
-def verdict(diffs: list[float]) -> str:
-    """'beyond seed spread' when every seed's difference has the same sign and |mean| > 2 × their std; else
-    'noise' (the criterion the docs use for every effect)."""
-    if len(diffs) < 2:
-        return "one seed"
-    m, s = statistics.fmean(diffs), statistics.stdev(diffs)
-    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return "beyond seed spread" if same_sign and abs(m) > 2 * s else "noise"
 
 
 def run_seeds(recipe: str, overrides: Callable[[int], list[str]], runs_dir: Path, seeds: Sequence[int],

@@ -24,17 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import (
-    git_output,
-    mean_std,
-    run_seeds,
-    save_figure,
-    shared_legend,
-    verdict,
-    write_tables,
-)
+from benchmarks._common import git_output, run_seeds, save_figure, shared_legend, write_tables
 from benchmarks._common import results_machine as machine
 from benchmarks.results_lm_cascade import pair_info
+from lit_cascades.effects import mean_std, paired_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "gatekeeper_lm"
@@ -150,7 +143,8 @@ def table_md(raw: dict[str, Any]) -> str:
         cells = [cell(values(raw, v, k)) for k in TOKEN] + [cell(values(raw, v, "small_quality"))]
         cells += [cell(values(raw, v, "s_d", rule)) for rule in SEQ_RULES]
         lines.append(f"| {label(v)} | " + " | ".join(cells) + " |")
-    lines += ["", "Each Gatekeeper α minus the next-token fine-tune, paired by seed (mean ± std; 'beyond seed spread' "
+    lines += ["", "Each Gatekeeper α minus the next-token fine-tune, paired by seed (mean ± std, the 95% interval of the "
+              "mean in brackets; 'beyond seed spread' "
               "= the same sign on every seed and |mean| > 2 std, else noise):", "",
               "| α | Δ token s_d | Δ token acc | Δ next-line F1 | "
               + " | ".join(f"Δ seq s_d, {RULE_NAMES[r]}" for r in SEQ_RULES) + " |", "|---" * (4 + len(SEQ_RULES)) + "|"]
@@ -161,10 +155,10 @@ def table_md(raw: dict[str, Any]) -> str:
         cells = []
         for k in ("token_s_d", "token_small_quality", "small_quality"):
             d = [a - b for a, b in zip(values(raw, v, k), base[k], strict=True)]
-            cells.append(f"{mean_std(d)} ({verdict(d)})")
+            cells.append(paired_cell(d))
         for rule in SEQ_RULES:
             d = [a - b for a, b in zip(values(raw, v, "s_d", rule), values(raw, BASELINE, "s_d", rule), strict=True)]
-            cells.append(f"{mean_std(d)} ({verdict(d)})")
+            cells.append(paired_cell(d))
         lines.append(f"| {alpha_of(v):g} | " + " | ".join(cells) + " |")
     walls = [p["run"]["wall_seconds"] for p in raw["per_seed"]]
     loads = [p["run"]["loadavg"]["after"][1] for p in raw["per_seed"] if p["run"].get("loadavg")]

@@ -25,8 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import git_output, mean_std, run_seeds, save_figure, verdict, write_tables
+from benchmarks._common import git_output, run_seeds, save_figure, write_tables
 from benchmarks._common import results_machine as machine
+from lit_cascades.effects import mean_std, paired_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "lm_cascade"
@@ -171,14 +172,15 @@ def table_md(raw: dict[str, Any]) -> str:
         cells = [mean_std(_rule(raw, "chow_sum", auc), 4), "–", "–", "–"]
         cells += [mean_std(_at(raw, ref, r)) for r in RATES]
         lines.append(f"| *{label}* | " + " | ".join(cells) + " |")
-    lines += ["", "AUC-DF of each post-hoc rule minus each Chow rule, paired by seed (mean ± std; 'beyond seed "
-              "spread' = the same sign on every seed and |mean| > 2 std, else noise):", "",
+    lines += ["", "AUC-DF of each post-hoc rule minus each Chow rule, paired by seed (mean ± std, the 95% interval of "
+              "the mean in brackets; 'beyond seed spread' = the same sign on every seed and |mean| > 2 std, else "
+              "noise):", "",
               "| post-hoc rule | " + " | ".join(NAMES[c] for c in CHOW) + " |", "|---" * (1 + len(CHOW)) + "|"]
     for rule in POST_HOC:
         cells = []
         for chow in CHOW:
             diffs = [a - b for a, b in zip(_rule(raw, rule, "auc_df"), _rule(raw, chow, "auc_df"), strict=True)]
-            cells.append(f"{mean_std(diffs, 4)} ({verdict(diffs)})")
+            cells.append(paired_cell(diffs, 4))
         lines.append(f"| {NAMES[rule]} | " + " | ".join(cells) + " |")
     walls = [s["run"]["wall_seconds"] for s in raw["per_seed"]]
     loads = [s["run"]["loadavg"]["after"][1] for s in raw["per_seed"] if s["run"].get("loadavg")]

@@ -22,16 +22,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import (
-    git_output,
-    mean_std,
-    paired_interval,
-    run_recipe_dir,
-    save_figure,
-    verdict,
-    write_tables,
-)
+from benchmarks._common import git_output, run_recipe_dir, save_figure, write_tables
 from benchmarks._common import results_machine as machine
+from lit_cascades.effects import mean_std, paired_interval
+from lit_cascades.effects import seed_verdict as verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "taskformer"

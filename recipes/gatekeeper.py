@@ -1,6 +1,6 @@
 """Gatekeeper: confidence tuning of a cascade's small model (Rabanser et al., arXiv:2502.19335).
 
-    python -m recipes.gatekeeper          # Fashion-MNIST subset, α = 0.2, 3 seeds: ~2 min (Debian dataset-fashion-mnist)
+    python -m recipes.gatekeeper          # Fashion-MNIST subset, α = 0.1, 3 seeds: ~2 min (Debian dataset-fashion-mnist)
     python -m recipes.gatekeeper preset=digits                     # one seed on sklearn digits, no Debian package
     python -m recipes.gatekeeper preset=fashion_mnist gatekeeper.module.alpha=0.3 output_dir=runs/x
     python -m recipes.gatekeeper preset=sweep_fashion_mnist        # α sweep × seeds (benchmarks.results_gatekeeper)
@@ -24,7 +24,8 @@ table and one W&B run per (seed, α) so W&B can aggregate across seeds.
 
 Every run ends by printing (and saving as ``comparison.txt``) the comparison the paper predicts: Gatekeeper's s_d
 above the equally long cross-entropy fine-tune's, at some cost in small-model accuracy for small α (paper
-§5); with several seeds it says whether the s_d difference exceeds the seed spread or is noise.
+§5); with several seeds it says, paired by seed, whether the s_d difference exceeds the seed spread or is noise
+(:mod:`lit_cascades.effects`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from lit_cascades.callbacks import DeferralCurveLogger, deferral_table
+from lit_cascades.effects import BEYOND, mean_std, paired_differences, paired_interval, seed_verdict
 from lit_cascades.functional.deferral import IDEAL_VARIANTS, DeferralReport, deferral_metrics
 from lit_cascades.io import safe_torch_load
 from lit_cascades.models import count_parameters
@@ -59,7 +61,7 @@ BASELINE = "cross-entropy fine-tune"
 EXPECTATION = ("paper: the Gatekeeper fine-tune separates correct from incorrect predictions better than "
                "cross-entropy (higher s_d, lower s_o), at some cost in small-model accuracy for small α")
 #: the setting that shows the effect beyond the seed spread when a run's own data does not
-SHOWS_IT = "the default (Fashion-MNIST subset, α = 0.2) or preset=sweep_fashion_mnist"
+SHOWS_IT = "the default (Fashion-MNIST subset, α = 0.1) or preset=sweep_fashion_mnist"
 
 
 @dataclass
@@ -242,8 +244,9 @@ def compare(summary: dict[str, dict[str, tuple[float, float]]], per_seed: dict[s
         per_seed: ``{method: [row per seed with the COLUMNS]}`` in seed order.
         seeds: the seeds.
 
-    An s_d difference counts as beyond the seed spread when it exceeds the sum of the two methods' standard
-    deviations *and* has the same sign on every seed (paired by seed); anything else is called noise.
+    The s_d differences are paired by seed (both fine-tunes of a seed start from that seed's M_S) and judged by :func:`lit_cascades.effects.seed_verdict`: beyond the seed spread when every
+    seed's difference has the same sign and their mean exceeds twice their standard deviation, noise otherwise;
+    each line also gives the per-seed differences and the 95% Student-t interval of their mean.
     """
     width = max(len(m) for m in summary)
     lines = [f"{'method':<{width}}  s_d (higher = better deferral)   small-model accuracy",
@@ -258,18 +261,21 @@ def compare(summary: dict[str, dict[str, tuple[float, float]]], per_seed: dict[s
         if not method.startswith("gatekeeper"):
             continue
         diff = v["s_d"][0] - base["s_d"][0]
-        paired = [a["s_d"] - b["s_d"] for a, b in zip(per_seed[method], per_seed[BASELINE], strict=True)]
+        paired = paired_differences([row["s_d"] for row in per_seed[method]],
+                                    [row["s_d"] for row in per_seed[BASELINE]])
         acc = v["test_acc"][0] - base["test_acc"][0]
         head = f"{method}: s_d {diff:+.3f} vs the cross-entropy fine-tune (accuracy {acc:+.3f})"
         if n < 2:
             lines.append(f"{head}; one seed: no spread to compare with (sweep.seeds=[0,1,2] gives one)")
-        elif abs(diff) > v["s_d"][1] + base["s_d"][1] and all(d * diff > 0 for d in paired):
-            verdict = "as the paper expects" if diff > 0 else "contrary to the paper"
-            lines.append(f"{head}: beyond the seed spread (±{v['s_d'][1]:.3f}, ±{base['s_d'][1]:.3f}; same sign "
-                         f"on all {n} seeds), {verdict}")
+            continue
+        evidence = (f"per seed {' / '.join(f'{d:+.3f}' for d in paired)}, paired {mean_std(paired)}, "
+                    f"95% interval {paired_interval(paired)}")
+        if seed_verdict(paired) == BEYOND:
+            direction = "as the paper expects" if diff > 0 else "contrary to the paper"
+            lines.append(f"{head}; {evidence}: beyond the seed spread, {direction}")
         else:
-            lines.append(f"{head}: within the seed spread (±{v['s_d'][1]:.3f}, ±{base['s_d'][1]:.3f}), i.e. "
-                         f"noise on this data; {SHOWS_IT} shows the effect")
+            lines.append(f"{head}; {evidence}: within the seed spread, i.e. noise on this data; {SHOWS_IT} shows "
+                         "the effect")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""The committed results of the bipartite-ranking, USTAD, TASK-former and LM-cascade docs: every raw file parses, holds at
+"""The committed results of the Gatekeeper, bipartite-ranking, USTAD, TASK-former and LM-cascade docs: every raw file parses, holds at
 least 3 seeds per reported configuration, and every table in ``docs/results/<paper>/`` is exactly what the
 results script's table function makes from the raw file (so a table cannot be edited by hand)."""
 
@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks import (
     results_bipartite,
+    results_gatekeeper,
     results_gatekeeper_lm,
     results_lm_cascade,
     results_taskformer,
@@ -108,6 +109,33 @@ def test_tables_regenerate_from_raw(paper: str) -> None:
         assert (folder / name).read_text() == text, f"docs/results/{paper}/{name} differs from its raw file"
 
 
+@pytest.mark.parametrize("data", results_gatekeeper.DATA)
+def test_gatekeeper_tables_regenerate_from_raw(data: str) -> None:
+    raw = _raw(f"gatekeeper_{data}")
+    assert {r["seed"] for r in raw["rows"]} >= {0, 1, 2}
+    assert (ROOT / "docs" / "results" / f"gatekeeper_{data}" / "table.md").read_text() == \
+        results_gatekeeper.table_md(raw, data), f"docs/results/gatekeeper_{data}/table.md differs from its raw file"
+
+
+def test_gatekeeper_paired_cells_match_the_raw_rows() -> None:
+    """One paired row of the Fashion-MNIST sweep recomputed from the raw rows with scipy (not the table helpers)."""
+    from scipy import stats
+
+    rows = _raw("gatekeeper_fashion_mnist")["rows"]
+    by = {m: {r["seed"]: r["s_d"] for r in rows if r["method"] == m}
+          for m in ("gatekeeper α=0.1", "cross-entropy fine-tune")}
+    d = [by["gatekeeper α=0.1"][s] - by["cross-entropy fine-tune"][s] for s in sorted(by["gatekeeper α=0.1"])]
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=statistics.fmean(d), scale=stats.sem(d))
+    row = next(line for line in (ROOT / "docs/results/gatekeeper_fashion_mnist/table.md").read_text().splitlines()
+               if line.startswith("| gatekeeper α=0.1 | +"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == " / ".join(f"{x:+.3f}" for x in d)
+    assert cells[3] == f"[{lo:+.3f}, {hi:+.3f}]"
+    same_sign = all(x > 0 for x in d) or all(x < 0 for x in d)
+    assert cells[4] == ("beyond seed spread" if same_sign and abs(statistics.fmean(d)) > 2 * statistics.stdev(d)
+                        else "noise")
+
+
 def test_table_means_match_raw_values() -> None:
     """An independent recomputation of one cell per paper (not through the scripts' formatting helpers)."""
     raw = _raw("taskformer")
@@ -122,21 +150,6 @@ def test_table_means_match_raw_values() -> None:
     row = next(line for line in (ROOT / "docs/results/bipartite/table.md").read_text().splitlines()
                if line.startswith("| digits") and "| LoA |" in line)
     assert row.split(" | ")[4] == f"{statistics.fmean(loa):.3f} ± {statistics.stdev(loa):.3f}"
-
-
-@pytest.mark.parametrize(("diffs", "expected"), [
-    ([0.05, 0.06, 0.04], "beyond seed spread"),   # same sign, mean 0.05 > 2 × std 0.01
-    ([0.05, -0.01, 0.04], "noise"),               # signs disagree
-    ([0.01, 0.05, 0.09], "noise"),                # same sign but mean 0.05 < 2 × std 0.04
-    ([-0.2, -0.21, -0.19], "beyond seed spread"),
-])
-def test_verdict_rule(diffs: list[float], expected: str) -> None:
-    assert results_bipartite.verdict(diffs) == expected
-
-
-def test_mean_std_is_the_sample_std() -> None:
-    assert results_bipartite.mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
-    assert results_bipartite.mean_std([0.5, 0.5, 0.8], 2) == "0.60 ± 0.17"
 
 
 def test_paired_interval_cells_match_scipy() -> None:

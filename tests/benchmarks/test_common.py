@@ -199,15 +199,3 @@ def test_write_tables_writes_each_file_and_reports_it(tmp_path, capsys):
     assert [p.name for p in paths] == ["table.md", "other.md"]
     assert (tmp_path / "new" / "table.md").read_text() == "| a |\n" and (tmp_path / "new" / "other.md").read_text() == "x\n"
     assert capsys.readouterr().out.splitlines() == [f"wrote {p}" for p in paths]
-
-
-def test_paired_interval_by_hand_and_verdict_apart():
-    # diffs 1, 2, 3: mean 2, std 1, n 3; t quantile 0.975 with 2 degrees of freedom is 4.302653 (tables)
-    half = 4.302653 / 3 ** 0.5
-    assert common.paired_interval([1.0, 2.0, 3.0]) == f"[{2 - half:+.3f}, {2 + half:+.3f}]" == "[-0.484, +4.484]"
-    # eight same-sign seeds whose spread is wide: the mean is pinned down (interval excludes 0) while the
-    # verdict, which compares the effect with single seeds' spread, stays noise
-    diffs = [-0.121, -0.051, -0.167, -0.070, -0.258, -0.059, -0.051, -0.073]
-    lo, hi = (float(x) for x in common.paired_interval(diffs).strip("[]").split(", "))
-    assert lo < hi < 0 and common.verdict(diffs) == "noise"
-    assert common.paired_interval([0.5]) == "—"

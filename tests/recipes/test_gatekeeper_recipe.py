@@ -89,12 +89,19 @@ def _rows(sd_by_seed: dict[str, list[float]]) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(("gk", "ce", "verdict"), [
-    ([0.30, 0.32, 0.34], [0.10, 0.12, 0.14], "beyond the seed spread"),          # +0.2, stds 0.02 + 0.02
+    ([0.30, 0.32, 0.34], [0.10, 0.12, 0.14], "beyond the seed spread"),          # +0.2 on every seed
     ([0.10, 0.12, 0.14], [0.30, 0.32, 0.34], "contrary to the paper"),           # the same, reversed
-    ([0.10, 0.20, 0.30], [0.05, 0.15, 0.25], "within the seed spread"),          # +0.05 < 0.1 + 0.1
+    # the methods' own spreads overlap (stds 0.1 each), but every seed gains +0.05: paired, beyond the spread
+    ([0.10, 0.20, 0.30], [0.05, 0.15, 0.25], "beyond the seed spread"),
     ([0.50, 0.50, 0.11], [0.10, 0.10, 0.12], "within the seed spread"),          # large mean gap, one seed < 0
+    # means 0.25 vs 0.10 (gap 0.15 > the stds' sum 0.1) but per-seed gains +0.2 / +0.05 / +0.2: 0.15 < 2 × 0.087
+    ([0.30, 0.20, 0.25], [0.10, 0.15, 0.05], "within the seed spread"),
 ])
 def test_comparison_calls_a_difference_inside_the_spread_noise(gk, ce, verdict):
+    import statistics
+
+    from scipy import stats
+
     from recipes.gatekeeper import compare
 
     summary, per_seed = _rows({"gatekeeper α=0.2": gk, "cross-entropy fine-tune": ce})
@@ -102,6 +109,11 @@ def test_comparison_calls_a_difference_inside_the_spread_noise(gk, ce, verdict):
     (line,) = [ln for ln in lines if "vs the cross-entropy fine-tune" in ln]
     assert verdict in line
     assert f"s_d {sum(gk) / 3 - sum(ce) / 3:+.3f}" in line
+    d = [a - b for a, b in zip(gk, ce, strict=True)]
+    assert "per seed " + " / ".join(f"{x:+.3f}" for x in d) in line
+    if statistics.stdev(d) > 0:  # the 95% interval of the mean paired difference, as scipy computes it
+        lo, hi = stats.t.interval(0.95, 2, loc=statistics.fmean(d), scale=stats.sem(d))
+        assert f"95% interval [{lo:+.3f}, {hi:+.3f}]" in line
     if verdict == "beyond the seed spread":
         assert "as the paper expects" in line and "within" not in line
 

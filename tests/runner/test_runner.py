@@ -18,7 +18,7 @@ def test_presets_and_defaults():
     assert {"default", "smoke", "fashion_mnist", "cifar10", "cifar100"} <= set(available_presets(CONFIGS, "gatekeeper"))
     cfg, preset = load_config("gatekeeper", [], CONFIGS)
     assert preset == "default" and cfg.data.source == "fashion_mnist" and cfg.trainer.accelerator == "auto"
-    assert list(cfg.sweep.seeds) == [0, 1, 2] and cfg.gatekeeper.module.alpha == 0.2
+    assert list(cfg.sweep.seeds) == [0, 1, 2] and cfg.gatekeeper.module.alpha == 0.1
     cfg, preset = load_config("gatekeeper", ["preset=digits"], CONFIGS)
     assert preset == "digits" and cfg.data.source == "digits"
     assert cfg.gatekeeper.module._target_ == "lit_cascades.modules.GatekeeperClassifier"
