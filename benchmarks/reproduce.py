@@ -188,12 +188,18 @@ def render(reruns_dir: Path | None = None) -> str:
              "target verdict (published → rerun) | rerun started (UTC), load avg |",
              "|---|---|---|---|---|---|---|"]
     counts = [0, 0]
+    superseded = False
     for path in sorted(reruns_dir.glob("*.json")):
         payload = json.loads(path.read_text())
         rep = payload.get("reproduction")
         if not rep:
             continue
         when = f"{(payload.get('started_utc') or '?').split('+')[0]}, {_load(payload)}"
+        current = reruns_dir.parent / f"{payload['benchmark']}.json"
+        old = current.exists() and json.loads(current.read_text()).get("started_utc") != rep["published"].get(
+            "started_utc")
+        superseded |= old
+        mark = " †" if old else ""
         for row in rep["figures"]:
             counts[0] += row["reproduces"]
             counts[1] += 1
@@ -201,10 +207,12 @@ def render(reruns_dir: Path | None = None) -> str:
             if "verdict_published" in row:
                 verdict = " → ".join("meets" if v else "misses" for v in (row["verdict_published"],
                                                                            row["verdict_rerun"]))
-            lines.append(f"| `{payload['benchmark']}` | {row['figure']} | {_fmt(row['published'])} | "
+            lines.append(f"| `{payload['benchmark']}` | {row['figure']} | {_fmt(row['published'])}{mark} | "
                          f"{_fmt(row['rerun'])} | {'yes' if row['reproduces'] else '**no**'} | {verdict} | {when} |")
     pct = f"{counts[0]} of {counts[1]}" if counts[1] else "none"
-    return ("\n".join(lines) + f"\n\nFigures that reproduce: {pct}. A figure reproduces when the rerun's median lies "
+    note = (" † the published run this rerun was compared with has since been replaced by a newer one (its figures "
+            "are in the benchmark's JSON and the table above).") if superseded else ""
+    return ("\n".join(lines) + f"\n\nFigures that reproduce: {pct}.{note} A figure reproduces when the rerun's median lies "
             f"inside the published run's min–max widened by {TOLERANCE:.0%} of the published median. Raw reruns: "
             "`docs/results/benchmarks/reruns/`; regenerate with `python -m benchmarks.reproduce --table`.\n")
 

@@ -37,12 +37,20 @@ def _load(payload: dict[str, Any]) -> str:
     return f"{end[0]:.1f}" if end else "n/a"
 
 
+def cpu_name(payload: dict[str, Any]) -> str:
+    """The CPU a benchmark ran on, short (``"Intel(R) Xeon(R) Processor"`` -> ``"Intel Xeon"``)."""
+    cpu = str(payload.get("machine", {}).get("cpu") or "n/a")
+    for noise in ("(R)", "(TM)", " Processor", " CPU"):
+        cpu = cpu.replace(noise, "")
+    return " ".join(cpu.split())
+
+
 def render(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table of every target row, the benchmarks in ``ORDER`` first."""
     names = [n for n in ORDER if n in results] + sorted(n for n in results if n not in ORDER)
     lines = ["| benchmark | measured ratio | target | median | min–max | pass | alternations / repeats "
-             "| load avg (1 min, start → end) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| load avg (1 min, start → end) | CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         payload = results[name]
         for row in payload.get("targets", []):
@@ -50,7 +58,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             what = row["what"] + (f" ({payload['encoder']} encoder)" if "encoder" in payload else "")
             lines.append(f"| `{name}` | {what} | ≤ {row['target']:.2f} | {row['median']:.3f} | "
                          f"{row['min']:.3f}–{row['max']:.3f} | {'yes' if row['pass'] else '**no**'} | {reps} | "
-                         f"{_load(payload)} |")
+                         f"{_load(payload)} | {cpu_name(payload)} |")
     machines = {(p["machine"].get("cpu"), p["machine"].get("torch")) for p in results.values()
                 if p.get("targets") and "machine" in p}
     threads = sorted({p.get("torch_threads", p.get("machine", {}).get("torch_threads")) for p in results.values()
@@ -58,6 +66,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     lines += ["", "Ratios are per-alternation (timing) or per-repeat (memory) ratios of the two sides measured in one "
               "run, interleaved after warm-up; torch threads: " + ", ".join(map(str, threads)) + "; machine: "
               + "; ".join(f"{cpu}, torch {torch}" for cpu, torch in sorted(machines, key=str))
+              + " (a ratio compares two sides on one machine; the CPU column says which)"
               + ". Raw times are in `docs/results/benchmarks/<benchmark>.json`; regenerate this table with "
               "`python -m benchmarks.summary`."]
     return "\n".join(lines) + "\n"

@@ -60,19 +60,20 @@ class _CrossEntropyAndKL(torch.autograd.Function):
 
     With ``p = softmax(z)`` and ``lse = logsumexp(z) = z_k − log p_k`` (``k`` = argmax, where ``p_k ≥ 1/C``):
     ``CE = lse − z_y`` and ``KL = Σ p log p + log C = p·z − lse + log C``. The gradient of
-    ``g_ce·CE + g_kl·KL`` is ``p ⊙ (g_ce + g_kl (z − p·z)) − g_ce e_y``. One softmax, one argmax and one
-    batched dot product forward, two passes backward: about the cost of cross-entropy, where autograd through
-    ``log_softmax``, ``exp`` and the products took twice as long at LM vocabulary sizes. Saves ``z`` and ``p``
+    ``g_ce·CE + g_kl·KL`` is ``p ⊙ (g_ce + g_kl (z − p·z)) − g_ce e_y``. One max (value and index), one
+    softmax and one row-wise dot product forward, two passes backward; autograd through ``log_softmax``, ``exp``
+    and the products took twice as long at LM vocabulary sizes (loss-only timings:
+    ``python -m benchmarks.gatekeeper_step``). Saves ``z`` and ``p``
     (cross-entropy saves its input copy and ``log p``).
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        z_max, pred = z.max(-1)  # first index of the maximum, as argmax; half the time of argmax on CPU
         p = torch.softmax(z, dim=-1)
-        pred = z.argmax(-1)
         ctx.mark_non_differentiable(pred)
-        lse = z.gather(-1, pred[:, None]).squeeze(-1) - p.gather(-1, pred[:, None]).squeeze(-1).log()
-        pz = torch.bmm(p[:, None, :], z[:, :, None]).reshape(-1)
+        lse = z_max - p.gather(-1, pred[:, None]).squeeze(-1).log()
+        pz = _rowwise_dot(p, z)
         ce = lse - z.gather(-1, y[:, None]).squeeze(-1)
         kl = pz - lse + math.log(z.shape[-1])
         ctx.save_for_backward(z, y, p, pz)
@@ -86,6 +87,23 @@ class _CrossEntropyAndKL(torch.autograd.Function):
         return grad, None
 
 
+#: rows of a CPU row-wise dot product computed at once (:func:`_rowwise_dot`): ~1 MiB of float32 products
+_DOT_BLOCK_ELEMENTS = 1 << 18
+
+
+def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` of ``[N, C]`` tensors, ``[N]``. On CPU, large inputs go in blocks of rows: the full
+    product is a fresh ``N x C`` buffer whose first touch (page faults) cost as much as the arithmetic (2048 x
+    4096 float32: 23 ms at once, 10 ms in 1 MiB blocks, one thread)."""
+    if not a.is_cpu or a.numel() <= _DOT_BLOCK_ELEMENTS:
+        return torch.linalg.vecdot(a, b)
+    out = a.new_empty(a.shape[0])
+    rows = max(1, _DOT_BLOCK_ELEMENTS // a.shape[1])
+    for i in range(0, a.shape[0], rows):
+        torch.linalg.vecdot(a[i:i + rows], b[i:i + rows], out=out[i:i + rows])
+    return out
+
+
 #: The compiled kernel used instead of the NumPy path while :func:`use_native_kernel` is on (None: off).
 _NATIVE: Any = None
 
@@ -96,7 +114,7 @@ def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
     The kernel (``lit_cascades/functional/_native/gatekeeper.cpp``) is one native autograd node with the NumPy
     path's math and outputs: no Python runs in its forward or backward, which is what a training step of a small
     classifier pays for (``python -m benchmarks.gatekeeper_step``: on the 460-parameter digits MLP the NumPy path
-    costs about 1.3x a cross-entropy step, the kernel about 1.0x). It is compiled on the first call (about 40 s;
+    costs 1.4-1.6x a cross-entropy step depending on the CPU, the kernel about 1.0x). It is compiled on the first call (about 40 s;
     needs a C++ compiler, ``ninja`` and the Python headers, see :mod:`lit_cascades.functional._native`) and
     cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
     ``ddp_spawn`` (``GatekeeperClassifier(native_kernel=True)`` does). The Gatekeeper recipe's two-process

@@ -148,6 +148,10 @@ def test_summary_table_is_generated_from_the_json_files(tmp_path, monkeypatch):
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert rows[0].startswith("| `gatekeeper_step` | gatekeeper_step ratio | ≤ 1.00 | 1.200 | 1.100–1.300 | **no** | 10")
     assert rows[1].startswith("| `deferral_metrics` | deferral_metrics ratio | ≤ 1.00 | 0.500 | 0.400–0.600 | yes")
+    cpu = summary.cpu_name(summary.load_results()["gatekeeper_step"])
+    assert cpu and "(R)" not in cpu and all(row.endswith(f"| {cpu} |") for row in rows)
+    assert summary.cpu_name({"machine": {"cpu": "Intel(R) Xeon(R) Processor"}}) == "Intel Xeon"
+    assert summary.cpu_name({"machine": {"cpu": "AMD EPYC 7B13 64-Core Processor"}}) == "AMD EPYC 7B13 64-Core"
     assert summary.main(["--check"]) == 1  # no table yet
     assert summary.main([]) == 0
     assert summary.main(["--check"]) == 0

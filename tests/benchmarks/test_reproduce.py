@@ -97,7 +97,13 @@ def test_rerun_runs_the_published_command_elsewhere_and_records_the_comparison(t
     table = reproduce.render(published / "reruns")
     assert "| `fakebench` | timing/ratios/side | 1.000 (0.900–1.100) | 1.500 (1.400–1.600) | **no** |" in table
     assert "| `fakebench` | side / baseline | 0.500 (0.400–0.600) | 0.500 (0.400–0.600) | yes | meets → meets |" in table
-    assert "Figures that reproduce: 2 of 3." in table
+    assert "Figures that reproduce: 2 of 3." in table and "†" not in table
+    newer = {**_payload("python -m fakebench median=1.5"), "started_utc": "2026-02-01T00:00:00+00:00"}
+    (published / "fakebench.json").write_text(json.dumps(newer))  # the benchmark published again since
+    table = reproduce.render(published / "reruns")
+    assert "| `fakebench` | timing/ratios/side | 1.000 (0.900–1.100) † | 1.500 (1.400–1.600) | **no** |" in table
+    assert "† the published run this rerun was compared with has since been replaced" in table
+    (published / "fakebench.json").write_text(before)
 
     other = reproduce.rerun("fakebench", published_dir=published, timeout_s=120,
                             command="python -m fakebench median=1.0")  # a command other than the recorded one

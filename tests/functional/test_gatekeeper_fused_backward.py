@@ -136,3 +136,35 @@ def test_int32_targets_equal_int64_targets():
         target32[3] = bad
         with pytest.raises(ValueError, match="out-of-range"):
             gatekeeper_loss(logits, target32)
+
+
+def test_vocabulary_sized_rows_match_the_plain_formula():
+    """Inputs past ``_DOT_BLOCK_ELEMENTS`` (the torch path's row-wise dot goes in blocks of rows, the last one
+    short) and with ties in the maximum (the first index counts as the prediction, as ``argmax``)."""
+    import lit_cascades.functional.gatekeeper as gk
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(130, 2100, generator=g, dtype=torch.float64) * 4
+    assert logits.numel() > gk._DOT_BLOCK_ELEMENTS and 130 % (gk._DOT_BLOCK_ELEMENTS // 2100)
+    target = torch.randint(0, 2100, (130,), generator=g)
+    target[::2] = logits[::2].argmax(-1)
+    logits[1, 7] = logits[1, 9] = logits[1].max() + 1  # a tie: class 7 is the prediction, class 9 a mistake
+    target[1], target[3] = 9, 3
+    logits[3, 3] = logits[3, 5] = logits[3].max() + 1  # a tie won by the target
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ours = gatekeeper_loss(a, target, alpha=0.3)
+    ref = plain(b, target, 0.3, "batch")
+    for x, r in zip(ours[:3], ref, strict=True):
+        torch.testing.assert_close(x, r)
+    ours.loss.backward()
+    ref[0].backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_rowwise_dot_in_blocks_equals_the_product_sum():
+    from lit_cascades.functional.gatekeeper import _DOT_BLOCK_ELEMENTS, _rowwise_dot
+
+    g = torch.Generator().manual_seed(5)
+    for shape in ((3, 5), (301, _DOT_BLOCK_ELEMENTS // 100), (2, _DOT_BLOCK_ELEMENTS + 3)):
+        x, y = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        torch.testing.assert_close(_rowwise_dot(x, y), (x.double() * y.double()).sum(-1).float())
