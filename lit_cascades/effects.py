@@ -40,8 +40,8 @@ def paired_differences(method: Sequence[float], baseline: Sequence[float]) -> li
         ValueError: the two lists have different lengths (a seed missing on one side).
     """
     if len(method) != len(baseline):
-        raise ValueError(f"paired differences need one value per seed on both sides; got {len(method)} and "
-                         f"{len(baseline)} values")
+        raise ValueError(f"`method` and `baseline`: expected one value per seed on both sides; got {len(method)} "
+                         f"and {len(baseline)} values")
     return [a - b for a, b in zip(method, baseline, strict=True)]
 
 
@@ -60,9 +60,9 @@ def interval_bounds(diffs: Sequence[float], level: float = 0.95) -> tuple[float,
     from scipy.stats import t
 
     if len(diffs) < 2:
-        raise ValueError(f"an interval needs at least 2 per-seed differences; got {len(diffs)}")
+        raise ValueError(f"`diffs`: expected at least 2 per-seed differences for an interval; got {len(diffs)}")
     if not 0 < level < 1:
-        raise ValueError(f"`level` must be in (0, 1); got {level}")
+        raise ValueError(f"`level`: expected a value in (0, 1); got {level}")
     m, s = statistics.fmean(diffs), statistics.stdev(diffs)
     half = float(t.ppf(0.5 + level / 2, len(diffs) - 1)) * s / math.sqrt(len(diffs))
     return m - half, m + half

@@ -35,7 +35,7 @@ def test_the_verdict_pairs_by_seed():
     assert seed_verdict(paired_differences(method, base)) == "beyond seed spread"
     # and the reverse: separated means, but one seed flips the sign
     assert seed_verdict(paired_differences([0.50, 0.50, 0.11], [0.10, 0.10, 0.12])) == "noise"
-    with pytest.raises(ValueError, match="one value per seed on both sides; got 3 and 2"):
+    with pytest.raises(ValueError, match="^`method` and `baseline`: expected one value per seed on both sides; got 3 and 2"):
         paired_differences([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
@@ -62,9 +62,9 @@ def test_paired_interval_by_hand_and_against_scipy():
     assert paired_interval([0.5]) == "—"
     assert interval_bounds([0.000385, 0.000285])[0] < 0
     assert paired_interval([0.000385, 0.000285]) == "[+0.000, +0.001]"  # a bound rounding to zero is not "-0.000"
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="^`diffs`: expected at least 2"):
         interval_bounds([0.5])
-    with pytest.raises(ValueError, match=r"`level` must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"^`level`: expected a value in \(0, 1\); got 1.0"):
         interval_bounds([0.1, 0.2], level=1.0)
 
 
