@@ -244,9 +244,10 @@ def compare(summary: dict[str, dict[str, tuple[float, float]]], per_seed: dict[s
         per_seed: ``{method: [row per seed with the COLUMNS]}`` in seed order.
         seeds: the seeds.
 
-    The s_d differences are paired by seed (both fine-tunes of a seed start from that seed's M_S) and judged by :func:`lit_cascades.effects.seed_verdict`: beyond the seed spread when every
-    seed's difference has the same sign and their mean exceeds twice their standard deviation, noise otherwise;
-    each line also gives the per-seed differences and the 95% Student-t interval of their mean.
+    The s_d differences are paired by seed (both fine-tunes of a seed start from that seed's M_S) and judged
+    by :func:`lit_cascades.effects.seed_verdict`: beyond the seed spread when every seed's difference has the
+    same sign and their mean exceeds twice their standard deviation, noise otherwise; each line also gives the
+    per-seed differences and the 95% Student-t interval of their mean.
     """
     width = max(len(m) for m in summary)
     lines = [f"{'method':<{width}}  s_d (higher = better deferral)   small-model accuracy",

@@ -114,9 +114,9 @@ def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
     The kernel (``lit_cascades/functional/_native/gatekeeper.cpp``) is one native autograd node with the NumPy
     path's math and outputs: no Python runs in its forward or backward, which is what a training step of a small
     classifier pays for (``python -m benchmarks.gatekeeper_step``: on the 460-parameter digits MLP the NumPy path
-    costs 1.4-1.6x a cross-entropy step depending on the CPU, the kernel about 1.0x). It is compiled on the first call (about 40 s;
-    needs a C++ compiler, ``ninja`` and the Python headers, see :mod:`lit_cascades.functional._native`) and
-    cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
+    costs 1.4-1.6x a cross-entropy step depending on the CPU, the kernel about 1.0x). It is compiled on the first
+    call (about 40 s; needs a C++ compiler, ``ninja`` and the Python headers, see
+    :mod:`lit_cascades.functional._native`) and cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
     ``ddp_spawn`` (``GatekeeperClassifier(native_kernel=True)`` does). The Gatekeeper recipe's two-process
     ``ddp_spawn`` test runs the kernel in both workers and matches the one-process run.
 
