@@ -97,6 +97,14 @@ def interleaved_times(
     return times
 
 
+def spread(values: Sequence[float], raw: str | None = "values") -> dict[str, Any]:
+    """``{"median", "min", "max"}`` of ``values``, with the values themselves under ``raw`` (None: left out)."""
+    out: dict[str, Any] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    if raw is not None:
+        out[raw] = list(values)
+    return out
+
+
 def summarize_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, Any]:
     """Median / min / max over alternations of ``time[name] / time[baseline]`` for every other name.
 
@@ -111,7 +119,7 @@ def summarize_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, 
         if name == baseline:
             continue
         per = [t / b for t, b in zip(ts, base, strict=True)]
-        ratios[name] = {"median": statistics.median(per), "min": min(per), "max": max(per), "per_alternation": per}
+        ratios[name] = spread(per, "per_alternation")
     return {"baseline": baseline, "alternations": len(base), "seconds": times,
             "median_s": {name: statistics.median(ts) for name, ts in times.items()}, "ratios": ratios}
 
@@ -213,8 +221,8 @@ def peak_memory_mib(target: Callable[[], Callable[[], Any]], repeats: int = 5, t
                     timeout: float = 600.0) -> dict[str, Any]:
     """:func:`peak_extra_memory_mb` repeated in ``repeats`` fresh processes: median, min, max and the raw values."""
     values = [peak_extra_memory_mb(target, threads, timeout) for _ in range(repeats)]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values,
-            "method": "peak RSS over a post-warm-up baseline in a fresh process", "malloc_env": MALLOC_ENV}
+    return {**spread(values), "method": "peak RSS over a post-warm-up baseline in a fresh process",
+            "malloc_env": MALLOC_ENV}
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -231,6 +239,15 @@ def git_output(*args: str) -> str:
 def _git_commit() -> str | None:
     commit = git_output("rev-parse", "HEAD")
     return None if commit in ("", "unknown") else commit
+
+
+def load_text(payload: dict[str, Any]) -> str:
+    """A benchmark file's 1-minute load average as ``"start → end"`` (``"end"`` or ``"n/a"`` when not recorded)."""
+    load = payload.get("load", {})
+    start, end = load.get("loadavg_start"), load.get("loadavg_end")
+    if start and end:
+        return f"{start[0]:.1f} → {end[0]:.1f}"
+    return f"{end[0]:.1f}" if end else "n/a"
 
 
 def results_machine() -> dict[str, Any]:

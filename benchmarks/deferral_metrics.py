@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 
 import torch
 
-from benchmarks._common import Run, interleaved_ratios, peak_memory_mib, target_row
+from benchmarks._common import Run, interleaved_ratios, peak_memory_mib, spread, target_row
 from lit_cascades.functional import deferral_metrics
 
 N = 1_000_000
@@ -62,10 +61,9 @@ def main() -> None:
         for name, fn in (("sklearn_roc_auc", sklearn_fn), ("deferral_metrics", ours_fn)):
             mem.setdefault(name, []).append(peak_memory_mib(functools.partial(fn, args.n), repeats=1,
                                                             threads=args.threads)["values"][0])
-    mem_summary = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v}
-                   for k, v in mem.items()}
+    mem_summary = {k: spread(v) for k, v in mem.items()}
     per = [o / s for o, s in zip(mem["deferral_metrics"], mem["sklearn_roc_auc"], strict=True)]
-    mem_ratio = {"median": statistics.median(per), "min": min(per), "max": max(per), "per_repeat": per}
+    mem_ratio = spread(per, "per_repeat")
     run.write({"n": args.n, "torch_threads": args.threads, "timing": timing, "peak_extra_mib": mem_summary,
                "memory_ratio": mem_ratio},
               [target_row("deferral metrics / sklearn roc_auc_score, time (1M)", 1.0,

@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import statistics
 from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import Run, interleaved_ratios, peak_memory_mib
+from benchmarks._common import Run, interleaved_ratios, peak_memory_mib, spread
 from lit_cascades.functional import label_aggregation_loss, loss_aggregation_loss
 
 PRIORS = (0.5, 0.2, 0.05)
@@ -115,7 +114,7 @@ def main() -> None:
     naive_ratio = {k: timing["ratios"]["naive_double_loop_forward_rows"][k] * scale for k in ("median", "min", "max")}
     per_sampled = [a / s for a, s in zip(timing["seconds"]["vectorised_forward_backward"],
                                          timing["seconds"]["sampled_10pct_forward_backward"], strict=True)]
-    sampled_speedup = {"median": statistics.median(per_sampled), "min": min(per_sampled), "max": max(per_sampled)}
+    sampled_speedup = spread(per_sampled, raw=None)
     t_fwd, t_fwd_bwd = timing["median_s"]["vectorised_forward"], timing["median_s"]["vectorised_forward_backward"]
     t_naive = timing["median_s"]["naive_double_loop_forward_rows"] * scale
     t_laa, t_sampled = timing["median_s"]["label_aggregation_forward"], timing["median_s"]["sampled_10pct_forward_backward"]

@@ -175,12 +175,6 @@ def _fmt(fig: dict[str, float]) -> str:
     return f"{fig['median']:.{digits}f} ({fig['min']:.{digits}f}–{fig['max']:.{digits}f})"
 
 
-def _load(payload: dict[str, Any]) -> str:
-    load = payload.get("load", {})
-    start, end = load.get("loadavg_start"), load.get("loadavg_end")
-    return f"{start[0]:.1f} → {end[0]:.1f}" if start and end else "n/a"
-
-
 def render(reruns_dir: Path | None = None) -> str:
     """The reproduction table (Markdown) of every rerun file in ``reruns_dir`` that carries a comparison."""
     reruns_dir = reruns_dir or _common.PUBLISHED / "reruns"
@@ -189,15 +183,18 @@ def render(reruns_dir: Path | None = None) -> str:
              "|---|---|---|---|---|---|---|"]
     counts = [0, 0]
     superseded = False
+    current_start: dict[str, str | None] = {}  # benchmark -> start time of its published run (None: no file)
     for path in sorted(reruns_dir.glob("*.json")):
         payload = json.loads(path.read_text())
         rep = payload.get("reproduction")
         if not rep:
             continue
-        when = f"{(payload.get('started_utc') or '?').split('+')[0]}, {_load(payload)}"
-        current = reruns_dir.parent / f"{payload['benchmark']}.json"
-        old = current.exists() and json.loads(current.read_text()).get("started_utc") != rep["published"].get(
-            "started_utc")
+        when = f"{(payload.get('started_utc') or '?').split('+')[0]}, {_common.load_text(payload)}"
+        name = payload["benchmark"]
+        if name not in current_start:
+            current = reruns_dir.parent / f"{name}.json"
+            current_start[name] = json.loads(current.read_text()).get("started_utc") if current.exists() else None
+        old = current_start[name] is not None and current_start[name] != rep["published"].get("started_utc")
         superseded |= old
         mark = " †" if old else ""
         for row in rep["figures"]:

@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS, ROOT, Run
+from benchmarks._common import RESULTS, ROOT, Run, spread
 from lit_cascades.serving import BatchResult, ClassificationAdapter
 
 NAME = "serve"
@@ -167,7 +166,7 @@ def measure(sides: dict[str, list[str]], bodies: list[bytes], rounds: int, clien
         thr = [len(bodies) / r["wall_s"] for r in per[name]]
         pooled = np.array([t for r in per[name] for t in r["latencies"]]) * 1e3
         summary[name] = {
-            "requests_per_s": {"median": statistics.median(thr), "min": min(thr), "max": max(thr), "per_round": thr},
+            "requests_per_s": spread(thr, "per_round"),
             "latency_ms": {q: float(np.percentile(pooled, int(q[1:]))) for q in ("p50", "p90", "p99")},
             "latency_ms_per_round": {q: [float(np.percentile(np.array(r["latencies"]) * 1e3, int(q[1:])))
                                          for r in per[name]] for q in ("p50", "p99")},
@@ -179,7 +178,7 @@ def measure(sides: dict[str, list[str]], bodies: list[bytes], rounds: int, clien
 
     def ratio(get: Any) -> dict[str, float]:
         per_round = [x / y for x, y in zip(get(summary[a]), get(summary[b]))]
-        return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+        return spread(per_round, raw=None)
 
     ratios = {"throughput_ratio": ratio(lambda s: s["requests_per_s"]["per_round"]),
               "p50_latency_ratio": ratio(lambda s: s["latency_ms_per_round"]["p50"]),

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from benchmarks import _common
-from benchmarks._common import Run, interleaved_ratios, target_row
+from benchmarks._common import Run, interleaved_ratios, spread, target_row
 from lit_cascades.data.lm import collate_prompts, ensure_pad_token
 from lit_cascades.functional.text import text_quality
 from lit_cascades.lm_tasks import build_task_datamodule, load_or_build_pair, next_line_loader
@@ -183,7 +182,7 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "per_alternation": values}
+    return spread(values, "per_alternation")
 
 
 def cache_columns(drafter, verifier, ids: torch.Tensor, mask: torch.Tensor, gamma: int = 5,

@@ -29,14 +29,6 @@ def load_results(directory: Path | None = None) -> dict[str, dict[str, Any]]:
             if (directory / f"{name}.json").exists()}
 
 
-def _load(payload: dict[str, Any]) -> str:
-    load = payload.get("load", {})
-    start, end = load.get("loadavg_start"), load.get("loadavg_end")
-    if start and end:
-        return f"{start[0]:.1f} → {end[0]:.1f}"
-    return f"{end[0]:.1f}" if end else "n/a"
-
-
 def cpu_name(payload: dict[str, Any]) -> str:
     """The CPU a benchmark ran on, short (``"Intel(R) Xeon(R) Processor"`` -> ``"Intel Xeon"``)."""
     cpu = str(payload.get("machine", {}).get("cpu") or "n/a")
@@ -58,7 +50,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             what = row["what"] + (f" ({payload['encoder']} encoder)" if "encoder" in payload else "")
             lines.append(f"| `{name}` | {what} | ≤ {row['target']:.2f} | {row['median']:.3f} | "
                          f"{row['min']:.3f}–{row['max']:.3f} | {'yes' if row['pass'] else '**no**'} | {reps} | "
-                         f"{_load(payload)} | {cpu_name(payload)} |")
+                         f"{_common.load_text(payload)} | {cpu_name(payload)} |")
     machines = {(p["machine"].get("cpu"), p["machine"].get("torch")) for p in results.values()
                 if p.get("targets") and "machine" in p}
     threads = sorted({p.get("torch_threads", p.get("machine", {}).get("torch_threads")) for p in results.values()

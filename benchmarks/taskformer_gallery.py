@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import MALLOC_ENV, Run
+from benchmarks._common import MALLOC_ENV, Run, spread
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.functional.retrieval import chunked_topk
 from lit_cascades.modules.taskformer import TaskFormer
@@ -120,9 +120,6 @@ def main() -> None:
             runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ids = {m: torch.tensor([r.pop("ids") for r in rs]) for m, rs in runs.items()}
     same = float(ids["chunked"].eq(ids["full_matrix"]).float().mean())
-
-    def spread(values: list[float]) -> dict:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
     pairs = list(zip(runs["chunked"], runs["full_matrix"], strict=True))
     rank = {m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "queries_per_s", "peak_extra_mib")}

@@ -203,3 +203,15 @@ def test_write_tables_writes_each_file_and_reports_it(tmp_path, capsys):
     assert [p.name for p in paths] == ["table.md", "other.md"]
     assert (tmp_path / "new" / "table.md").read_text() == "| a |\n" and (tmp_path / "new" / "other.md").read_text() == "x\n"
     assert capsys.readouterr().out.splitlines() == [f"wrote {p}" for p in paths]
+
+
+def test_spread_keeps_the_raw_values_under_the_name_given():
+    assert common.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "values": [3.0, 1.0, 2.0]}
+    assert common.spread([1.0, 4.0], "per_round") == {"median": 2.5, "min": 1.0, "max": 4.0, "per_round": [1.0, 4.0]}
+    assert common.spread([1.0, 4.0], raw=None) == {"median": 2.5, "min": 1.0, "max": 4.0}
+
+
+def test_load_text_prefers_start_and_end():
+    assert common.load_text({"load": {"loadavg_start": [0.74, 0, 0], "loadavg_end": [1.0, 0, 0]}}) == "0.7 → 1.0"
+    assert common.load_text({"load": {"loadavg_end": [1.26, 0, 0]}}) == "1.3"
+    assert common.load_text({}) == "n/a"
