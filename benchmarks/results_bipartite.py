@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks._common import git_output, run_recipe_dir, save_figure, write_tables
 from benchmarks._common import results_machine as machine
-from lit_cascades.effects import mean_std, paired_interval
+from lit_cascades.effects import mean_std, paired_differences, paired_interval
 from lit_cascades.effects import seed_verdict as verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +116,8 @@ def _by(stages: list[dict[str, Any]], **keys: Any) -> list[dict[str, Any]]:
 
 
 def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> list[float]:
-    """Per-seed differences ``a[key] - b[key]`` (rows matched by seed)."""
-    bs = {r["seed"]: r[key] for r in b}
-    return [r[key] - bs[r["seed"]] for r in a if r["seed"] in bs]
+    """Per-seed differences ``a[key] - b[key]`` (rows matched by seed; a seed missing on one side raises)."""
+    return paired_differences({r["seed"]: r[key] for r in a}, {r["seed"]: r[key] for r in b})
 
 
 def _labels(exp: dict[str, Any]) -> list[str]:

@@ -161,8 +161,8 @@ def table_md(raw: dict[str, Any], data: str) -> str:
     for m in order(summary):
         if not m.startswith("gatekeeper"):
             continue
-        d = paired_differences([r["s_d"] for r in per_seed[m]], [r["s_d"] for r in per_seed[BASELINE]])
-        acc = paired_differences([r["test_acc"] for r in per_seed[m]], [r["test_acc"] for r in per_seed[BASELINE]])
+        d, acc = (paired_differences({r["seed"]: r[k] for r in per_seed[m]}, {r["seed"]: r[k] for r in per_seed[BASELINE]})
+                  for k in ("s_d", "test_acc"))
         lines.append(f"| {m} | {' / '.join(f'{x:+.3f}' for x in d)} | {mean_std(d)} | {paired_interval(d)} | "
                      f"{seed_verdict(d)} | {mean_std(acc)} |")
     t = raw["timing"]

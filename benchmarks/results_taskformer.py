@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks._common import git_output, run_recipe_dir, save_figure, write_tables
 from benchmarks._common import results_machine as machine
-from lit_cascades.effects import mean_std, paired_interval
+from lit_cascades.effects import mean_std, paired_differences, paired_interval
 from lit_cascades.effects import seed_verdict as verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +85,8 @@ def table(raw: dict[str, Any]) -> str:
               "| comparison | Δ R@1 mean ± std | per seed | verdict | 95% interval |", "|---|---:|---|---|---:|"]
     for label, a, qa, b, qb in effects:
         va, vb = _values(raw, a, qa, "recall@1"), _values(raw, b, qb, "recall@1")
-        d = [va[s] - vb[s] for s in sorted(va) if s in vb]
-        if d:
+        if va or vb:
+            d = paired_differences(va, vb)
             lines.append(f"| {label} | {mean_std(d, 1)} | {' / '.join(f'{x:+.1f}' for x in d)} | {verdict(d)} | "
                          f"{paired_interval(d, digits=1)} |")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks._common import git_output, run_recipe_dir, save_figure, write_tables
 from benchmarks._common import results_machine as machine
-from lit_cascades.effects import mean_std, paired_interval
+from lit_cascades.effects import mean_std, paired_differences, paired_interval
 from lit_cascades.effects import seed_verdict as verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def table_teachers(raw: dict[str, Any]) -> str:
     for scorer, metric, name in (("de", "mrr@10", "DE MRR@10"), ("de", "recall@1", "DE R@1"),
                                  ("rerank", "mrr@10", "DE+CE MRR@10"), ("rerank", "recall@1", "DE+CE R@1")):
         a, b = _vals(raw, "ustad", "teacher", scorer, metric), _vals(raw, "separate", "teacher", scorer, metric)
-        d = [a[s] - b[s] for s in sorted(a) if s in b]
+        d = paired_differences(a, b)
         mean = mean_std(d) if len(d) > 1 else f"{d[0]:+.3f} (one seed)"
         lines.append(f"| {name} | {mean} | {' / '.join(f'{x:+.3f}' for x in d)} | {verdict(d)} | "
                      f"{paired_interval(d)} |")
@@ -124,7 +124,7 @@ def table_students(raw: dict[str, Any]) -> str:
             lines.append(f"| {name} | {schedule} | {len(mrr)} | " + " | ".join(cells)
                          + f" | {mean_std([100 * x for x in ret], 1)}% |")
         a, b = _vals(raw, run, "student", "de", "mrr@10"), _vals(raw, run, "student_no_teacher", "de", "mrr@10")
-        d = [a[s] - b[s] for s in sorted(a)]
+        d = paired_differences(a, b)
         verdicts.append(f"{schedule}: {mean_std(d)} ({' / '.join(f'{x:+.3f}' for x in d)}), {verdict(d)}")
     lines += ["", "Distilled − no teacher, DE MRR@10 paired by seed: " + "; ".join(verdicts) + "."]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 BEYOND = "beyond seed spread"
 NOISE = "noise"
@@ -33,12 +34,28 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def paired_differences(method: Sequence[float], baseline: Sequence[float]) -> list[float]:
-    """Per-seed differences ``method[s] − baseline[s]``; both lists in the same seed order.
+def paired_differences(method: Sequence[float] | Mapping[Any, float],
+                       baseline: Sequence[float] | Mapping[Any, float]) -> list[float]:
+    """Per-seed differences ``method[s] − baseline[s]``.
+
+    Args:
+        method, baseline: either two ``{seed: value}`` mappings (paired by key, returned in sorted seed order) or
+            two sequences in the same seed order.
 
     Raises:
-        ValueError: the two lists have different lengths (a seed missing on one side).
+        ValueError: a seed is missing on one side (the mappings' keys differ, naming the seeds; or the sequences'
+            lengths differ). A missing seed is an error, never silently dropped: dropping it would report an
+            effect over fewer seeds than the table says.
     """
+    if isinstance(method, Mapping) or isinstance(baseline, Mapping):
+        if not (isinstance(method, Mapping) and isinstance(baseline, Mapping)):
+            raise TypeError("`method` and `baseline`: expected two {seed: value} mappings or two sequences; got "
+                            f"{type(method).__name__} and {type(baseline).__name__}")
+        only_m, only_b = sorted(set(method) - set(baseline)), sorted(set(baseline) - set(method))
+        if only_m or only_b:
+            raise ValueError(f"`method` and `baseline`: expected the same seeds on both sides; seeds {only_m} only "
+                             f"in `method`, {only_b} only in `baseline`")
+        return [method[s] - baseline[s] for s in sorted(method)]
     if len(method) != len(baseline):
         raise ValueError(f"`method` and `baseline`: expected one value per seed on both sides; got {len(method)} "
                          f"and {len(baseline)} values")

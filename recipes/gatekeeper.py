@@ -241,7 +241,7 @@ def compare(summary: dict[str, dict[str, tuple[float, float]]], per_seed: dict[s
 
     Args:
         summary: ``{method: {metric: (mean, std over seeds)}}``.
-        per_seed: ``{method: [row per seed with the COLUMNS]}`` in seed order.
+        per_seed: ``{method: [row per seed with "seed" and the COLUMNS]}`` (paired by the rows' seeds).
         seeds: the seeds.
 
     The s_d differences are paired by seed (both fine-tunes of a seed start from that seed's M_S) and judged
@@ -262,8 +262,8 @@ def compare(summary: dict[str, dict[str, tuple[float, float]]], per_seed: dict[s
         if not method.startswith("gatekeeper"):
             continue
         diff = v["s_d"][0] - base["s_d"][0]
-        paired = paired_differences([row["s_d"] for row in per_seed[method]],
-                                    [row["s_d"] for row in per_seed[BASELINE]])
+        paired = paired_differences({row["seed"]: row["s_d"] for row in per_seed[method]},
+                                    {row["seed"]: row["s_d"] for row in per_seed[BASELINE]})
         acc = v["test_acc"][0] - base["test_acc"][0]
         head = f"{method}: s_d {diff:+.3f} vs the cross-entropy fine-tune (accuracy {acc:+.3f})"
         if n < 2:

@@ -39,6 +39,20 @@ def test_the_verdict_pairs_by_seed():
         paired_differences([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
+def test_paired_differences_by_seed_pairs_keys_not_positions() -> None:
+    # insertion orders differ: pairing by position would give 0.1 − 0.7, i.e. a wrong sign on two seeds
+    method, base = {2: 0.9, 0: 0.2, 1: 0.5}, {0: 0.1, 1: 0.4, 2: 0.7}
+    assert paired_differences(method, base) == pytest.approx([0.1, 0.1, 0.2])
+
+
+def test_paired_differences_refuses_a_missing_seed() -> None:
+    with pytest.raises(ValueError, match=r"^`method` and `baseline`: expected the same seeds on both sides; seeds "
+                                         r"\[3\] only in `method`, \[2\] only in `baseline`"):
+        paired_differences({0: 1.0, 1: 1.0, 3: 1.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    with pytest.raises(TypeError, match="two {seed: value} mappings or two sequences; got dict and list"):
+        paired_differences({0: 1.0}, [0.0])
+
+
 def test_mean_std_is_the_sample_std() -> None:
     assert mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"
     assert mean_std([0.5, 0.5, 0.8], 2) == "0.60 ± 0.17"

@@ -164,3 +164,17 @@ def test_paired_interval_cells_match_scipy() -> None:
     row = next(line for line in (ROOT / "docs/results/ustad/table.md").read_text().splitlines()
                if line.startswith("| DE+CE MRR@10 |"))
     assert row.split(" | ")[4].rstrip(" |") == f"[{lo:+.3f}, {hi:+.3f}]"
+
+
+@pytest.mark.parametrize(("paper", "drop"), [
+    ("ustad", lambda r: r["run"] == "separate" and r["seed"] == min(s["seed"] for s in _raw("ustad")["runs"])),
+    ("taskformer", lambda r: r["config"] == "sketch only (baseline)" and r["seed"] == 0),
+])
+def test_a_seed_missing_on_one_side_fails_the_table(paper: str, drop) -> None:
+    """Paired tables pair by seed and never silently drop one: with a baseline seed removed the table raises
+    (before, it reported the effect over the remaining seeds under a header naming all of them)."""
+    raw = _raw(paper)
+    kept = [r for r in raw["runs"] if not drop(r)]
+    assert len(kept) < len(raw["runs"])
+    with pytest.raises(ValueError, match="expected the same seeds on both sides"):
+        SCRIPTS[paper].tables({**raw, "runs": kept})

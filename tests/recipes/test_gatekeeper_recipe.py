@@ -82,7 +82,7 @@ def test_smoke_run_layout(smoke_run):
 def _rows(sd_by_seed: dict[str, list[float]]) -> tuple[dict, dict]:
     import statistics
 
-    per_seed = {m: [{"s_d": v, "test_acc": 0.8} for v in vals] for m, vals in sd_by_seed.items()}
+    per_seed = {m: [{"seed": s, "s_d": v, "test_acc": 0.8} for s, v in enumerate(vals)] for m, vals in sd_by_seed.items()}
     summary = {m: {"s_d": (statistics.fmean(vals), statistics.stdev(vals)), "test_acc": (0.8, 0.0)}
                for m, vals in sd_by_seed.items()}
     return summary, per_seed
