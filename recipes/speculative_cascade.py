@@ -20,6 +20,10 @@ memoised in ``<stage>/records.pt``; ``task.num_test`` prompts are decoded in bat
 * the speculative cascades: each rule of ``sweep.rules`` at each α of ``sweep.alphas.<rule>`` (lossy
   speculative decoding is the rule ``lossy``), or only ``rule``/``alpha`` when ``rule=`` is given.
 
+``drafter=feature`` drafts with the pair's EAGLE feature drafter (:class:`~lit_cascades.models.feature_drafter.
+FeatureDrafter`, built by an ``lm_pair`` preset with a ``drafter`` section) instead of its small LM; ``small_only``
+and the sequence-level cascade still use the small LM.
+
 Outputs: ``methods.csv`` (one row per method; ``deferral_rate`` is the rule's: the share of emitted tokens at
 which its target puts weight on the large model, 1 for ``spec_decode``; ``rejection_rate`` is the share of
 drafts rejected by the accept/reject step), ``quality_latency.png`` (quality vs latency relative to
@@ -53,6 +57,8 @@ from lit_cascades.models.generation import greedy_generate
 from lit_cascades.runner import ConfigError, Run, build, config_errors, main
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: what drafts for the speculative methods: the pair's small LM, or its EAGLE feature drafter (``pair.drafter``)
+DRAFTERS = ("small", "feature")
 COLUMNS = ("method", "rule", "alpha", "quality", "exact_match", "token_f1", "seconds_per_prompt", "relative_latency",
            "tokens_per_second", "verifier_calls_per_prompt", "verifier_calls_per_token", "drafter_calls_per_prompt",
            "acceptance_rate", "tokens_per_verifier_call", "rejection_rate", "deferral_rate")
@@ -121,18 +127,27 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
     check_pair_section(cfg.pair)
     check_task(task)
     runs = methods_to_run(cfg)
+    if cfg.get("drafter", "small") not in DRAFTERS:
+        raise ConfigError(f"unknown drafter {cfg.drafter!r}; choose one of {list(DRAFTERS)}", key="drafter")
     pair = load_or_build_pair(cfg.pair, CONFIG_DIR)
+    drafter = pair.small
+    if cfg.get("drafter") == "feature":
+        if pair.drafter is None:
+            raise ConfigError(f"the pair {pair_name(pair, cfg.pair)} has no feature drafter; build one with "
+                              "`python -m recipes.lm_pair preset=smollm2_feature_drafter` (a `drafter` section) "
+                              "or use drafter=small", key="drafter")
+        drafter = pair.drafter
 
     # -- build everything before any work ---------------------------------------------------------------
     dm = build_task_datamodule(cfg.data, pair)
     tok = dm.get_tokenizer()
     loader = next_line_loader(dm, task, task.split, task.num_test, tok.pad_token_id)
-    modules = {method_name(rule, alpha): (rule, alpha, build(cfg.cascade, "cascade", drafter=pair.small,
+    modules = {method_name(rule, alpha): (rule, alpha, build(cfg.cascade, "cascade", drafter=drafter,
                                                                 verifier=pair.large, tokenizer=tok, rule=rule,
                                                                 alpha=alpha))
                for rule, alpha in runs}
     h = next(iter(modules.values()))[2].hparams if modules else build(
-        cfg.cascade, "cascade", drafter=pair.small, verifier=pair.large, tokenizer=tok).hparams
+        cfg.cascade, "cascade", drafter=drafter, verifier=pair.large, tokenizer=tok).hparams
     q = h.quality
     decode_args = dict(max_new_tokens=h.max_new_tokens, include_stop=h.include_stop, temperature=h.temperature,
                        seed=int(cfg.seed))
@@ -143,8 +158,9 @@ def run(cfg: DictConfig, r: Run) -> dict[str, Any]:
         greedy_generate(model, warm["input_ids"][:2], warm["attention_mask"][:2], 2, [tok.pad_token_id], tok.pad_token_id)
 
     def stage(name: str, config: dict[str, Any]) -> Any:
+        feature = {"drafter": "feature"} if drafter is not pair.small else {}  # (memoised records: per drafter)
         return r.stage(f"decode/{name}", kind="decode", config={"method": name, "task": plain(task),
-                                                                "cascade": plain(cfg.cascade), **config})
+                                                                "cascade": plain(cfg.cascade), **feature, **config})
 
     plain_records = {}
     for name, model in (("small_only", pair.small), ("large_only", pair.large)):

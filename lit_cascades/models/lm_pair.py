@@ -7,6 +7,8 @@ directory written by :func:`save_pair` looks like::
     <path>/small/             model.save_pretrained + tokenizer.save_pretrained (self-contained)
     <path>/large/             likewise
     <path>/tokenizer/         the shared tokenizer
+    <path>/drafter/           optional: an EAGLE feature drafter of the large model ("drafter" in pair.json;
+                              :class:`~lit_cascades.models.feature_drafter.FeatureDrafter`, loaded onto ``large``)
 
 so ``AutoModelForCausalLM.from_pretrained(<path>/small)`` works on its own, and :func:`load_pair` loads all
 three and checks that they agree (:func:`check_same_vocab`). A pair can also be given as two hub ids /
@@ -40,6 +42,8 @@ class LMPair:
     tokenizer: Any
     path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: an optional :class:`~lit_cascades.models.feature_drafter.FeatureDrafter` of ``large`` (EAGLE drafting)
+    drafter: nn.Module | None = None
 
 
 def model_vocab_size(model: nn.Module) -> int:
@@ -189,6 +193,9 @@ def save_pair(pair: LMPair, path: str | os.PathLike, meta: dict[str, Any] | None
             pair.tokenizer.save_pretrained(tmp / name)
         pair.tokenizer.save_pretrained(tmp / "tokenizer")
         info = {"small": "small", "large": "large", "tokenizer": "tokenizer", **pair.meta, **(meta or {})}
+        if pair.drafter is not None:
+            pair.drafter.save(tmp / "drafter")
+            info["drafter"] = "drafter"
         (tmp / PAIR_FILE).write_text(json.dumps(info, indent=2, default=str))
         if path.exists():
             old = path.with_name(f".{path.name}-old")
@@ -245,7 +252,12 @@ def load_pair(
     small_model = load_causal_lm(small).eval()
     large_model = load_causal_lm(large).eval()
     check_same_vocab(small_model, large_model, tok, large_tok)
-    return LMPair(small_model, large_model, tok, None if path is None else str(path), meta)
+    drafter = None
+    if meta.get("drafter"):
+        from lit_cascades.models.feature_drafter import FeatureDrafter
+
+        drafter = FeatureDrafter.load(Path(path).expanduser() / meta["drafter"], large_model)
+    return LMPair(small_model, large_model, tok, None if path is None else str(path), meta, drafter)
 
 
 def pair_lm(

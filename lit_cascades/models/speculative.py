@@ -86,6 +86,7 @@ from lit_cascades.functional.speculative import (
     target_distribution,
     verify_block,
 )
+from lit_cascades.models.feature_drafter import hidden_size, shift_features, uses_verifier_features
 from lit_cascades.models.generation import as_stop_counts
 from lit_cascades.models.lm_pair import context_length, model_vocab_size
 
@@ -237,7 +238,7 @@ class _Runner:
 
     def __init__(self, model: nn.Module, vocab: int, max_position: int | None) -> None:
         self.model, self.vocab, self.max_position = model, vocab, max_position
-        self.cached = is_hf_causal_lm(model)
+        self.cached = is_hf_causal_lm(model) or uses_verifier_features(model)
         self.cache_kwarg, self.has_keep = _forward_kwargs(type(model)) if self.cached else ("", False)
         self.length = 0
         self.cache = None
@@ -246,14 +247,24 @@ class _Runner:
 
             self.cache = DynamicCache()  # lazily initialised full layers (sliding windows live in the mask)
 
-    def forward(self, ids: Tensor, mask: Tensor, keep: int) -> Tensor:
-        """Feed the columns the cache lacks; float32 logits ``[B, keep, V_union]`` of the last ``keep`` columns."""
+    def forward(self, ids: Tensor, mask: Tensor, keep: int, features: Tensor | None = None,
+                hidden: bool = False) -> Any:
+        """Feed the columns the cache lacks; float32 logits ``[B, keep, V_union]`` of the last ``keep`` columns.
+
+        ``features`` ``[B, T, d]`` (a feature drafter): the verifier's features aligned with ``ids``; the model gets
+        each fed column's predecessor's (:func:`~lit_cascades.models.feature_drafter.shift_features`).
+        ``hidden=True`` also returns the last hidden states of the fed columns ``[B, fed, d]``.
+        """
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if self.max_position is not None:  # draft columns past a row's budget: never kept, keep them in range
             positions = positions.clamp(max=self.max_position - 1)
         if self.cached:
             start = self.length
             kwargs = {self.cache_kwarg: self.cache, **({"logits_to_keep": keep} if self.has_keep else {})}
+            if features is not None:
+                kwargs["features"] = shift_features(features)[:, start:]
+            if hidden:
+                kwargs["output_hidden_states"] = True
             out = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
                              use_cache=True, **kwargs)
             self.length = ids.shape[1]
@@ -263,7 +274,7 @@ class _Runner:
         logits = logits[:, -keep:, :self.vocab].float()  # rows past the tokenizer's vocabulary: not tokens
         if logits.shape[-1] < self.vocab:  # (defensive) rows this model lacks: probability 0
             logits = torch.nn.functional.pad(logits, (0, self.vocab - logits.shape[-1]), value=-float("inf"))
-        return logits
+        return (logits, out.hidden_states[-1]) if hidden else logits
 
     def realign(self, rows: Tensor, index: Tensor, length: int) -> None:
         """Keep batch ``rows`` and, per row, cache columns ``index[:, :length]`` (``[B', ≥ length]`` old columns)."""
@@ -369,7 +380,7 @@ def check_vocabularies(drafter: nn.Module, verifier: nn.Module, vocab_size: int 
 
 
 def _drafter_vocab(drafter: nn.Module, ids: Tensor, mask: Tensor) -> int:
-    if is_hf_causal_lm(drafter):
+    if is_hf_causal_lm(drafter) or uses_verifier_features(drafter):
         return model_vocab_size(drafter)
     try:
         out = drafter(input_ids=ids[:1, -1:], attention_mask=mask[:1, -1:], position_ids=torch.zeros_like(ids[:1, -1:]))
@@ -407,8 +418,11 @@ def check_generation_inputs(drafter: nn.Module, verifier: nn.Module, input_ids: 
         raise TypeError(f"the verifier must be a Hugging Face causal LM (transformers GenerationMixin with a config); "
                         f"got {type(verifier).__name__}")
     check_cache_support(verifier, "verifier")
-    if is_hf_causal_lm(drafter):
+    if is_hf_causal_lm(drafter) or uses_verifier_features(drafter):
         check_cache_support(drafter, "drafter")
+    if uses_verifier_features(drafter) and drafter.feature_size != hidden_size(verifier):
+        raise ValueError(f"the feature drafter reads hidden states of width {drafter.feature_size}; the verifier's are "
+                         f"{hidden_size(verifier)} wide (was the drafter trained on another verifier?)")
     vocab = check_vocabularies(drafter, verifier, vocab_size, _drafter_vocab(drafter, input_ids, attention_mask))
     for model, name in ((drafter, "drafter"), (verifier, "verifier")):
         ctx = context_length(model) if hasattr(model, "config") else None
@@ -514,6 +528,16 @@ def speculative_generate(
     # drop leading columns that are padding in every row
     lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
     ids, mask = ids[:, lead:], mask[:, lead:]
+    # feature drafter (EAGLE): the verifier's last hidden state of every column it has verified, the drafter's own
+    # prediction on draft columns; the verifier first runs on the prompt minus its last token, so that every round
+    # starts with exactly one column it has not seen and the drafter always reads real features of the prefix
+    feats = None
+    if uses_verifier_features(drafter):
+        feats = ids.new_zeros(*ids.shape, drafter.feature_size, dtype=torch.float32)
+        if ids.shape[1] > 1:
+            _, h = v_run.forward(ids[:, :-1], mask[:, :-1], 1, hidden=True)
+            feats[:, :-1] = h.float() * mask[:, :-1, None]  # padding: zeros, as before a first token
+            stats["verifier_calls"][rows] += 1
     g_cur = gamma
     gammas: list[int] = []
     peak = 0
@@ -554,7 +578,11 @@ def speculative_generate(
             # logits of the last column only (the LM head is most of a small drafter's cost), except when pending
             # tokens still need their drafter log-probs
             keep = ids.shape[1] - d_run.length if j == 0 and bool((pending[rows] > 0).any()) else 1
-            logits = d_run.forward(ids, mask, keep)
+            if feats is None:
+                logits = d_run.forward(ids, mask, keep)
+            else:
+                logits, h = d_run.forward(ids, mask, keep, features=feats, hidden=True)
+                feats[:, -1] = h[:, -1].float()  # the last column's feature: predicted until the verifier has seen it
             stats["drafter_calls"][rows] += 1
             if j == 0:
                 fill_pending(logits[:, :-1], ids.shape[1] - 1)
@@ -573,8 +601,15 @@ def speculative_generate(
             drafts.append(x)
             ids = torch.cat([ids, x[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(x)[:, None]], 1)
+            if feats is not None:
+                feats = torch.cat([feats, feats.new_zeros(b, 1, feats.shape[2])], 1)
         draft = torch.stack(drafts, 1) if drafts else ids.new_zeros(b, 0)
-        v_logits = v_run.forward(ids, mask, g + 1)  # the block's g + 1 columns (not the prompt's, in round 1)
+        if feats is None:
+            v_logits = v_run.forward(ids, mask, g + 1)  # the block's g + 1 columns (not the prompt's, in round 1)
+        else:
+            fed = ids.shape[1] - v_run.length
+            v_logits, h = v_run.forward(ids, mask, g + 1, hidden=True)
+            feats[:, -fed:] = h.float()  # real features replace the drafter's predictions
         stats["verifier_calls"][rows] += 1
         stats["drafted"][rows] += g
         v_processed = _apply_processors(processors, v_logits, prompts[rows], outs, n_out[rows], draft)
@@ -644,6 +679,10 @@ def speculative_generate(
 
         # compact: shift rows that accepted fewer drafts right, drop columns that are padding in every row
         ids, mask = ids[:, :start + int(n.max())], mask[:, :start + int(n.max())]
+        if feats is not None:
+            feats = feats[:, :start + int(n.max())]
+        # a feature drafter's cache entries of this round's drafts were built on predicted features: recompute them
+        d_keep = start if feats is not None else start + n
         shift = int(n.max()) - n
         real = mask.sum(-1) - (int(n.max()) - n)  # real tokens of each row (no holes before this round)
         left = ids.shape[1] - real  # leading padding after the shift
@@ -655,18 +694,23 @@ def speculative_generate(
         all_rows = torch.arange(b, device=device)
         if bool((shift == 0).all()) and strip == 0:
             v_run.crop(start + int(n.max()))
-            d_run.crop(min(d_run.length, start + int(n.max())))
+            d_run.crop(min(d_run.length, int(torch.as_tensor(d_keep).max())))
         else:
             ids = ids.gather(1, src) * valid
             mask = valid.long()
+            if feats is not None:
+                feats = feats.gather(1, src[..., None].expand(-1, -1, feats.shape[2])) * valid[..., None]
             v_run.realign(all_rows, src, cols)
-            d_end = (torch.clamp(torch.full_like(n, d_run.length), max=start + n) + shift - strip)
+            d_end = (torch.clamp(torch.full_like(n, d_run.length), max=d_keep) + shift - strip)
             d_run.realign(all_rows, src, int(d_end.min()) if d_run.cached else 0)
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+        if feats is not None:
+            feats = torch.cat([feats, feats.new_zeros(b, 1, feats.shape[2])], 1)
         if output_logprobs and bool((pending[rows] > 0)[done].any()):
             # a finishing row's last token still needs its drafter log-prob: one drafter forward (no new token)
-            d_logits = d_run.forward(ids[:, :-1], mask[:, :-1], max(1, ids.shape[1] - 1 - d_run.length))
+            d_logits = d_run.forward(ids[:, :-1], mask[:, :-1], max(1, ids.shape[1] - 1 - d_run.length),
+                                     **({} if feats is None else {"features": feats[:, :-1]}))
             stats["drafter_calls"][rows] += 1
             fill_pending(d_logits, ids.shape[1] - 1)
         if gamma_schedule == "heuristic":
@@ -680,6 +724,8 @@ def speculative_generate(
             lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
             lead = min(lead, v_run.length, d_run.length if d_run.cached else lead)
             ids, mask = ids[:, lead:], mask[:, lead:]
+            if feats is not None:
+                feats = feats[keep_rows][:, lead:]
             cols_idx = torch.arange(ids.shape[1], device=device)[None].expand(rows.numel(), -1) + lead
             v_run.realign(keep_rows, cols_idx, v_run.length - lead)
             d_run.realign(keep_rows, cols_idx, d_run.length - lead)

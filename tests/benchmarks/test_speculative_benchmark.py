@@ -59,3 +59,23 @@ def test_speculative_benchmark_merge_keeps_other_pairs_and_skips_missing_smollm2
     assert out["results"]["runs"][0]["pairs"] == ["llama_random"] and out["results"]["runs"][0]["sections"] == ["cache"]
     assert [t["what"] for t in out["targets"]] == ["KV-cache columns / real tokens, batch 4, γ = 5, llama_random"]
     assert "| llama_random | 0.900 |" in (tmp_path / "speculative.table.md").read_text()
+
+
+def test_merge_keeps_committed_drafters_this_run_did_not_build():
+    """A drafters run on a machine where only some presets are built keeps the committed rows of the others
+    (not replaced by "not built"), re-measures the ones it built, and refuses to mix different settings."""
+    import pytest
+
+    settings = {"prompts": 32, "batch_size": 32, "gamma": 4, "max_new_tokens": 32}
+    old = {**settings, "drafters": {"untrained": {"built": True, "acceptance_rate": 0.007},
+                                    "lm_pair preset=a": {"built": True, "acceptance_rate": 0.24},
+                                    "lm_pair preset=gone": {"built": True, "acceptance_rate": 0.1}}}
+    new = {**settings, "drafters": {"untrained": {"built": True, "acceptance_rate": 0.008},
+                                    "lm_pair preset=a": {"built": False},
+                                    "lm_pair preset=feature": {"built": True, "acceptance_rate": 0.4}}}
+    assert speculative._merge_drafters(new, old)
+    assert {k: d["acceptance_rate"] for k, d in new["drafters"].items()} == {
+        "untrained": 0.008, "lm_pair preset=a": 0.24, "lm_pair preset=feature": 0.4, "lm_pair preset=gone": 0.1}
+    other = {**settings, "gamma": 5, "drafters": {"lm_pair preset=a": {"built": False}}}
+    with pytest.raises(ValueError, match="rerun with the same settings"):
+        speculative._merge_drafters(other, old)

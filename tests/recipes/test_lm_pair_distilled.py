@@ -87,3 +87,59 @@ def test_smollm2_distilled_preset_distils_the_first_layers(tmp_path):
     assert not torch.equal(small.state_dict()[layer], teacher.state_dict()[layer])  # distilled
     info = json.loads((out / "pair" / "pair.json").read_text())
     assert info["preset"] == "smollm2_distilled"
+
+
+@pytest.mark.slow
+def test_feature_drafter_preset_trains_saves_and_drafts(tmp_path):
+    """``preset=smollm2_feature_drafter`` on a tiny Llama verifier: the drafter stage trains (its loss falls and
+    its agreement with the verifier rises), the pair directory holds it, ``load_pair`` attaches it to the large model,
+    and ``recipes.speculative_cascade drafter=feature`` decodes with it (output lengths = large_only's)."""
+    import csv
+
+    from lit_cascades.models.feature_drafter import FeatureDrafter
+    from lit_cascades.models.lm_pair import load_pair
+    from lit_cascades.runner import run_recipe
+    from recipes.lm_pair import run
+    from recipes.speculative_cascade import run as spec_run
+
+    dm = tiny_datamodule(cache_dir=False)
+    dm.setup()
+    tok = dm.get_tokenizer()
+    teacher_dir = tmp_path / "teacher"
+    teacher = tiny_llama(len(tok), layers=3)
+    teacher.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    with single_thread():
+        run_recipe("lm_pair", run, [
+            "preset=smollm2_feature_drafter", f"data.tokenizer={teacher_dir}", f"small.model.init={teacher_dir}",
+            "small.model.truncate_layers=1", f"large.model.init={teacher_dir}", "data.max_docs=24",
+            "data.val_fraction=0.15", "data.test_fraction=0.15", "data.block_size=32", "data.batch_size=4",
+            "data.cache_dir=false", "drafter.steps=40", "drafter.module.warmup_steps=2", "drafter.module.lr=0.01",
+            "eval.val_every=40", "eval.batches=1", "+trainer.log_every_n_steps=1", "threads=1",
+            f"output_dir={out}", "logger.wandb=false"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["drafter"]["steps"] == 40 and saved["large"]["steps"] == 0
+    with open(out / "drafter" / "logs" / "fit" / "metrics.csv", newline="") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    loss, agree = ([float(r[k]) for r in logged] for k in ("train/loss", "train/agreement"))
+    assert sum(loss[-5:]) < 0.9 * sum(loss[:5]), loss  # the drafter learns (a random verifier: agreement rises slowly)
+    assert sum(agree[-5:]) > sum(agree[:5]), agree
+    assert 0 < saved["drafter"]["test_agreement"] <= 1
+    pair = load_pair(out / "pair")
+    assert isinstance(pair.drafter, FeatureDrafter)
+    assert pair.drafter.get_output_embeddings() is pair.large.get_output_embeddings()
+    torch.testing.assert_close(pair.large.state_dict(), teacher.state_dict())  # the verifier is not trained
+
+    spec_out = tmp_path / "spec"
+    with single_thread():
+        run_recipe("speculative_cascade", spec_run, [
+            "preset=smoke", f"pair.path={out / 'pair'}", "drafter=feature", "rule=spec_decode", "alpha=null",
+            "baselines.seq_cascade_rates=[]", f"output_dir={spec_out}", "logger.wandb=false"])
+    with open(spec_out / "methods.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(rows["spec_decode"]["drafter_calls_per_prompt"]) > 0
+    assert "drafter: feature" in (spec_out / "decode" / "spec_decode" / "config.yaml").read_text()
+    spec, large = (torch.load(spec_out / "decode" / m / "records.pt", weights_only=False)
+                   for m in ("spec_decode", "large_only"))
+    assert torch.equal(spec["num_tokens"], large["num_tokens"]) and torch.equal(spec["mask"], large["mask"])

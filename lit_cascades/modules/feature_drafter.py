@@ -1,0 +1,84 @@
+"""Training of an EAGLE feature drafter against a frozen verifier (Li et al., arXiv:2401.15077).
+
+The functional core (the drafter and its loss) is :mod:`lit_cascades.models.feature_drafter`; this module runs it
+in Lightning on the token blocks of :class:`~lit_cascades.data.lm.LMCorpusDataModule`. Each step runs the verifier
+once, without gradients, for its last hidden states and logits on the block, then the drafter on the shifted
+features (teacher forcing with feature noise). Validation and test log ``<stage>/loss`` (the objective without
+noise), ``<stage>/regression``, ``<stage>/classification`` and ``<stage>/agreement``: the share of positions at
+which the drafter's top-1 token equals the verifier's when it reads the verifier's real feature of the previous
+token (the first draft step's acceptance, greedy). Under DDP the metrics are synced; the verifier is replicated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_cascades.models.feature_drafter import FeatureDrafter, feature_drafter_loss
+from lit_cascades.modules.causal_lm import CausalLM, position_ids_from_mask
+
+
+class FeatureDrafterLM(CausalLM):
+    """Fit a :class:`~lit_cascades.models.feature_drafter.FeatureDrafter` to ``teacher`` (the verifier).
+
+    Args:
+        model: the drafter, or ``None`` to build a fresh one on ``teacher`` with ``num_layers`` layers.
+        teacher: the frozen verifier (kept out of the module tree: not trained, not in checkpoints).
+        num_layers: decoder layers of a freshly built drafter.
+        cls_weight: weight of the token term (EAGLE: 0.1).
+        noise: half-width of the uniform noise on input features during training (EAGLE: 0.1).
+        lr, weight_decay, warmup_steps, min_lr_ratio: as in :class:`~lit_cascades.modules.causal_lm.CausalLM`.
+    """
+
+    def __init__(self, model: nn.Module | None = None, teacher: nn.Module | None = None, num_layers: int = 1,
+                 cls_weight: float = 0.1, noise: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_steps: int = 20, min_lr_ratio: float = 0.1) -> None:
+        if teacher is None:
+            raise ValueError("`teacher` (the verifier the drafter drafts for) is required; got None")
+        if cls_weight < 0 or noise < 0:
+            raise ValueError(f"`cls_weight` and `noise` must be >= 0; got {cls_weight} and {noise}")
+        drafter = model if model is not None else FeatureDrafter(teacher, num_layers=num_layers)
+        if not isinstance(drafter, FeatureDrafter):
+            raise TypeError(f"`model` must be a FeatureDrafter (or None to build one); got {type(drafter).__name__}")
+        with warnings.catch_warnings():  # CausalLM's hyperparameters would name `teacher`: replaced just below
+            warnings.filterwarnings("ignore", message="Attribute 'teacher' is an instance of `nn.Module`")
+            super().__init__(drafter, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                             min_lr_ratio=min_lr_ratio)
+        self.save_hyperparameters(ignore=["model", "teacher"])
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    on_validation_epoch_start = on_test_epoch_start = on_fit_start
+
+    @torch.no_grad()
+    def verifier_targets(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The verifier's last hidden states ``[B, T, d]`` and logits ``[B, T, V]`` on a block."""
+        kwargs = {} if attention_mask is None else {
+            "attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
+        out = self.teacher(input_ids=input_ids, output_hidden_states=True, **kwargs)
+        return out.hidden_states[-1], out.logits
+
+    def _losses(self, batch: dict[str, Tensor], noise: float) -> dict[str, Tensor]:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        feats, logits = self.verifier_targets(ids, mask)
+        return feature_drafter_loss(self.model, ids, mask, feats, logits, cls_weight=self.hparams.cls_weight,
+                                    noise=noise)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        parts = self._losses(batch, self.hparams.noise)
+        self.log("train/loss", parts["loss"], prog_bar=True)
+        for key in ("regression", "classification", "agreement"):
+            self.log(f"train/{key}", parts[key])
+        return parts["loss"]
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Any]:
+        parts = self._losses(batch, 0.0)
+        n = int(batch["input_ids"].numel() if batch.get("attention_mask") is None else batch["attention_mask"].sum())
+        for key in ("loss", "regression", "classification", "agreement"):
+            self.log(f"{stage}/{key}", parts[key], sync_dist=True, batch_size=n)
+        return {}
