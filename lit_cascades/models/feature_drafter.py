@@ -30,6 +30,8 @@ import copy
 import inspect
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,24 @@ def hidden_size(model: nn.Module) -> int:
     """Width of a causal LM's last hidden state (the input of its LM head)."""
     head = model.get_output_embeddings()
     return int(head.weight.shape[1])
+
+
+@contextmanager
+def capture_head_input(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Record what ``model``'s output layer reads during the forwards inside the block: its last hidden state
+    ``[B, T', d]`` (``T'`` = the columns it computes logits for), appended to the yielded list.
+
+    ``output_hidden_states=True`` is not used: transformers records hidden states with forward hooks it installs on
+    first use, and a model handed to a ``torch.multiprocessing.spawn`` child (``ddp_spawn``) returns
+    ``hidden_states=None`` there. The output layer's input is the last hidden state for every causal LM
+    (post-head transforms such as logit soft-capping come after it).
+    """
+    store: list[Tensor] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: store.append(args[0]))
+    try:
+        yield store
+    finally:
+        handle.remove()
 
 
 def shift_features(features: Tensor) -> Tensor:
@@ -87,7 +107,9 @@ class FeatureDrafter(nn.Module):
             config.layer_types = list(config.layer_types)[:num_layers]
         d = hidden_size(verifier)
         self.body = AutoModel.from_config(config)
-        self.body.set_input_embeddings(nn.Embedding(1, d))  # inputs come through `fc`: no second vocabulary table
+        # inputs come through `fc`: no second vocabulary table (a frozen 1-row stand-in: DDP rejects unused
+        # trainable parameters)
+        self.body.set_input_embeddings(nn.Embedding(1, d).requires_grad_(False))
         self.fc = nn.Linear(2 * d, d, bias=False)
         self.feature_size = d  #: width of the verifier features it reads
         self.config = self.body.config

@@ -59,6 +59,13 @@ attention_mask=[B, T], position_ids=[B, T])`` that returns logits ``[B, T, V]`` 
 ``.logits``). It gets no KV cache: every drafter forward recomputes the whole sequence. The verifier must be a
 Hugging Face causal LM (``transformers.GenerationMixin``).
 
+**Feature drafter** (EAGLE, :mod:`lit_cascades.models.feature_drafter`): a drafter with
+``uses_verifier_features = True`` gets, with each column it is fed, the verifier's last hidden state of the column
+before (zeros after padding); the verifier first runs on the prompt minus its last token (one more verifier call)
+so that the drafter always has the prefix's real features; draft columns carry the drafter's own predicted
+feature; after a verification the drafter's cache is cut back to the round's first draft column and the accepted
+drafts are re-fed with the verifier's features.
+
 Statistics per row: ``accepted`` drafts kept in the output, ``drafted`` tokens proposed, ``deferred`` emitted
 tokens at which the rule's target put weight on the verifier (:func:`~lit_cascades.functional.speculative.
 defers`), ``verifier_calls`` and ``drafter_calls`` (forwards while the row was unfinished), ``num_tokens``
@@ -70,7 +77,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +93,12 @@ from lit_cascades.functional.speculative import (
     target_distribution,
     verify_block,
 )
-from lit_cascades.models.feature_drafter import hidden_size, shift_features, uses_verifier_features
+from lit_cascades.models.feature_drafter import (
+    capture_head_input,
+    hidden_size,
+    shift_features,
+    uses_verifier_features,
+)
 from lit_cascades.models.generation import as_stop_counts
 from lit_cascades.models.lm_pair import context_length, model_vocab_size
 
@@ -263,10 +275,9 @@ class _Runner:
             kwargs = {self.cache_kwarg: self.cache, **({"logits_to_keep": keep} if self.has_keep else {})}
             if features is not None:
                 kwargs["features"] = shift_features(features)[:, start:]
-            if hidden:
-                kwargs["output_hidden_states"] = True
-            out = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
-                             use_cache=True, **kwargs)
+            with capture_head_input(self.model) if hidden and features is None else nullcontext() as store:
+                out = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
+                                 use_cache=True, **kwargs)
             self.length = ids.shape[1]
         else:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions)
@@ -274,7 +285,19 @@ class _Runner:
         logits = logits[:, -keep:, :self.vocab].float()  # rows past the tokenizer's vocabulary: not tokens
         if logits.shape[-1] < self.vocab:  # (defensive) rows this model lacks: probability 0
             logits = torch.nn.functional.pad(logits, (0, self.vocab - logits.shape[-1]), value=-float("inf"))
-        return (logits, out.hidden_states[-1]) if hidden else logits
+        if not hidden:
+            return logits
+        return logits, (out.hidden_states[-1] if features is not None else store[-1])  # [B, keep, d]
+
+    def prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Feed ``ids`` through the decoder only (no LM head); its last hidden states ``[B, T, d]``."""
+        base = self.model.base_model
+        cache_kwarg, _ = _forward_kwargs(type(base))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = base(input_ids=ids[:, self.length:], attention_mask=mask, position_ids=positions[:, self.length:],
+                   use_cache=True, **{cache_kwarg: self.cache})
+        self.length = ids.shape[1]
+        return out.last_hidden_state
 
     def realign(self, rows: Tensor, index: Tensor, length: int) -> None:
         """Keep batch ``rows`` and, per row, cache columns ``index[:, :length]`` (``[B', ≥ length]`` old columns)."""
@@ -535,8 +558,7 @@ def speculative_generate(
     if uses_verifier_features(drafter):
         feats = ids.new_zeros(*ids.shape, drafter.feature_size, dtype=torch.float32)
         if ids.shape[1] > 1:
-            _, h = v_run.forward(ids[:, :-1], mask[:, :-1], 1, hidden=True)
-            feats[:, :-1] = h.float() * mask[:, :-1, None]  # padding: zeros, as before a first token
+            feats[:, :-1] = v_run.prefill(ids[:, :-1], mask[:, :-1]).float() * mask[:, :-1, None]  # padding: zeros, as before a first token
             stats["verifier_calls"][rows] += 1
     g_cur = gamma
     gammas: list[int] = []
@@ -607,9 +629,9 @@ def speculative_generate(
         if feats is None:
             v_logits = v_run.forward(ids, mask, g + 1)  # the block's g + 1 columns (not the prompt's, in round 1)
         else:
-            fed = ids.shape[1] - v_run.length
+            # the verifier lacks exactly the pending column, so its g + 1 logit columns are all the fed columns
             v_logits, h = v_run.forward(ids, mask, g + 1, hidden=True)
-            feats[:, -fed:] = h.float()  # real features replace the drafter's predictions
+            feats[:, -(g + 1):] = h.float()  # real features replace the drafter's predictions
         stats["verifier_calls"][rows] += 1
         stats["drafted"][rows] += g
         v_processed = _apply_processors(processors, v_logits, prompts[rows], outs, n_out[rows], draft)

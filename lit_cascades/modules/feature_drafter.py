@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lit_cascades.models.feature_drafter import FeatureDrafter, feature_drafter_loss
+from lit_cascades.models.feature_drafter import FeatureDrafter, capture_head_input, feature_drafter_loss
 from lit_cascades.modules.causal_lm import CausalLM, position_ids_from_mask
 
 
@@ -60,8 +60,9 @@ class FeatureDrafterLM(CausalLM):
         """The verifier's last hidden states ``[B, T, d]`` and logits ``[B, T, V]`` on a block."""
         kwargs = {} if attention_mask is None else {
             "attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
-        out = self.teacher(input_ids=input_ids, output_hidden_states=True, **kwargs)
-        return out.hidden_states[-1], out.logits
+        with capture_head_input(self.teacher) as hidden:
+            logits = self.teacher(input_ids=input_ids, **kwargs).logits
+        return hidden[-1], logits
 
     def _losses(self, batch: dict[str, Tensor], noise: float) -> dict[str, Tensor]:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
