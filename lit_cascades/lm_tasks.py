@@ -437,6 +437,8 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
     modules["small"] = build(cfg.small.module, "small.module", model=models["small"],
                              **({"teacher": modules["large"].model} if distilled else {}))
     roles = ("large", "small") if distilled else ("small", "large")
+    drafter_module = (None if feature is None
+                      else build(feature.module, "drafter.module", teacher=modules["large"].model))
     extra = build_list(cfg.get("callbacks"), "callbacks")
 
     results: dict[str, Any] = {"data": {"source": dm.hparams.source, **dm.corpus.meta,
@@ -456,8 +458,8 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
                          "test_token_acc": logged["test/token_acc"]}
         st.finish(results[role])
     drafter = None
-    if feature is not None:
-        module = build(feature.module, "drafter.module", teacher=modules["large"].model)
+    if drafter_module is not None:
+        module = drafter_module
         st = r.stage("drafter", kind="drafter", config={"role": "drafter", "drafter": plain(feature)},
                      seed=int(cfg.seed))
         st.fit(module, dm, callbacks=extra, max_steps=feature.steps, max_epochs=-1,

@@ -265,7 +265,8 @@ class _Runner:
 
         ``features`` ``[B, T, d]`` (a feature drafter): the verifier's features aligned with ``ids``; the model gets
         each fed column's predecessor's (:func:`~lit_cascades.models.feature_drafter.shift_features`).
-        ``hidden=True`` also returns the last hidden states of the fed columns ``[B, fed, d]``.
+        ``hidden=True`` also returns last hidden states: a verifier's of the ``keep`` columns its LM head reads
+        (``[B, keep, d]``), a feature drafter's predicted ones of every fed column.
         """
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if self.max_position is not None:  # draft columns past a row's budget: never kept, keep them in range
@@ -558,7 +559,8 @@ def speculative_generate(
     if uses_verifier_features(drafter):
         feats = ids.new_zeros(*ids.shape, drafter.feature_size, dtype=torch.float32)
         if ids.shape[1] > 1:
-            feats[:, :-1] = v_run.prefill(ids[:, :-1], mask[:, :-1]).float() * mask[:, :-1, None]  # padding: zeros, as before a first token
+            # padding columns get zeros, as the column before a first token does
+            feats[:, :-1] = v_run.prefill(ids[:, :-1], mask[:, :-1]).float() * mask[:, :-1, None]
             stats["verifier_calls"][rows] += 1
     g_cur = gamma
     gammas: list[int] = []

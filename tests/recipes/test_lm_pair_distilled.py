@@ -143,3 +143,13 @@ def test_feature_drafter_preset_trains_saves_and_drafts(tmp_path):
     spec, large = (torch.load(spec_out / "decode" / m / "records.pt", weights_only=False)
                    for m in ("spec_decode", "large_only"))
     assert torch.equal(spec["num_tokens"], large["num_tokens"]) and torch.equal(spec["mask"], large["mask"])
+
+
+def test_feature_drafter_section_is_checked_before_work(tmp_path, capsys):
+    from tests.recipes.test_lm_recipes import config_error
+
+    out = tmp_path / "run"
+    line = config_error("lm_pair", capsys, "preset=smollm2_feature_drafter", "drafter.steps=0", f"output_dir={out}",
+                        "logger.wandb=false")
+    assert line.startswith("error: drafter.steps: expected an integer >= 1; got 0"), line
+    assert not out.exists()

@@ -36,7 +36,9 @@ def test_speculative_cascade_smoke_writes_methods_and_exact_spec_decode(tmp_path
 def test_speculative_cascade_rejects_bad_values_before_work(tmp_path, tiny_pair_dir, capsys):
     cases = [(["cascade.gamma=0"], "error: cascade.gamma:"), (["rule=foo"], "error: rule: unknown rule"),
              (["rule=token_v3", "alpha=7.0"], "error: alpha:"), (["task.split=train"], "error: task.split:"),
-             (["task.quality=x"], "error: task.quality: unknown config key")]
+             (["task.quality=x"], "error: task.quality: unknown config key"),
+             (["drafter=foo"], "error: drafter: unknown drafter 'foo'"),
+             (["drafter=feature"], "error: drafter: the pair")]  # the tiny pair has no feature drafter
     for i, (args, expected) in enumerate(cases):
         out = tmp_path / f"run{i}"
         line = config_error("speculative_cascade", capsys, "preset=smoke", f"pair.path={tiny_pair_dir}",
