@@ -24,6 +24,30 @@ def tiny_llama(vocab: int, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def run_on_tiny_teacher(tmp_path, preset: str, *overrides: str):
+    """Run ``recipes.lm_pair preset=<preset>`` with a tiny random 3-layer Llama saved in ``tmp_path/teacher`` in
+    place of SmolLM2 (its first layer as the small model) on 24 stdlib files; returns ``(teacher, run dir)``."""
+    from lit_cascades.runner import run_recipe
+    from recipes.lm_pair import run
+
+    dm = tiny_datamodule(cache_dir=False)
+    dm.setup()
+    tok = dm.get_tokenizer()
+    teacher_dir = tmp_path / "teacher"
+    teacher = tiny_llama(len(tok), layers=3)
+    teacher.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    with single_thread():
+        run_recipe("lm_pair", run, [
+            f"preset={preset}", f"data.tokenizer={teacher_dir}", f"small.model.init={teacher_dir}",
+            "small.model.truncate_layers=1", f"large.model.init={teacher_dir}", "data.max_docs=24",
+            "data.val_fraction=0.15", "data.test_fraction=0.15", "data.block_size=32", "data.batch_size=4",
+            "data.cache_dir=false", *overrides, "eval.batches=1", "+trainer.log_every_n_steps=1", "threads=1",
+            f"output_dir={out}", "logger.wandb=false"])
+    return teacher, out
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_CASCADES_CACHE", str(tmp_path / "cache"))
@@ -52,24 +76,8 @@ def test_distilled_lm_loss_is_the_teacher_kl():
 
 @pytest.mark.slow
 def test_smollm2_distilled_preset_distils_the_first_layers(tmp_path):
-    from lit_cascades.runner import run_recipe
-    from recipes.lm_pair import run
-
-    dm = tiny_datamodule(cache_dir=False)
-    dm.setup()
-    tok = dm.get_tokenizer()
-    teacher_dir = tmp_path / "teacher"
-    teacher = tiny_llama(len(tok), layers=3)
-    teacher.save_pretrained(teacher_dir)
-    tok.save_pretrained(teacher_dir)
-    out = tmp_path / "run"
-    with single_thread():
-        run_recipe("lm_pair", run, [
-            "preset=smollm2_distilled", f"data.tokenizer={teacher_dir}", f"small.model.init={teacher_dir}",
-            "small.model.truncate_layers=1", f"large.model.init={teacher_dir}", "data.max_docs=24",
-            "data.val_fraction=0.15", "data.test_fraction=0.15", "data.block_size=32", "data.batch_size=4",
-            "data.cache_dir=false", "small.steps=4", "small.module.warmup_steps=1", "small.module.lr=0.01",
-            "eval.val_every=4", "eval.batches=1", "+trainer.log_every_n_steps=1", "threads=1", f"output_dir={out}", "logger.wandb=false"])
+    teacher, out = run_on_tiny_teacher(tmp_path, "smollm2_distilled", "small.steps=4", "small.module.warmup_steps=1",
+                                       "small.module.lr=0.01", "eval.val_every=4")
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["small"]["steps"] == 4 and saved["large"]["steps"] == 0
     rows = (out / "small" / "logs" / "fit" / "metrics.csv").read_text().splitlines()
@@ -99,25 +107,10 @@ def test_feature_drafter_preset_trains_saves_and_drafts(tmp_path):
     from lit_cascades.models.feature_drafter import FeatureDrafter
     from lit_cascades.models.lm_pair import load_pair
     from lit_cascades.runner import run_recipe
-    from recipes.lm_pair import run
     from recipes.speculative_cascade import run as spec_run
 
-    dm = tiny_datamodule(cache_dir=False)
-    dm.setup()
-    tok = dm.get_tokenizer()
-    teacher_dir = tmp_path / "teacher"
-    teacher = tiny_llama(len(tok), layers=3)
-    teacher.save_pretrained(teacher_dir)
-    tok.save_pretrained(teacher_dir)
-    out = tmp_path / "run"
-    with single_thread():
-        run_recipe("lm_pair", run, [
-            "preset=smollm2_feature_drafter", f"data.tokenizer={teacher_dir}", f"small.model.init={teacher_dir}",
-            "small.model.truncate_layers=1", f"large.model.init={teacher_dir}", "data.max_docs=24",
-            "data.val_fraction=0.15", "data.test_fraction=0.15", "data.block_size=32", "data.batch_size=4",
-            "data.cache_dir=false", "drafter.steps=40", "drafter.module.warmup_steps=2", "drafter.module.lr=0.01",
-            "eval.val_every=40", "eval.batches=1", "+trainer.log_every_n_steps=1", "threads=1",
-            f"output_dir={out}", "logger.wandb=false"])
+    teacher, out = run_on_tiny_teacher(tmp_path, "smollm2_feature_drafter", "drafter.steps=40",
+                                       "drafter.module.warmup_steps=2", "drafter.module.lr=0.01", "eval.val_every=40")
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["drafter"]["steps"] == 40 and saved["large"]["steps"] == 0
     with open(out / "drafter" / "logs" / "fit" / "metrics.csv", newline="") as f:
