@@ -201,7 +201,8 @@ def feature_drafter_loss(drafter: FeatureDrafter, input_ids: Tensor, attention_m
     if features.shape[:2] != input_ids.shape or verifier_logits.shape[:2] != input_ids.shape:
         raise ValueError(f"`features` [B, T, d] and `verifier_logits` [B, T, V] must match input_ids "
                          f"{tuple(input_ids.shape)}; got {tuple(features.shape)} and {tuple(verifier_logits.shape)}")
-    inputs = shift_features(features)
+    # padding columns read as zeros, as in decoding (the column before a row's first token)
+    inputs = shift_features(features if attention_mask is None else features * attention_mask[..., None])
     if noise > 0:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
     positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -194,12 +194,14 @@ def test_loss_by_hand_with_padding():
         for j in range(6):
             if not mask[b, j]:
                 continue
-            prev = feats[b, j - 1] if j > 0 else torch.zeros_like(feats[b, 0])
-            if j > 0 and not mask[b, j - 1]:
-                prev = feats[b, j - 1]  # the loss shifts blindly; a padded predecessor is what the model computed
+            # the predecessor's feature; zeros before a row's first token (column 0 or a padding column)
+            prev = feats[b, j - 1] if j > 0 and mask[b, j - 1] else torch.zeros_like(feats[b, 0])
+            inputs = torch.stack([feats[b, k - 1] if k > 0 and mask[b, k - 1] else torch.zeros_like(feats[b, 0])
+                                  for k in range(6)])
+            assert torch.equal(inputs[j], prev)
             with torch.no_grad():
                 h = drafter(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1], position_ids=pos[b:b + 1],
-                            features=shift_features(feats[b:b + 1])).hidden_states[-1][0, j]
+                            features=inputs[None]).hidden_states[-1][0, j]
             diff = (h - feats[b, j]).abs()
             reg += float(torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).mean())
             q = torch.log_softmax(verifier.get_output_embeddings()(h), -1)
@@ -207,7 +209,6 @@ def test_loss_by_hand_with_padding():
             cls += float(-(p * q).sum())
             agree += float(q.argmax() == p.argmax())
             n += 1
-            assert torch.equal(shift_features(feats[b:b + 1])[0, j], prev)
     assert float(parts["regression"]) == pytest.approx(reg / n, rel=1e-4)
     assert float(parts["classification"]) == pytest.approx(cls / n, rel=1e-4)
     assert float(parts["loss"]) == pytest.approx(reg / n + 0.3 * cls / n, rel=1e-4)
