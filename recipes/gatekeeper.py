@@ -208,7 +208,8 @@ def run_single(cfg: DictConfig, r: Run, dm: Any, comps: SeedComponents) -> dict[
     for method, (name, _alpha, _module) in comps.finetunes.items():
         out[name] = results[method]
     out["comparison"] = report_comparison(r, {m: {k: (v[k], 0.0) for k in COLUMNS} for m, v in results.items()},
-                                          {m: [v] for m, v in results.items()}, [int(cfg.seed)])
+                                          {m: [{"seed": int(cfg.seed), **v}] for m, v in results.items()},
+                                          [int(cfg.seed)])
     fig, _ = plot_deferral_curves(reports, title=f"{cfg.data.source}: deferral curves of the small model's "
                                   f"confidence (test, seed {cfg.seed})")
     r.save_figure("deferral_curves", fig)
