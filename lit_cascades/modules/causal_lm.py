@@ -86,7 +86,9 @@ class CausalLM(L.LightningModule):
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "large_model"])
+        # (Lightning reads the arguments of every subclass's __init__ too: a subclass's frozen `teacher` is not a
+        # hyperparameter either, and must not be copied into hparams)
+        self.save_hyperparameters(ignore=["model", "large_model", "teacher"])
         # ``from_pretrained`` returns a model in eval mode and Lightning keeps each submodule's mode, so a loaded
         # model would be fine-tuned without dropout; a training module trains in train mode
         self.model = model.train()

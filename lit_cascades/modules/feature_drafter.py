@@ -11,7 +11,6 @@ token (the first draft step's acceptance, greedy). Under DDP the metrics are syn
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -43,10 +42,8 @@ class FeatureDrafterLM(CausalLM):
         drafter = model if model is not None else FeatureDrafter(teacher, num_layers=num_layers)
         if not isinstance(drafter, FeatureDrafter):
             raise TypeError(f"`model` must be a FeatureDrafter (or None to build one); got {type(drafter).__name__}")
-        with warnings.catch_warnings():  # CausalLM's hyperparameters would name `teacher`: replaced just below
-            warnings.filterwarnings("ignore", message="Attribute 'teacher' is an instance of `nn.Module`")
-            super().__init__(drafter, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                             min_lr_ratio=min_lr_ratio)
+        super().__init__(drafter, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio)
         self.save_hyperparameters(ignore=["model", "teacher"])
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
 
