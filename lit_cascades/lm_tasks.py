@@ -459,17 +459,16 @@ def train_pair(cfg: DictConfig, r: Any) -> dict[str, Any]:
         st.finish(results[role])
     drafter = None
     if drafter_module is not None:
-        module = drafter_module
         st = r.stage("drafter", kind="drafter", config={"role": "drafter", "drafter": plain(feature)},
                      seed=int(cfg.seed))
-        st.fit(module, dm, callbacks=extra, max_steps=feature.steps, max_epochs=-1,
+        st.fit(drafter_module, dm, callbacks=extra, max_steps=feature.steps, max_epochs=-1,
                val_check_interval=min(cfg.eval.val_every, feature.steps), limit_val_batches=cfg.eval.batches,
                check_val_every_n_epoch=None)
-        logged = st.test(module, dm, limit_test_batches=cfg.eval.batches)
-        results["drafter"] = {"params": count_parameters(module.model), "steps": feature.steps,
+        logged = st.test(drafter_module, dm, limit_test_batches=cfg.eval.batches)
+        results["drafter"] = {"params": count_parameters(drafter_module.model), "steps": feature.steps,
                               "test_loss": logged["test/loss"], "test_agreement": logged["test/agreement"]}
         st.finish(results["drafter"])
-        drafter = module.model.eval()
+        drafter = drafter_module.model.eval()
     results = {k: results[k] for k in ("data", "vocab_size", "small", "large", "drafter") if k in results}
     meta = {"corpus": plain(cfg.data), "results": results, "recipe": "lm_pair", "preset": r.preset,
             "seed": cfg.seed, "run_id": r.run_id, "build_seconds": time.perf_counter() - start}

@@ -30,6 +30,20 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
         dist.destroy_process_group()
 
 
+def fit_steps_on_cpu(module: Any, datamodule: Any, devices: int, root: Any, max_steps: int = 3) -> dict[str, Any]:
+    """Fit ``module`` for ``max_steps`` on CPU, ``ddp_spawn`` over ``devices`` processes when more than one (the
+    datamodule shards its own data: no distributed sampler is added, no validation, no logs); returns a copy of
+    ``module.model``'s state dict."""
+    import lightning as L
+
+    t = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=devices,
+                  strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                  limit_val_batches=0, use_distributed_sampler=False)
+    t.fit(module, datamodule)
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by a gloo process group.
 

@@ -259,6 +259,13 @@ class _Runner:
 
             self.cache = DynamicCache()  # lazily initialised full layers (sliding windows live in the mask)
 
+    def positions(self, mask: Tensor) -> Tensor:
+        """Position ids of a left-padded ``mask`` ``[B, T]``, within the model's context."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.max_position is not None:  # draft columns past a row's budget: never kept, keep them in range
+            positions = positions.clamp(max=self.max_position - 1)
+        return positions
+
     def forward(self, ids: Tensor, mask: Tensor, keep: int, features: Tensor | None = None,
                 hidden: bool = False) -> Any:
         """Feed the columns the cache lacks; float32 logits ``[B, keep, V_union]`` of the last ``keep`` columns.
@@ -268,9 +275,7 @@ class _Runner:
         ``hidden=True`` also returns last hidden states: a verifier's of the ``keep`` columns its LM head reads
         (``[B, keep, d]``), a feature drafter's predicted ones of every fed column.
         """
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if self.max_position is not None:  # draft columns past a row's budget: never kept, keep them in range
-            positions = positions.clamp(max=self.max_position - 1)
+        positions = self.positions(mask)
         if self.cached:
             start = self.length
             kwargs = {self.cache_kwarg: self.cache, **({"logits_to_keep": keep} if self.has_keep else {})}
@@ -294,8 +299,8 @@ class _Runner:
         """Feed ``ids`` through the decoder only (no LM head); its last hidden states ``[B, T, d]``."""
         base = self.model.base_model
         cache_kwarg, _ = _forward_kwargs(type(base))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = base(input_ids=ids[:, self.length:], attention_mask=mask, position_ids=positions[:, self.length:],
+        start = self.length
+        out = base(input_ids=ids[:, start:], attention_mask=mask, position_ids=self.positions(mask)[:, start:],
                    use_cache=True, **{cache_kwarg: self.cache})
         self.length = ids.shape[1]
         return out.last_hidden_state

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_cascades.modules.feature_drafter import FeatureDrafterLM
+from tests.helpers import fit_steps_on_cpu
 from tests.models.test_speculative_architectures import VOCAB, make_pair
 
 
@@ -36,11 +37,7 @@ def _fit(devices: int, tmp_path) -> dict[str, torch.Tensor]:
     _, verifier = make_pair("llama")
     torch.manual_seed(1)
     module = SGDFeatureDrafterLM(teacher=verifier, noise=0.0)  # no noise: the two runs draw no random numbers
-    t = L.Trainer(max_steps=3, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  default_root_dir=tmp_path, limit_val_batches=0, use_distributed_sampler=False)
-    t.fit(module, Sequences())
-    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    return fit_steps_on_cpu(module, Sequences(), devices, tmp_path)
 
 
 @pytest.mark.slow

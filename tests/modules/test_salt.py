@@ -15,6 +15,7 @@ from lit_cascades.data.selection import model_fingerprint
 from lit_cascades.functional.distillation import naive_salt_loss
 from lit_cascades.models.lm_pair import build_causal_lm, gpt2_config
 from lit_cascades.modules.salt import SALT, aligned_targets, count_non_embedding_parameters, full_logits
+from tests.helpers import fit_steps_on_cpu
 
 V = 40
 
@@ -236,12 +237,7 @@ class Sequences(L.LightningDataModule):
 def _fit_ddp(devices, tmp_path):
     student, teacher = pair()
     module = SGDSALT(student, teacher, kd_steps=2, kd_weight=0.5, temperature=2.0)
-    t = L.Trainer(max_steps=3, accelerator="cpu", devices=devices,
-                  strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                  limit_val_batches=0, use_distributed_sampler=False)
-    t.fit(module, Sequences())
-    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    return fit_steps_on_cpu(module, Sequences(), devices, tmp_path)
 
 
 @pytest.mark.slow
