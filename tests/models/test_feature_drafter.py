@@ -240,3 +240,25 @@ def test_lightning_module_keeps_the_verifier_out():
         FeatureDrafterLM()
     with pytest.raises(TypeError, match="must be a FeatureDrafter"):
         FeatureDrafterLM(model=torch.nn.Linear(2, 2), teacher=verifier)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_teacher_dtype_rounds_the_targets_only(arch):
+    """``teacher_dtype="bfloat16"``: the verifier's targets come back in float32, within bfloat16 rounding of the
+    float32 pass (and not identical to it: the setting takes effect), and the verifier's own weights stay float32."""
+    from lit_cascades.modules.feature_drafter import FeatureDrafterLM
+
+    _, verifier = make_pair(arch)
+    verifier.eval()
+    ids = torch.randint(6, VOCAB, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    exact = FeatureDrafterLM(teacher=verifier).verifier_targets(ids, mask)
+    rounded = FeatureDrafterLM(teacher=verifier, teacher_dtype="bfloat16").verifier_targets(ids, mask)
+    for e, r in zip(exact, rounded):
+        assert r.dtype == torch.float32 and r.shape == e.shape
+        assert not torch.equal(e, r)
+        torch.testing.assert_close(r, e, atol=0.05 * float(e.abs().max()), rtol=0.05)
+    assert all(p.dtype == torch.float32 for p in verifier.parameters())
+    with pytest.raises(ValueError, match="`teacher_dtype` must be one of"):
+        FeatureDrafterLM(teacher=verifier, teacher_dtype="int8")
