@@ -512,9 +512,17 @@ def _merge(results: dict[str, Any]) -> None:
         return
     old = json.loads(path.read_text())
     res = old["results"]
+    # a pair measured now under another label (e.g. another --feature-preset): its committed rows describe a
+    # different model pair, so they are dropped rather than shown under the new label
+    relabelled = {p for p, lab in res.get("pairs", {}).items() if results["pairs"].get(p, lab) != lab}
     kept: set[tuple[str, str]] = set()
     for section in SECTIONS:
         for pair, value in res.get(section, {}).items():
+            if pair in relabelled:
+                if pair not in results[section]:
+                    print(f"[{NAME}] --merge: dropped the committed {section} rows of {pair} (measured as "
+                          f"{res['pairs'][pair]!r}; now {results['pairs'][pair]!r})", flush=True)
+                continue
             if pair not in results[section]:
                 results[section][pair] = value
                 kept.add((section, pair))

@@ -79,3 +79,23 @@ def test_merge_keeps_committed_drafters_this_run_did_not_build():
     other = {**settings, "gamma": 5, "drafters": {"lm_pair preset=a": {"built": False}}}
     with pytest.raises(ValueError, match="rerun with the same settings"):
         speculative._merge_drafters(other, old)
+
+
+def test_merge_drops_committed_rows_of_a_pair_measured_under_another_label(tmp_path, monkeypatch, capsys):
+    """A pair re-measured with another drafter (another ``--feature-preset``): its committed sections that this run
+    did not measure are dropped, not shown under the new drafter's label; other pairs' rows are kept."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    row = {"batch": 4, "gamma": 5, "max_new_tokens": 8, "ratio": 0.9, "cache_columns": 9, "longest_row_real_tokens": 10}
+    old = {"command": "python -m benchmarks.speculative", "git_commit": "abc", "started_utc": "2026-01-01T00:00:00",
+           "load": {"loadavg_start": [1.0] * 3, "loadavg_end": [1.0] * 3}, "machine": {"cpu": "cpu"},
+           "results": {"pairs": {"feat": "drafter A", "other": "random"}, "vs_hf": {}, "batching": {}, "drafters": {},
+                       "rules": {"feat": {"methods": "old"}}, "cache": {"feat": row, "other": row}}}
+    (tmp_path / "speculative.json").write_text(json.dumps(old))
+    new = {"pairs": {"feat": "drafter B"}, "vs_hf": {}, "batching": {}, "drafters": {}, "cache": {},
+           "rules": {"feat": {"methods": "new"}}, "runs": []}
+    speculative._merge(new)
+    assert new["rules"]["feat"] == {"methods": "new"}
+    assert "feat" not in new["cache"] and new["cache"]["other"] == row
+    assert new["pairs"] == {"feat": "drafter B", "other": "random"}
+    assert [r["pairs"] for r in new["runs"]] == [["other"]]  # the old run's record covers only what was kept
+    assert "dropped the committed cache rows of feat" in capsys.readouterr().out
