@@ -178,3 +178,22 @@ def test_a_seed_missing_on_one_side_fails_the_table(paper: str, drop) -> None:
     assert len(kept) < len(raw["runs"])
     with pytest.raises(ValueError, match="expected the same seeds on both sides"):
         SCRIPTS[paper].tables({**raw, "runs": kept})
+
+
+def test_feature_drafter_screen_table_regenerates_from_raw() -> None:
+    """The single-seed screen behind ``lm_pair preset=smollm2_feature_drafter_xl``: every variant of the script
+    has its run's command, wall time and agreements, and the committed table is what the script makes of them."""
+    from benchmarks import results_feature_drafter as screen
+
+    raw = json.loads((ROOT / "docs" / "results" / "feature_drafter" / "raw.json").read_text())
+    assert set(raw["variants"]) == set(screen.VARIANTS)
+    assert len(raw["git_commit"]) == 40 and raw["machine"]
+    for name, v in raw["variants"].items():
+        assert v["command"] == " ".join(["python", "-m", "recipes.lm_pair", *screen.BASE, *screen.VARIANTS[name][1],
+                                         f"output_dir=runs/results_feature_drafter/{name}"])
+        assert v["wall_seconds"] > 0 and 0 < v["test_agreement"] <= 1
+        assert set(v["val_agreement"]) == {"160", "320"}
+    made = screen.tables(raw)
+    assert set(made) == {p.name for p in (ROOT / "docs" / "results" / "feature_drafter").glob("*.md")}
+    for name, text in made.items():
+        assert (ROOT / "docs" / "results" / "feature_drafter" / name).read_text() == text
