@@ -182,7 +182,7 @@ class FeatureDrafter(nn.Module):
 
 def feature_drafter_loss(drafter: FeatureDrafter, input_ids: Tensor, attention_mask: Tensor | None,
                          features: Tensor, verifier_logits: Tensor, cls_weight: float = 0.1,
-                         noise: float = 0.1) -> dict[str, Tensor]:
+                         noise: float = 0.1, unroll: int = 1) -> dict[str, Tensor]:
     """EAGLE training loss on one teacher-forced batch (module docstring).
 
     Args:
@@ -192,12 +192,24 @@ def feature_drafter_loss(drafter: FeatureDrafter, input_ids: Tensor, attention_m
         verifier_logits: ``[B, T, V]`` the verifier's logits there (the classification target is their softmax).
         cls_weight: weight of the token term (the paper's 0.1).
         noise: half-width ``a`` of the uniform noise ``U(−a, a)`` added to the input features (0 = none).
+        unroll: passes of the drafter per batch (1 = EAGLE). Pass ``k > 1`` reads, in every column, the drafter's
+            own prediction ``ĥ`` of the previous column from pass ``k − 1`` instead of the verifier's feature, as
+            draft step ``k`` of a speculative round does (a simplified "training-time test": "EAGLE-3: Scaling up
+            Inference Acceleration of Large Language Models via Training-Time Test", arXiv:2503.01840; "Learning
+            Harmonized Representations for Speculative Sampling", arXiv:2408.15766). Every pass has the same
+            targets; gradients flow through the chained predictions. Simplification (UNVERIFIED against those
+            papers' exact masks): in pass ``k`` the earlier columns the drafter attends to also hold predicted
+            features, where a decoding round has the verifier's for all but the last ``k − 1`` columns.
 
     Returns:
         ``{"loss", "regression", "classification", "agreement"}``: the total, the Smooth-L1 feature term, the
         cross-entropy to the verifier's distribution, and the top-1 agreement of ``Head(ĥ)`` with the verifier
-        (no gradient) — all averaged over the positions where ``attention_mask`` is 1.
+        (no gradient) — all averaged over the positions where ``attention_mask`` is 1; with ``unroll > 1`` the
+        loss terms are the means over the passes, ``agreement`` is the first pass's (reading the verifier's
+        features) and ``agreement_<k>`` pass ``k``'s.
     """
+    if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+        raise ValueError(f"`unroll` must be an integer >= 1; got {unroll!r}")
     if features.shape[:2] != input_ids.shape or verifier_logits.shape[:2] != input_ids.shape:
         raise ValueError(f"`features` [B, T, d] and `verifier_logits` [B, T, V] must match input_ids "
                          f"{tuple(input_ids.shape)}; got {tuple(features.shape)} and {tuple(verifier_logits.shape)}")
@@ -206,14 +218,22 @@ def feature_drafter_loss(drafter: FeatureDrafter, input_ids: Tensor, attention_m
     if noise > 0:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
     positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = drafter(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, features=inputs)
-    pred, logits = out.hidden_states[-1], out.logits.float()
     keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool())
     n = keep.sum().clamp(min=1)
-    reg = (F.smooth_l1_loss(pred.float(), features.float(), reduction="none").mean(-1) * keep).sum() / n
     target = torch.softmax(verifier_logits.float(), -1)
-    cls = (-(target * torch.log_softmax(logits, -1)).sum(-1) * keep).sum() / n
-    with torch.no_grad():
-        # max(-1).indices: the first maximum, as argmax, in half its time on CPU
-        agree = ((logits.max(-1).indices == verifier_logits.max(-1).indices) & keep).sum() / n
-    return {"loss": reg + cls_weight * cls, "regression": reg, "classification": cls, "agreement": agree}
+    top = verifier_logits.max(-1).indices  # the first maximum, as argmax, in half its time on CPU
+    regs: list[Tensor] = []
+    clss: list[Tensor] = []
+    out: dict[str, Tensor] = {}
+    pred: Tensor | None = None
+    for k in range(1, unroll + 1):
+        if pred is not None:  # the previous pass's predictions, one column on, as the next draft step reads them
+            inputs = shift_features(pred if attention_mask is None else pred * attention_mask[..., None])
+        step = drafter(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, features=inputs)
+        pred, logits = step.hidden_states[-1], step.logits.float()
+        regs.append((F.smooth_l1_loss(pred.float(), features.float(), reduction="none").mean(-1) * keep).sum() / n)
+        clss.append((-(target * torch.log_softmax(logits, -1)).sum(-1) * keep).sum() / n)
+        with torch.no_grad():
+            out["agreement" if k == 1 else f"agreement_{k}"] = ((logits.max(-1).indices == top) & keep).sum() / n
+    reg, cls = torch.stack(regs).mean(), torch.stack(clss).mean()
+    return {"loss": reg + cls_weight * cls, "regression": reg, "classification": cls, **out}

@@ -6,7 +6,8 @@ once, without gradients, for its last hidden states and logits on the block, the
 features (teacher forcing with feature noise). Validation and test log ``<stage>/loss`` (the objective without
 noise), ``<stage>/regression``, ``<stage>/classification`` and ``<stage>/agreement``: the share of positions at
 which the drafter's top-1 token equals the verifier's when it reads the verifier's real feature of the previous
-token (the first draft step's acceptance, greedy). Under DDP the metrics are synced; the verifier is replicated.
+token (the first draft step's acceptance, greedy), and with ``unroll > 1`` ``<stage>/agreement_<k>``, the same when
+it reads its own predictions ``k − 1`` times in a row (draft step ``k``'s condition). Under DDP the metrics are synced; the verifier is replicated.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class FeatureDrafterLM(CausalLM):
         num_layers: decoder layers of a freshly built drafter.
         cls_weight: weight of the token term (EAGLE: 0.1).
         noise: half-width of the uniform noise on input features during training (EAGLE: 0.1).
+        unroll: drafter passes per batch, pass ``k`` reading pass ``k − 1``'s predicted features (1 = EAGLE;
+            :func:`~lit_cascades.models.feature_drafter.feature_drafter_loss`); each pass costs about one more
+            drafter forward and backward. ``<stage>/agreement_<k>`` logs pass ``k``'s agreement.
         teacher_dtype: ``None`` (the verifier's forward runs in its own dtype) or ``"bfloat16"`` / ``"float16"``:
             the verifier's forward for the targets runs under ``torch.autocast`` in that dtype (features and logits
             are returned in float32). A speed setting: on a CPU with bfloat16 matrix units (AMX) the verifier's
@@ -41,12 +45,15 @@ class FeatureDrafterLM(CausalLM):
     """
 
     def __init__(self, model: nn.Module | None = None, teacher: nn.Module | None = None, num_layers: int = 1,
-                 cls_weight: float = 0.1, noise: float = 0.1, teacher_dtype: str | None = None, lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1) -> None:
+                 cls_weight: float = 0.1, noise: float = 0.1, unroll: int = 1, teacher_dtype: str | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20,
+                 min_lr_ratio: float = 0.1) -> None:
         if teacher is None:
             raise ValueError("`teacher` (the verifier the drafter drafts for) is required; got None")
         if cls_weight < 0 or noise < 0:
             raise ValueError(f"`cls_weight` and `noise` must be >= 0; got {cls_weight} and {noise}")
+        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+            raise ValueError(f"`unroll` must be an integer >= 1; got {unroll!r}")
         if teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"`teacher_dtype` must be one of {sorted(TEACHER_DTYPES, key=str)}; got {teacher_dtype!r}")
         drafter = model if model is not None else FeatureDrafter(teacher, num_layers=num_layers)
@@ -79,18 +86,18 @@ class FeatureDrafterLM(CausalLM):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         feats, logits = self.verifier_targets(ids, mask)
         return feature_drafter_loss(self.model, ids, mask, feats, logits, cls_weight=self.hparams.cls_weight,
-                                    noise=noise)
+                                    noise=noise, unroll=self.hparams.unroll)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         parts = self._losses(batch, self.hparams.noise)
         self.log("train/loss", parts["loss"], prog_bar=True)
-        for key in ("regression", "classification", "agreement"):
+        for key in [k for k in parts if k != "loss"]:
             self.log(f"train/{key}", parts[key])
         return parts["loss"]
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Any]:
         parts = self._losses(batch, 0.0)
         n = int(batch["input_ids"].numel() if batch.get("attention_mask") is None else batch["attention_mask"].sum())
-        for key in ("loss", "regression", "classification", "agreement"):
+        for key in parts:
             self.log(f"{stage}/{key}", parts[key], sync_dist=True, batch_size=n)
         return {}

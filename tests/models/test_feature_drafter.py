@@ -215,6 +215,53 @@ def test_loss_by_hand_with_padding():
     assert float(parts["agreement"]) == pytest.approx(agree / n)
 
 
+def test_unrolled_loss_by_hand_with_padding():
+    """``unroll=2``: pass 2 reads, in column j, pass 1's prediction ĥ_{j−1} (zeros before a row's first token);
+    the terms are the means over the passes, ``agreement_2`` is pass 2's, and gradients flow through the chained
+    prediction (the parameter gradients equal those of the same computation written out per row)."""
+    _, verifier = make_pair("qwen2")
+    drafter = FeatureDrafter(verifier)
+    ids = torch.randint(6, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = verifier(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        feats, logits = out.hidden_states[-1], out.logits
+    parts = feature_drafter_loss(drafter, ids, mask, feats, logits, cls_weight=0.2, noise=0.0, unroll=2)
+    parts["loss"].backward()
+    grads = {k: p.grad.clone() for k, p in drafter.named_parameters() if p.requires_grad}
+    drafter.zero_grad()
+
+    def prev(x, b):  # column j <- x[j - 1], zeros where the previous column is padding or absent
+        return torch.stack([x[j - 1] * mask[b, j - 1] if j > 0 else torch.zeros_like(x[0]) for j in range(7)])
+
+    terms = {1: [0.0, 0.0, 0.0], 2: [0.0, 0.0, 0.0]}  # pass -> [regression, classification, agreement] sums
+    n = int(mask.sum())
+    for b in range(2):
+        row = dict(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1], position_ids=pos[b:b + 1])
+        h1 = drafter(**row, features=prev(feats[b], b)[None]).hidden_states[-1][0]
+        h2 = drafter(**row, features=prev(h1, b)[None]).hidden_states[-1][0]
+        for k, h in ((1, h1), (2, h2)):
+            keep = mask[b].bool()
+            diff = (h - feats[b]).abs()
+            terms[k][0] = terms[k][0] + torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).mean(-1)[keep].sum()
+            q = torch.log_softmax(verifier.get_output_embeddings()(h), -1)
+            terms[k][1] = terms[k][1] + (-(torch.softmax(logits[b], -1) * q).sum(-1))[keep].sum()
+            terms[k][2] += float((q.argmax(-1) == logits[b].argmax(-1))[keep].sum())
+    reg = (terms[1][0] + terms[2][0]) / (2 * n)
+    cls = (terms[1][1] + terms[2][1]) / (2 * n)
+    assert float(parts["regression"]) == pytest.approx(float(reg), rel=1e-4)
+    assert float(parts["classification"]) == pytest.approx(float(cls), rel=1e-4)
+    assert float(parts["agreement"]) == pytest.approx(terms[1][2] / n)
+    assert float(parts["agreement_2"]) == pytest.approx(terms[2][2] / n)
+    (reg + 0.2 * cls).backward()
+    for k, p in drafter.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="`unroll` must be an integer >= 1"):
+        feature_drafter_loss(drafter, ids, mask, feats, logits, unroll=0)
+
+
 def test_lightning_module_keeps_the_verifier_out():
     from lit_cascades.modules.feature_drafter import FeatureDrafterLM
 
