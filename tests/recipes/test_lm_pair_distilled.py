@@ -98,10 +98,12 @@ def test_smollm2_distilled_preset_distils_the_first_layers(tmp_path):
 
 
 @pytest.mark.slow
-def test_feature_drafter_preset_trains_saves_and_drafts(tmp_path):
-    """``preset=smollm2_feature_drafter`` on a tiny Llama verifier: the drafter stage trains (its loss falls and
-    its agreement with the verifier rises), the pair directory holds it, ``load_pair`` attaches it to the large model,
-    and ``recipes.speculative_cascade drafter=feature`` decodes with it (output lengths = large_only's)."""
+@pytest.mark.parametrize("preset", ["smollm2_feature_drafter", "smollm2_feature_drafter_unroll"])
+def test_feature_drafter_preset_trains_saves_and_drafts(tmp_path, preset):
+    """``preset=smollm2_feature_drafter`` (and the two-pass ``_unroll`` preset, bfloat16 targets) on a tiny Llama
+    verifier: the drafter stage trains (its loss falls and its agreement with the verifier rises), the pair
+    directory holds it, ``load_pair`` attaches it to the large model, and ``recipes.speculative_cascade
+    drafter=feature`` decodes with it (output lengths = large_only's)."""
     import csv
 
     from lit_cascades.models.feature_drafter import FeatureDrafter
@@ -109,7 +111,7 @@ def test_feature_drafter_preset_trains_saves_and_drafts(tmp_path):
     from lit_cascades.runner import run_recipe
     from recipes.speculative_cascade import run as spec_run
 
-    teacher, out = run_on_tiny_teacher(tmp_path, "smollm2_feature_drafter", "drafter.steps=40",
+    teacher, out = run_on_tiny_teacher(tmp_path, preset, "drafter.steps=40",
                                        "drafter.module.warmup_steps=2", "drafter.module.lr=0.01", "eval.val_every=40")
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["drafter"]["steps"] == 40 and saved["large"]["steps"] == 0
@@ -118,7 +120,9 @@ def test_feature_drafter_preset_trains_saves_and_drafts(tmp_path):
     loss, agree = ([float(r[k]) for r in logged] for k in ("train/loss", "train/agreement"))
     assert sum(loss[-5:]) < 0.9 * sum(loss[:5]), loss  # the drafter learns (a random verifier: agreement rises slowly)
     assert sum(agree[-5:]) > sum(agree[:5]), agree
-    assert 0 < saved["drafter"]["test_agreement"] <= 1
+    if preset.endswith("_unroll"):  # the second pass's agreement is logged too
+        assert all(0 <= float(r["train/agreement_2"]) <= 1 for r in logged)
+    assert 0 <= saved["drafter"]["test_agreement"] <= 1  # a random verifier: near 0 (the rise is checked above)
     pair = load_pair(out / "pair")
     assert isinstance(pair.drafter, FeatureDrafter)
     assert pair.drafter.get_output_embeddings() is pair.large.get_output_embeddings()
@@ -145,4 +149,24 @@ def test_feature_drafter_section_is_checked_before_work(tmp_path, capsys):
     line = config_error("lm_pair", capsys, "preset=smollm2_feature_drafter", "drafter.steps=0", f"output_dir={out}",
                         "logger.wandb=false")
     assert line.startswith("error: drafter.steps: expected an integer >= 1; got 0"), line
+    assert not out.exists()
+
+
+def test_feature_drafter_teacher_dtype_is_checked_before_training(tmp_path, capsys):
+    """``preset=smollm2_feature_drafter_xl`` (verifier targets in bfloat16) with a bad ``teacher_dtype``: one
+    ``error:`` line naming the key and the allowed values, no run directory left behind."""
+    from tests.recipes.test_lm_recipes import config_error
+
+    dm = tiny_datamodule(cache_dir=False)
+    dm.setup()
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(len(dm.get_tokenizer()), layers=2).save_pretrained(teacher_dir)
+    dm.get_tokenizer().save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    line = config_error("lm_pair", capsys, "preset=smollm2_feature_drafter_xl", f"data.tokenizer={teacher_dir}",
+                        f"small.model.init={teacher_dir}", f"large.model.init={teacher_dir}", "data.max_docs=24",
+                        "data.cache_dir=false", "small.model.truncate_layers=1", "drafter.module.teacher_dtype=int8", f"output_dir={out}",
+                        "logger.wandb=false")
+    assert line.startswith("error: drafter.module.teacher_dtype: `teacher_dtype` must be one of"), line
+    assert "'bfloat16'" in line and "'int8'" in line
     assert not out.exists()
