@@ -499,8 +499,9 @@ def _merge_drafters(new: dict[str, Any], old: dict[str, Any]) -> bool:
     if keep and any(new[k] != old[k] for k in same):
         raise ValueError(f"--merge: the committed drafters were measured with {({k: old[k] for k in same})}, this "
                          f"run with {({k: new[k] for k in same})}; rerun with the same settings")
-    new["drafters"] = {**{k: keep.get(k, d) for k, d in new["drafters"].items()},
-                       **{k: d for k, d in keep.items() if k not in new["drafters"]}}
+    # the committed rows keep their order (re-measured ones in place); drafters new to the table come last
+    merged = {k: keep.get(k, new["drafters"].get(k)) for k in old["drafters"] if k in keep or k in new["drafters"]}
+    new["drafters"] = {**merged, **{k: d for k, d in new["drafters"].items() if k not in merged}}
     return bool(keep)
 
 

@@ -197,3 +197,21 @@ def test_feature_drafter_screen_table_regenerates_from_raw() -> None:
     assert set(made) == {p.name for p in (ROOT / "docs" / "results" / "feature_drafter").glob("*.md")}
     for name, text in made.items():
         assert (ROOT / "docs" / "results" / "feature_drafter" / name).read_text() == text
+
+
+def test_feature_drafter_depth_table_regenerates_from_raw() -> None:
+    """Agreement by draft depth of the SmolLM2 feature drafters: provenance, agreements in [0, 1] for every depth,
+    and the committed table is what the script makes of the raw file."""
+    from benchmarks import feature_drafter_depth as depth
+
+    folder = ROOT / "docs" / "results" / "feature_drafter_depth"
+    raw = json.loads((folder / "raw.json").read_text())
+    assert raw["command"].startswith("python -m benchmarks.feature_drafter_depth")
+    assert len(raw["git_commit"]) == 40 and raw["machine"] and raw["positions"] == raw["blocks"] * 4 * 128
+    assert set(raw["presets"]) <= set(depth.PRESETS) and raw["presets"]
+    for r in raw["presets"].values():
+        assert len(r["agreement"]) == depth.DEPTHS and all(0 <= a <= 1 for a in r["agreement"])
+    made = depth.tables(raw)
+    assert set(made) == {p.name for p in folder.glob("*.md")}
+    for name, text in made.items():
+        assert (folder / name).read_text() == text

@@ -19,6 +19,7 @@ Training (:func:`feature_drafter_loss`, :class:`lit_cascades.modules.feature_dra
 EAGLE objective, a Smooth-L1 regression of ``ĥ_j`` on ``f_j`` plus ``w_cls`` × the cross-entropy of
 ``Head(ĥ_j)`` against the verifier's distribution at ``j``, with uniform noise on the input features (the paper's
 ``U(−0.1, 0.1)``) so that the drafter tolerates its own prediction errors when it drafts several tokens.
+``unroll=k`` adds passes that read the drafter's own predictions instead (draft step ``k``'s condition).
 
 Only the trainable part (``fc`` and ``body``) is in ``state_dict``; :meth:`FeatureDrafter.save` /
 :meth:`FeatureDrafter.load` write and read it beside a small JSON, and loading needs the verifier.

@@ -76,6 +76,8 @@ def test_merge_keeps_committed_drafters_this_run_did_not_build():
     assert speculative._merge_drafters(new, old)
     assert {k: d["acceptance_rate"] for k, d in new["drafters"].items()} == {
         "untrained": 0.008, "lm_pair preset=a": 0.24, "lm_pair preset=feature": 0.4, "lm_pair preset=gone": 0.1}
+    # the table keeps the committed order; a drafter new to it comes last
+    assert list(new["drafters"]) == ["untrained", "lm_pair preset=a", "lm_pair preset=gone", "lm_pair preset=feature"]
     other = {**settings, "gamma": 5, "drafters": {"lm_pair preset=a": {"built": False}}}
     with pytest.raises(ValueError, match="rerun with the same settings"):
         speculative._merge_drafters(other, old)
