@@ -181,6 +181,13 @@ class FeatureDrafter(nn.Module):
         return drafter.to(next(verifier.parameters()).dtype).eval()
 
 
+def check_unroll(unroll: Any) -> int:
+    """``unroll`` if it is an integer >= 1 (the passes of :func:`feature_drafter_loss`), else ValueError."""
+    if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+        raise ValueError(f"`unroll` must be an integer >= 1; got {unroll!r}")
+    return unroll
+
+
 def feature_drafter_loss(drafter: FeatureDrafter, input_ids: Tensor, attention_mask: Tensor | None,
                          features: Tensor, verifier_logits: Tensor, cls_weight: float = 0.1,
                          noise: float = 0.1, unroll: int = 1) -> dict[str, Tensor]:
@@ -209,8 +216,7 @@ def feature_drafter_loss(drafter: FeatureDrafter, input_ids: Tensor, attention_m
         loss terms are the means over the passes, ``agreement`` is the first pass's (reading the verifier's
         features) and ``agreement_<k>`` pass ``k``'s.
     """
-    if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
-        raise ValueError(f"`unroll` must be an integer >= 1; got {unroll!r}")
+    check_unroll(unroll)
     if features.shape[:2] != input_ids.shape or verifier_logits.shape[:2] != input_ids.shape:
         raise ValueError(f"`features` [B, T, d] and `verifier_logits` [B, T, V] must match input_ids "
                          f"{tuple(input_ids.shape)}; got {tuple(features.shape)} and {tuple(verifier_logits.shape)}")

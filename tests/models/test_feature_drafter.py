@@ -287,6 +287,8 @@ def test_lightning_module_keeps_the_verifier_out():
         FeatureDrafterLM()
     with pytest.raises(TypeError, match="must be a FeatureDrafter"):
         FeatureDrafterLM(model=torch.nn.Linear(2, 2), teacher=verifier)
+    with pytest.raises(ValueError, match="`unroll` must be an integer >= 1; got 0"):
+        FeatureDrafterLM(teacher=verifier, unroll=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
