@@ -46,7 +46,8 @@ class FeatureDrafterLM(CausalLM):
             the verifier's forward for the targets runs under ``torch.autocast`` in that dtype (features and logits
             are returned in float32). A speed setting: on a CPU with bfloat16 matrix units (AMX) the verifier's
             forward, the larger part of a step, runs markedly faster (``benchmarks.feature_drafter_step``); the
-            rounding (the largest feature moves by about 1% of its size) is far below the training noise. Decoding always reads the verifier's features in its own dtype.
+            rounding (the largest feature moves by about 1% of its size) is far below the training noise.
+            Decoding always reads the verifier's features in its own dtype.
         lr, weight_decay, warmup_steps, min_lr_ratio: as in :class:`~lit_cascades.modules.causal_lm.CausalLM`.
     """
 
