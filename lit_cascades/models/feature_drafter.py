@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_cascades.models.generation import position_ids_from_mask
+
 #: file names of :meth:`FeatureDrafter.save`.
 CONFIG_FILE, WEIGHTS_FILE = "feature_drafter.json", "feature_drafter.safetensors"
 
@@ -224,7 +226,7 @@ def feature_drafter_loss(drafter: FeatureDrafter, input_ids: Tensor, attention_m
     inputs = shift_features(features if attention_mask is None else features * attention_mask[..., None])
     if noise > 0:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
-    positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
     keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool())
     n = keep.sum().clamp(min=1)
     target = torch.softmax(verifier_logits.float(), -1)

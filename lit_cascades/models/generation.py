@@ -45,6 +45,11 @@ class Generation:
     stopped: Tensor
 
 
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """``[B, L]`` position ids that start at 0 on each row's first real token (left padding safe)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def check_fits_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
     """Raise ``ValueError`` if ``prompt_len + max_new_tokens`` exceeds the model's context window."""
     ctx = context_length(model)
@@ -204,7 +209,7 @@ def output_hidden_states(
     check_fits_context(model, input_ids.shape[1], generated.shape[1])
     ids = torch.cat([input_ids, generated], dim=1)
     mask = torch.cat([attention_mask.long(), generated_mask.long()], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     states = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True).hidden_states
     n_layers = len(states)
     if not -n_layers <= layer < n_layers:

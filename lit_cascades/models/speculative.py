@@ -99,7 +99,7 @@ from lit_cascades.models.feature_drafter import (
     shift_features,
     uses_verifier_features,
 )
-from lit_cascades.models.generation import as_stop_counts
+from lit_cascades.models.generation import as_stop_counts, position_ids_from_mask
 from lit_cascades.models.lm_pair import context_length, model_vocab_size
 
 #: Settings of transformers' assisted generation that it reads from the *assistant's* ``generation_config``
@@ -261,7 +261,7 @@ class _Runner:
 
     def positions(self, mask: Tensor) -> Tensor:
         """Position ids of a left-padded ``mask`` ``[B, T]``, within the model's context."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(mask)
         if self.max_position is not None:  # draft columns past a row's budget: never kept, keep them in range
             positions = positions.clamp(max=self.max_position - 1)
         return positions

@@ -23,13 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_cascades.functional.gatekeeper import gatekeeper_loss
+from lit_cascades.models.generation import position_ids_from_mask
 from lit_cascades.models.lm_pair import context_length
 from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """``[B, L]`` position ids that start at 0 on each row's first real token (left padding safe)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def shifted_logits_and_labels(

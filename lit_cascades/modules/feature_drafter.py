@@ -24,7 +24,8 @@ from lit_cascades.models.feature_drafter import (
     check_unroll,
     feature_drafter_loss,
 )
-from lit_cascades.modules.causal_lm import CausalLM, position_ids_from_mask
+from lit_cascades.models.generation import position_ids_from_mask
+from lit_cascades.modules.causal_lm import CausalLM
 
 #: ``teacher_dtype`` values -> the autocast dtype of the verifier's target pass (None: its own dtype, no autocast)
 TEACHER_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -31,8 +31,9 @@ from torchmetrics.aggregation import MeanMetric
 from lit_cascades.data.selection import model_fingerprint
 from lit_cascades.functional._checks import check_choice, check_range
 from lit_cascades.functional.distillation import SCHEDULES, kd_weight_at, salt_loss
+from lit_cascades.models.generation import position_ids_from_mask
 from lit_cascades.models.lm_pair import check_same_vocab
-from lit_cascades.modules.causal_lm import CausalLM, position_ids_from_mask
+from lit_cascades.modules.causal_lm import CausalLM
 
 
 def aligned_targets(batch: dict[str, Tensor], ignore_index: int = -100) -> Tensor:
