@@ -193,6 +193,9 @@ def test_feature_drafter_screen_table_regenerates_from_raw() -> None:
                                          f"output_dir=runs/results_feature_drafter/{name}"])
         assert v["wall_seconds"] > 0 and 0 < v["test_agreement"] <= 1
         assert set(v["val_agreement"]) == {"160", "320"}
+        dec = v["decoding"]  # depth agreements and greedy acceptance of the variant's drafter
+        assert len(dec["depth_agreement"]) == 4 and all(0 <= a <= 1 for a in dec["depth_agreement"])
+        assert 0 <= dec["accepted"] <= dec["drafted"] and dec["acceptance_rate"] == dec["accepted"] / dec["drafted"]
     made = screen.tables(raw)
     assert set(made) == {p.name for p in (ROOT / "docs" / "results" / "feature_drafter").glob("*.md")}
     for name, text in made.items():
