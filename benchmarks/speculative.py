@@ -316,14 +316,19 @@ def drafters(verifier, tok, rows: list, cfg: DictConfig, candidates: dict[str, A
             out[name] = {**info, "built": False}
             continue
         agg = {"tokens": 0, "verifier_calls": 0, "accepted": 0, "drafted": 0}
+        reached, accepted_at = [0] * gamma, [0] * gamma  # per draft step k of a round
         for x in batches:
             o = speculative_generate(cand["drafter"], verifier, x["input_ids"], x["attention_mask"], m, gamma=gamma,
                                      stop_counts=counts, num_stops=2, pad_token_id=pad)
             for k in agg:
                 agg[k] += int(getattr(o, k if k != "tokens" else "num_tokens").sum())
+            for k in range(gamma):
+                reached[k] += int(o.draft_reached[:, k].sum())
+                accepted_at[k] += int(o.draft_accepted[:, k].sum())
         out[name] = {**info, "built": True, "params": count_parameters(cand["drafter"]), **agg,
                      "acceptance_rate": agg["accepted"] / max(agg["drafted"], 1),
-                     "tokens_per_verifier_call": agg["tokens"] / max(agg["verifier_calls"], 1)}
+                     "tokens_per_verifier_call": agg["tokens"] / max(agg["verifier_calls"], 1),
+                     "draft_reached": reached, "draft_accepted": accepted_at}
     return {"prompts": len(rows), "batch_size": int(cfg.task.batch_size), "gamma": gamma, "max_new_tokens": m,
             "drafters": out}
 
@@ -376,16 +381,19 @@ def render_table(payload: dict[str, Any]) -> str:
     for pair, r in res.get("drafters", {}).items():
         out += (f"\nDrafters of the {pair} verifier: greedy spec_decode, γ = {r['gamma']}, {r['prompts']} next-line "
                 f"prompts (batch {r['batch_size']}, at most {r['max_new_tokens']} new tokens):\n\n"
-                "| drafter | distillation / fine-tuning steps | build time | acceptance rate | tokens / verifier call |\n"
-                "|---|---|---|---|---|\n")
+                "| drafter | distillation / fine-tuning steps | build time | acceptance rate | tokens / verifier call | "
+                f"acceptance at draft step 1–{r['gamma']} (given reached) |\n"
+                "|---|---|---|---|---|---|\n")
         for name, d in r["drafters"].items():
             if not d["built"]:
-                out += f"| {name} | – | not built | – | – |\n"
+                out += f"| {name} | – | not built | – | – | – |\n"
                 continue
             secs = d.get("build_seconds")
             built = "–" if not secs else f"{secs / 60:.0f} min"
+            steps = "–" if "draft_reached" not in d else " / ".join(
+                f"{a / n:.2f}" if n else "–" for a, n in zip(d["draft_accepted"], d["draft_reached"], strict=True))
             out += (f"| {name} | {d.get('steps', 0)} | {built} | {d['acceptance_rate']:.3f} | "
-                    f"{d['tokens_per_verifier_call']:.2f} |\n")
+                    f"{d['tokens_per_verifier_call']:.2f} | {steps} |\n")
     runs = res.get("runs", [])
     if len(runs) > 1:  # merged from separate runs (--merge): each with its own command and load
         out += "\nMeasured in separate runs (merged with `--merge`): " + "; ".join(

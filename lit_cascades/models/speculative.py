@@ -156,6 +156,11 @@ class SpeculativeOutput:
         gammas: the draft length of each round (``gamma_schedule="heuristic"`` changes it).
         cache_columns: the most columns the verifier's KV cache kept for the unfinished rows after a round's
             rollback (the drafts of a round add up to ``γ`` columns while it runs).
+        draft_reached, draft_accepted: ``[B, M]`` per draft position ``k`` (column ``k − 1``): the rounds in
+            which the ``k``-th draft was verified with the ``k − 1`` drafts before it accepted, and those in which
+            it was accepted too; drafts after a stop or past the budget count in neither. ``draft_accepted.sum(-1)
+            == accepted``; pooled over rows, ``draft_accepted / draft_reached`` at column ``k − 1`` is the
+            acceptance of draft step ``k`` given that the round reached it (:attr:`draft_acceptance`).
     """
 
     tokens: Tensor
@@ -171,6 +176,17 @@ class SpeculativeOutput:
     drafter_logprobs: Tensor | None = None
     gammas: list[int] = field(default_factory=list)
     cache_columns: int = 0
+    draft_reached: Tensor | None = None
+    draft_accepted: Tensor | None = None
+
+    @property
+    def draft_acceptance(self) -> Tensor:
+        """``[M]`` pooled over rows: acceptance of draft step ``k`` (column ``k − 1``) in the rounds that reached
+        it; NaN where no round did."""
+        if self.draft_reached is None or self.draft_accepted is None:
+            raise AttributeError("this output has no per-position draft counts")
+        reached = self.draft_reached.sum(0).float()
+        return torch.where(reached > 0, self.draft_accepted.sum(0).float() / reached.clamp(min=1), float("nan"))
 
     @property
     def acceptance_rate(self) -> Tensor:
@@ -549,6 +565,8 @@ def speculative_generate(
     stats = {k: torch.zeros(b_all, dtype=torch.long, device=device)
              for k in ("accepted", "drafted", "verifier_calls", "drafter_calls", "deferred")}
     pending = torch.zeros(b_all, dtype=torch.long, device=device)  # trailing tokens lacking a drafter log-prob
+    reached = torch.zeros(b_all, m, dtype=torch.long, device=device)  # per draft position (draft_reached)
+    accepted_at = torch.zeros(b_all, m, dtype=torch.long, device=device)
 
     d_run = _Runner(drafter, vocab, context_length(drafter) if hasattr(drafter, "config") else None)
     v_run = _Runner(verifier, vocab, context_length(verifier))
@@ -700,6 +718,10 @@ def speculative_generate(
         stopped[rows] |= newly
         emitted = final - old
         stats["accepted"][rows] += torch.minimum(n, emitted)
+        k_idx = j_idx[None, :g] + 1  # draft positions 1..g; those at or past a stop/budget cut were not emitted
+        within = k_idx <= emitted[:, None]
+        reached[rows, :g] += ((k_idx <= n[:, None] + 1) & within).long()
+        accepted_at[rows, :g] += ((k_idx <= n[:, None]) & within).long()
         stats["deferred"][rows] += (dpos & (j_idx[None] < emitted[:, None])).sum(-1)
         done = newly | (final >= m)
         if output_logprobs:  # the bonus token lacks a drafter log-prob unless it was cut off
@@ -769,4 +791,5 @@ def speculative_generate(
         is_last = col[None] == (n_out - 1)[:, None]
         out_mask = out_mask & ~(is_last & stopped[:, None])
     return SpeculativeOutput(tokens=tokens, mask=out_mask, stopped=stopped, num_tokens=n_out, logprobs=logprobs,
-                             drafter_logprobs=drafter_logprobs, gammas=gammas, cache_columns=peak, **stats)
+                             drafter_logprobs=drafter_logprobs, gammas=gammas, cache_columns=peak,
+                             draft_reached=reached, draft_accepted=accepted_at, **stats)

@@ -101,3 +101,19 @@ def test_merge_drops_committed_rows_of_a_pair_measured_under_another_label(tmp_p
     assert new["pairs"] == {"feat": "drafter B", "other": "random"}
     assert [r["pairs"] for r in new["runs"]] == [["other"]]  # the old run's record covers only what was kept
     assert "dropped the committed cache rows of feat" in capsys.readouterr().out
+
+
+def test_drafters_table_shows_acceptance_per_draft_step():
+    """The drafters table divides each draft step's accepted count by the rounds that reached it; rows measured
+    before the per-step counts existed show a dash, unbuilt ones "not built"."""
+    d = {"built": True, "acceptance_rate": 0.3, "tokens_per_verifier_call": 1.5, "steps": 10, "build_seconds": 600,
+         "draft_reached": [100, 60, 0, 0], "draft_accepted": [60, 15, 0, 0]}
+    old = {k: v for k, v in d.items() if not k.startswith("draft_")}
+    payload = {"command": "x", "machine": {"cpu": "c", "torch": "t"}, "load": {},
+               "results": {"alternations": 1, "runs": [], "drafters": {"smollm2": {
+                   "prompts": 32, "batch_size": 32, "gamma": 4, "max_new_tokens": 32,
+                   "drafters": {"new": d, "old": old, "gone": {"built": False}}}}}}
+    table = speculative.render_table(payload)
+    assert "| new | 10 | 10 min | 0.300 | 1.50 | 0.60 / 0.25 / – / – |" in table
+    assert "| old | 10 | 10 min | 0.300 | 1.50 | – |" in table
+    assert "| gone | – | not built | – | – | – |" in table

@@ -7,6 +7,8 @@ some tokens and not on others. Oracles: the verifier's own greedy ``generate`` o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -96,13 +98,17 @@ def test_greedy_equals_verifier_generate_batched(arch_pair, gamma):
     assert 0 < out.cache_columns < longest  # compact: no column is a hole (the last token is never cached)
 
 
-def cache_free_rounds(drafter, verifier, prompt: list[int], max_new: int, gamma: int, schedule: str) -> tuple[
-        list[int], int]:
+def cache_free_rounds(drafter, verifier, prompt: list[int], max_new: int, gamma: int, schedule: str,
+                      stop: int | None = None) -> tuple[list[int], int, list[int], list[int]]:
     """Greedy speculative decoding at batch 1 without any cache (every forward recomputes the sequence), with HF's
-    draft cap (``remaining − 1``) and schedule: ``(tokens, verifier forwards)``."""
+    draft cap (``remaining − 1``) and schedule, ending after token ``stop`` if given: ``(tokens, verifier forwards,
+    reached, accepted)``, the last two per draft position ``k`` (index ``k − 1``, length ``max_new``): rounds whose
+    ``k``-th draft was verified after ``k − 1`` accepted ones and was emitted or rejected before the end, and those
+    that accepted it."""
     out: list[int] = []
     calls = 0
-    while len(out) < max_new:
+    reached, accepted = [0] * max_new, [0] * max_new
+    while len(out) < max_new and (stop is None or stop not in out):
         g = min(gamma, max_new - len(out) - 1)
         drafts: list[int] = []
         with torch.no_grad():
@@ -113,10 +119,17 @@ def cache_free_rounds(drafter, verifier, prompt: list[int], max_new: int, gamma:
         n = 0
         while n < g and drafts[n] == best[n]:
             n += 1
-        out += [*drafts[:n], best[n]]
+        block = [*drafts[:n], best[n]][:max_new - len(out)]
+        if stop is not None and stop in block:
+            block = block[:block.index(stop) + 1]
+        for k in range(1, min(n + 1, len(block)) + 1):  # draft k reached; accepted if k <= n
+            if k <= g:
+                reached[k - 1] += 1
+                accepted[k - 1] += k <= n
+        out += block
         if schedule == "heuristic":
             gamma = gamma + 2 if n == g else max(1, gamma - 1)
-    return out[:max_new], calls
+    return out[:max_new], calls, reached, accepted
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -142,7 +155,7 @@ def test_batch_one_equals_hf_assisted_generation(arch):
             hf_calls = len(calls)
             out = speculative_generate(drafter, verifier, ids, mask, 18, gamma=gamma, gamma_schedule=schedule,
                                        stop_counts=[], pad_token_id=PAD)
-            ref, ref_calls = cache_free_rounds(drafter, verifier, ids[0].tolist(), 18, gamma, schedule)
+            ref, ref_calls, *_ = cache_free_rounds(drafter, verifier, ids[0].tolist(), 18, gamma, schedule)
             assert out.tokens[0].tolist() == ref, (arch, gamma, schedule)
             if hf is None:  # the cache-free reference is the oracle; HF's own run could not go on
                 assert int(out.verifier_calls[0]) == ref_calls, (arch, gamma, schedule)
@@ -153,6 +166,39 @@ def test_batch_one_equals_hf_assisted_generation(arch):
                 assert hf_calls == ref_calls, (arch, gamma, schedule)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mistral"])
+@pytest.mark.parametrize("gamma", [2, 4])
+def test_per_position_draft_counts_equal_cache_free_rounds(arch, gamma):
+    """``draft_reached`` / ``draft_accepted`` of each prompt (a frequent stop token, budget cut) equal the counts of cache-free
+    greedy rounds on it, and sum to ``accepted``. At batch 1: in a batch, a row near its budget still drafts as
+    long as another row has room (γ is capped by the largest remaining budget), so its last token can come from an
+    accepted draft where a lone row's last round drafts nothing; the batch's counts still sum to ``accepted``."""
+    drafter, verifier = make_pair(arch, seed=2)
+    ids, mask = left_padded([8, 3, 6, 1], seed=gamma)
+    # stop at the verifier's most frequent greedy token; with a drafter that is the verifier itself every draft is
+    # accepted, so stops fall inside accepted drafts and cut the drafts after them
+    free = speculative_generate(drafter, verifier, ids, mask, 16, gamma=gamma, stop_counts=[], pad_token_id=PAD)
+    stop = int(free.tokens.flatten().mode().values)
+    for d, row in [(drafter, r) for r in range(4)] + [(copy.deepcopy(verifier), r) for r in range(4)]:
+        prompt = ids[row][mask[row].bool()][None]
+        out = speculative_generate(d, verifier, prompt, torch.ones_like(prompt), 16, gamma=gamma,
+                                   stop_counts=[stop], pad_token_id=PAD)
+        tokens, _, reached, accepted = cache_free_rounds(d, verifier, prompt[0].tolist(), 16, gamma, "constant",
+                                                         stop=stop)
+        assert out.tokens[0][out.mask[0]].tolist() == tokens
+        assert out.draft_reached[0].tolist() == reached, (arch, gamma, row)
+        assert out.draft_accepted[0].tolist() == accepted, (arch, gamma, row)
+        assert int(out.draft_accepted.sum()) == int(out.accepted[0])
+    batch = speculative_generate(drafter, verifier, ids, mask, 16, gamma=gamma, pad_token_id=PAD)
+    assert batch.draft_reached.shape == (4, 16)
+    assert batch.draft_accepted.sum(-1).tolist() == batch.accepted.tolist()
+    assert int(batch.draft_reached[:, 1].sum()) > 0 and int(batch.draft_accepted.sum()) < int(batch.draft_reached.sum())
+    pooled = batch.draft_acceptance
+    never = batch.draft_reached.sum(0) == 0  # positions past γ, or that no round reached
+    assert never[gamma:].all() and torch.equal(torch.isnan(pooled), never)
+    torch.testing.assert_close(pooled[~never], batch.draft_accepted.sum(0)[~never] / batch.draft_reached.sum(0)[~never])
 
 
 def test_heuristic_schedule_changes_gamma():
