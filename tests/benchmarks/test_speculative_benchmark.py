@@ -8,6 +8,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 import benchmarks._common as common
 from benchmarks import speculative
@@ -117,3 +118,25 @@ def test_drafters_table_shows_acceptance_per_draft_step():
     assert "| new | 10 | 10 min | 0.300 | 1.50 | 0.60 / 0.25 / – / – |" in table
     assert "| old | 10 | 10 min | 0.300 | 1.50 | – |" in table
     assert "| gone | – | not built | – | – | – |" in table
+
+
+def test_vs_hf_without_assisted_generation_times_a_feature_drafter_against_greedy():
+    """A feature drafter (which HF assisted generation cannot run): spec_decode's outputs are checked equal to the
+    verifier's greedy ``generate`` and timed against it alone, with both draft-length schedules; the table shows
+    those rows with their decoding statistics and no HF-assisted target row is made."""
+    from lit_cascades.models.feature_drafter import FeatureDrafter
+    from tests.models.test_speculative_architectures import make_pair
+
+    _, verifier = make_pair("llama")
+    drafter = FeatureDrafter(verifier).eval()
+    prompts = [torch.randint(6, 96, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 9)]
+    r = speculative.vs_hf(drafter, verifier, prompts, gamma=3, max_new=6, alternations=2, assisted=False)
+    assert not speculative.key_present(r) and "hf_assisted" not in r["timing"]["seconds"]
+    for key in ("spec_decode_over_verifier_greedy", "heuristic_spec_decode_over_verifier_greedy",
+                "heuristic_over_constant_spec_decode"):
+        assert math.isfinite(r[key]["median"]) and r[key]["median"] > 0
+    assert r["decoding"]["constant"]["tokens"] == 12
+    table = speculative.render_table({"command": "x", "machine": {"cpu": "c", "torch": "t"}, "load": {},
+                                      "results": {"alternations": 2, "runs": [], "vs_hf": {"feat": r}}})
+    assert "| spec_decode adaptive γ / verifier greedy (batch 1, 2 prompts × 6 tokens) | feat |" in table
+    assert "HF assisted" not in table
