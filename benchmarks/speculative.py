@@ -201,7 +201,7 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
     return out
 
 
-def key_present(r: dict[str, Any]) -> bool:
+def timed_against_hf(r: dict[str, Any]) -> bool:
     """A vs_hf entry timed against HF assisted generation (not only against the verifier's greedy decoding)."""
     return "spec_decode_over_hf_assisted" in r
 
@@ -379,11 +379,14 @@ def render_table(payload: dict[str, Any]) -> str:
             if key not in r:
                 continue
             s = r[key]
-            detail = "" if key_present(r) else (f"{d[sched]['tokens_per_verifier_call']:.2f} tokens / verifier call, "
-                                                f"acceptance {d[sched]['acceptance_rate']:.2f} ({sched})")
-            lines.append(f"| {label} (batch 1{'' if key_present(r) else ', ' + str(r['prompts']) + ' prompts × '}"
-                         f"{'' if key_present(r) else str(r['max_new_tokens']) + ' tokens'}) | {pair} | "
-                         f"{s['median']:.3f} | {s['min']:.3f}–{s['max']:.3f} | {detail + ' ' if detail else ''}|")
+            if timed_against_hf(r):  # the HF rows above carry the setting and the decoding statistics
+                setting, detail = "batch 1", ""
+            else:
+                setting = f"batch 1, {r['prompts']} prompts × {r['max_new_tokens']} tokens"
+                detail = (f"{d[sched]['tokens_per_verifier_call']:.2f} tokens / verifier call, acceptance "
+                          f"{d[sched]['acceptance_rate']:.2f} ({sched}) ")
+            lines.append(f"| {label} ({setting}) | {pair} | {s['median']:.3f} | {s['min']:.3f}–{s['max']:.3f} | "
+                         f"{detail}|")
     for pair, r in res.get("cache", {}).items():
         lines.append(f"| KV-cache columns / real tokens of the longest row (batch {r['batch']}, γ = {r['gamma']}, "
                      f"{r['max_new_tokens']} new tokens) | {pair} | {r['ratio']:.3f} | – | {r['cache_columns']} "
@@ -651,7 +654,7 @@ def main() -> None:
             results["vs_hf"][name] = r = vs_hf(drafter, verifier, prompts, args.gamma, args.max_new_tokens,
                                                args.alternations, tuple(args.schedules.split(",")),
                                                assisted=name != "smollm2_feature")
-            key = "spec_decode_over_hf_assisted" if key_present(r) else "spec_decode_over_verifier_greedy"
+            key = "spec_decode_over_hf_assisted" if timed_against_hf(r) else "spec_decode_over_verifier_greedy"
             print(f"[{NAME}] {name} vs_hf: {key} {r[key]['median']:.3f}", flush=True)
         if "cache" not in skip:
             results["cache"][name] = cache_columns(drafter, verifier, cache_ids, cache_mask)
@@ -671,7 +674,7 @@ def main() -> None:
     if args.merge:
         _merge(results)
     targets = []
-    for name, r in [(k, v) for k, v in results["vs_hf"].items() if key_present(v)]:
+    for name, r in [(k, v) for k, v in results["vs_hf"].items() if timed_against_hf(v)]:
         targets.append(target_row(f"spec_decode / HF assisted generation, same constant γ, batch 1, {name}", 1.0,
                                   r["spec_decode_over_hf_assisted"]))
     for name, r in results["cache"].items():
