@@ -22,6 +22,7 @@ import csv
 import json
 import math
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,25 +61,31 @@ class Decoding:
     """The verifier, next-line prompts and test blocks that every variant's drafter is measured on (loaded once)."""
 
     def __init__(self) -> None:
-        import argparse as ap
-
-        from omegaconf import OmegaConf
-
         from benchmarks.speculative import load_task_pair
-        from lit_cascades.runner.config import build
 
         # the verifier, prompts and task settings of `benchmarks.speculative --pairs smollm2_feature
         # --rule-prompts 32` (the drafters table); every variant shares SmolLM2 as its frozen verifier
-        args = ap.Namespace(overrides=[], smollm2_preset=None, feature_preset="smollm2_feature_drafter", gamma=4,
-                            prompts=1, cache_batch=1, batching_prompts=1, rule_prompts=PROMPTS)
+        args = argparse.Namespace(overrides=[], smollm2_preset=None, feature_preset="smollm2_feature_drafter",
+                                  gamma=4, prompts=1, cache_batch=1, batching_prompts=1, rule_prompts=PROMPTS)
         self.task = load_task_pair("smollm2_feature", args)
-        meta = json.loads((RUNS / next(iter(VARIANTS)) / "pair" / "pair.json").read_text())
-        dm = build(OmegaConf.create(meta["corpus"]), "corpus")
-        dm.setup()
-        loader = iter(dm.test_dataloader())
-        self.blocks = [next(loader)["input_ids"] for _ in range(BLOCKS)]
+        self.blocks: list[torch.Tensor] | None = None
+        self.corpus: dict[str, Any] | None = None
 
-    def __call__(self, pair_dir: Any) -> dict[str, Any]:
+    def test_blocks(self, pair_dir: Path) -> list[torch.Tensor]:
+        """The first ``BLOCKS`` test blocks of the corpus the pair at ``pair_dir`` was trained on."""
+        from omegaconf import OmegaConf
+
+        from lit_cascades.runner.config import build
+
+        corpus = json.loads((pair_dir / "pair.json").read_text())["corpus"]
+        if self.blocks is None or corpus != self.corpus:
+            dm = build(OmegaConf.create(corpus), "corpus")
+            dm.setup()
+            loader = iter(dm.test_dataloader())
+            self.blocks, self.corpus = [next(loader)["input_ids"] for _ in range(BLOCKS)], corpus
+        return self.blocks
+
+    def __call__(self, pair_dir: Path) -> dict[str, Any]:
         from benchmarks.feature_drafter_depth import depth_agreement
         from benchmarks.speculative import drafters
         from lit_cascades.models.feature_drafter import FeatureDrafter
@@ -86,7 +93,7 @@ class Decoding:
         t = self.task
         drafter = FeatureDrafter.load(pair_dir / "drafter", t["verifier"])
         dec = drafters(t["verifier"], t["tok"], t["rows"][:PROMPTS], t["cfg"], {"d": {"drafter": drafter}})["drafters"]
-        return {"depth_agreement": depth_agreement(drafter, t["verifier"], self.blocks),
+        return {"depth_agreement": depth_agreement(drafter, t["verifier"], self.test_blocks(pair_dir)),
                 **{k: dec["d"][k] for k in ("accepted", "drafted", "acceptance_rate", "tokens_per_verifier_call")}}
 
 
