@@ -4,19 +4,22 @@
 
 Target: median ratio <= 1.05 in both settings: the Fashion-MNIST-sized CNN (batch 128; the model dominates
 the step) and the 460-parameter MLP of the Gatekeeper recipe's digits setting (batch 64; the loss's dispatch
-overhead dominates). Both steps run forward, loss, backward and the AdamW update; the two sides alternate
-(``benchmarks._common.interleaved_ratios``) with identical models and data. Also reported: the loss alone
-(forward + backward on fixed logits) against ``F.cross_entropy`` at several sizes, for both implementations of
-the loss (the NumPy path for small CPU inputs and the fused torch path): the crossover behind
-``lit_cascades.functional.gatekeeper.SMALL_MAX_ELEMENTS``. Where the opt-in C++ kernel
-(``lit_cascades.functional.gatekeeper.use_native_kernel``) builds, it is measured as a third side of the same
-rounds (``gatekeeper_native``, ``gk_native``) with its own target rows; otherwise the reason is recorded.
+overhead dominates). Both steps run forward, loss, backward and the AdamW update; the sides alternate
+(``benchmarks._common.interleaved_ratios``) with identical models and data: cross-entropy, the Gatekeeper loss
+through the library's default dispatch (the C++ kernel for small CPU inputs once built: this script builds it
+first, and records the reason where it cannot), and the NumPy path forced (what runs without a kernel build).
+Also reported: the median time of each phase of the MLP's step per side (``phases_mlp_digits_b64``: which phases
+the NumPy path slows), and the loss alone (forward + backward on fixed logits) against ``F.cross_entropy`` at
+several sizes for each implementation (NumPy path, fused torch path, kernel): the crossover behind
+``lit_cascades.functional.gatekeeper.SMALL_MAX_ELEMENTS``.
 Writes docs/results/benchmarks/gatekeeper_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,33 +47,37 @@ def native_kernel() -> tuple[Any, str | None]:
         return None, str(exc)
 
 
-def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, kernel: Any = None,
-                     small_max: int | None = None) -> torch.Tensor:
-    """The Gatekeeper loss (α = 0.5) through the default dispatch, or through ``kernel`` when given; ``small_max``
-    replaces ``SMALL_MAX_ELEMENTS`` for the call (forcing the NumPy/kernel path or the torch path)."""
+def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, path: str = "default", kernel: Any = None) -> torch.Tensor:
+    """The Gatekeeper loss (α = 0.5) through ``path``: ``"default"`` (the library's dispatch as a user gets it:
+    the C++ kernel for small CPU inputs where a build is cached, else the NumPy path), or one implementation forced:
+    ``"numpy"``, ``"torch"`` or ``"native"`` (through ``kernel``)."""
+    if path == "default":
+        return gatekeeper_loss(logits, y, alpha=0.5).loss
+    if path not in ("numpy", "torch", "native"):
+        raise ValueError(f"unknown loss path {path!r}; expected default, numpy, torch or native")
     saved = gk_impl._NATIVE, gk_impl.SMALL_MAX_ELEMENTS
-    gk_impl._NATIVE = kernel
-    gk_impl.SMALL_MAX_ELEMENTS = saved[1] if small_max is None else small_max
+    gk_impl._NATIVE = kernel if path == "native" else None
+    gk_impl.SMALL_MAX_ELEMENTS = 0 if path == "torch" else 1 << 62
     try:
         return gatekeeper_loss(logits, y, alpha=0.5).loss
     finally:
         gk_impl._NATIVE, gk_impl.SMALL_MAX_ELEMENTS = saved
 
 
-def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str,
-              kernel: Any = None) -> Callable[[], None]:
+def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str) -> Callable[[], None]:
     """One training step (forward, loss, backward, AdamW) of a fresh seed-0 model on a fixed random batch:
-    ``"ce"``, ``"gatekeeper"`` (default dispatch) or ``"gatekeeper_native"`` (through ``kernel``)."""
+    ``"ce"``, ``"gatekeeper"`` (the default dispatch) or ``"gatekeeper_numpy"`` (the NumPy path forced: what a
+    machine without a kernel build runs)."""
     torch.manual_seed(0)
     model = build_classifier(arch, shape, 10, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    use = kernel if loss == "gatekeeper_native" else None
+    path = {"gatekeeper": "default", "gatekeeper_numpy": "numpy"}.get(loss)
 
     def step() -> None:
         logits = model(x)
-        value = F.cross_entropy(logits, y) if loss == "ce" else gatekeeper_value(logits, y, use)
+        value = F.cross_entropy(logits, y) if path is None else gatekeeper_value(logits, y, path)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -78,19 +85,54 @@ def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss:
     return step
 
 
+PHASES = ("forward", "loss", "zero_grad", "backward", "optimizer")
+
+
+def phase_times(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, sides: tuple[str, ...],
+                alternations: int, inner: int = 20) -> dict[str, dict[str, float]]:
+    """Median seconds of each phase of a step (:data:`PHASES`), per side, the sides alternating in blocks of
+    ``inner`` steps (order reversed every other alternation): which phases a loss implementation slows, the loss
+    itself or the model's forward, backward and update around it (the same ops on both sides)."""
+    runs = {}
+    for side in sides:
+        torch.manual_seed(0)
+        model = build_classifier(arch, shape, 10, **kwargs)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        path = {"gatekeeper": "default", "gatekeeper_numpy": "numpy"}.get(side)
+        runs[side] = (model, opt, x, y, path, {phase: [] for phase in PHASES})
+    clock = time.perf_counter
+    for a in range(alternations + 1):  # the first alternation warms up and is dropped
+        for side in sides if a % 2 == 0 else sides[::-1]:
+            model, opt, x, y, path, times = runs[side]
+            for _ in range(inner):
+                t0 = clock()
+                logits = model(x)
+                t1 = clock()
+                value = F.cross_entropy(logits, y) if path is None else gatekeeper_value(logits, y, path)
+                t2 = clock()
+                opt.zero_grad(set_to_none=True)
+                t3 = clock()
+                value.backward()
+                t4 = clock()
+                opt.step()
+                t5 = clock()
+                if a:
+                    for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+                        times[phase].append(dt)
+    return {side: {phase: statistics.median(ts) for phase, ts in run[5].items()} for side, run in runs.items()}
+
+
 def make_loss(batch: int, classes: int, loss: str, kernel: Any = None) -> Callable[[], None]:
-    """Loss forward + backward on fixed logits: ``"ce"``, ``"gk"`` (default dispatch), ``"gk_numpy"``,
-    ``"gk_torch"`` or ``"gk_native"`` (one implementation forced; the last through ``kernel``)."""
+    """Loss forward + backward on fixed logits: ``"ce"``, or ``"gk_numpy"``, ``"gk_torch"``, ``"gk_native"``
+    (one implementation forced; the last through ``kernel``)."""
     g = torch.Generator().manual_seed(2)
     z = torch.randn(batch, classes, generator=g).requires_grad_(True)
     y = torch.randint(0, classes, (batch,), generator=g)
-    limit = {"gk_numpy": 1 << 62, "gk_native": 1 << 62, "gk_torch": 0}.get(loss)
 
     def run() -> None:
-        if loss == "ce":
-            value = F.cross_entropy(z, y)
-        else:
-            value = gatekeeper_value(z, y, kernel if loss == "gk_native" else None, limit)
+        value = F.cross_entropy(z, y) if loss == "ce" else gatekeeper_value(z, y, loss.removeprefix("gk_"), kernel)
         value.backward()
         z.grad = None
 
@@ -105,17 +147,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = Run("gatekeeper_step")
     kernel, why_not = native_kernel()  # built before timing starts (about 40 s the first time on a machine)
-    step_sides = ("ce", "gatekeeper") + (("gatekeeper_native",) if kernel is not None else ())
+    default = gk_impl.small_path_kernel()  # what the default dispatch resolved to: the kernel once it is built
+    default_path = "C++ kernel" if default is not None else f"NumPy path, the kernel could not be built: {why_not}"
+    step_sides = ("ce", "gatekeeper", "gatekeeper_numpy")
     results, targets = {}, []
     for name, (arch, shape, batch, kwargs) in SETTINGS.items():
         inner = 20 if arch == "mlp" else 2
-        out = interleaved_ratios({side: make_step(arch, shape, batch, kwargs, side, kernel) for side in step_sides},
+        out = interleaved_ratios({side: make_step(arch, shape, batch, kwargs, side) for side in step_sides},
                                  baseline="ce", alternations=args.alternations, warmup=3, inner=inner)
         results[name] = {"arch": arch, "batch": batch, "inner_steps_per_block": inner, **out}
-        targets.append(target_row(f"Gatekeeper step / CE step, {name}", 1.05, out["ratios"]["gatekeeper"]))
-        if kernel is not None:
-            targets.append(target_row(f"Gatekeeper step / CE step, {name}, C++ kernel (use_native_kernel)", 1.05,
-                                      out["ratios"]["gatekeeper_native"]))
+        targets.append(target_row(f"Gatekeeper step / CE step, {name}, default path"
+                                  f" ({'C++ kernel' if default is not None else 'NumPy path'})", 1.05,
+                                  out["ratios"]["gatekeeper"]))
+        targets.append(target_row(f"Gatekeeper step / CE step, {name}, NumPy path (no kernel build)", 1.05,
+                                  out["ratios"]["gatekeeper_numpy"]))
+    arch, shape, batch, kwargs = SETTINGS["mlp_digits_b64"]
+    results["phases_mlp_digits_b64"] = {
+        "unit": "median seconds per step", "inner_steps_per_block": 20,
+        "seconds": phase_times(arch, shape, batch, kwargs, step_sides, args.alternations)}
     # the loss alone, each implementation: where the NumPy path stops paying (SMALL_MAX_ELEMENTS)
     loss_sides = ("ce", "gk_numpy", "gk_torch") + (("gk_native",) if kernel is not None else ())
     for batch, classes in ((64, 10), (128, 10), (512, 100), (2048, 100), (1024, 1000)):
@@ -124,7 +173,7 @@ def main() -> None:
                                  baseline="ce", alternations=args.alternations, warmup=3, inner=50 if small else 2)
         results[f"loss_only_{batch}x{classes}"] = out
     run.write({"torch_threads": args.threads, "native_kernel": "built" if kernel is not None else why_not,
-               "results": results}, targets)
+               "default_small_path": default_path, "results": results}, targets)
 
 
 if __name__ == "__main__":

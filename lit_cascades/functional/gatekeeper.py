@@ -104,36 +104,52 @@ def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-#: The compiled kernel used instead of the NumPy path while :func:`use_native_kernel` is on (None: off).
-_NATIVE: Any = None
+#: :func:`use_native_kernel`'s default: the kernel is used where a cached build exists (resolved at first use)
+_AUTO = "auto"
+#: The compiled kernel used instead of the NumPy path, None for the NumPy path, or ``_AUTO``.
+_NATIVE: Any = _AUTO
 
 
-def use_native_kernel(enabled: bool = True, verbose: bool = False) -> None:
-    """Compute the loss of small CPU inputs (the NumPy path's inputs) with a compiled C++ kernel, or stop.
+def use_native_kernel(enabled: bool | None = True, verbose: bool = False) -> None:
+    """Compute the loss of small CPU inputs (the NumPy path's inputs) with the compiled C++ kernel, or not.
 
     The kernel (``lit_cascades/functional/_native/gatekeeper.cpp``) is one native autograd node with the NumPy
-    path's math and outputs: no Python runs in its forward or backward, which is what a training step of a small
-    classifier pays for (``python -m benchmarks.gatekeeper_step``: on the 460-parameter digits MLP the NumPy path
-    costs 1.4-1.6x a cross-entropy step depending on the CPU, the kernel about 1.0x). It is compiled on the first
-    call (about 40 s; needs a C++ compiler, ``ninja`` and the Python headers, see
-    :mod:`lit_cascades.functional._native`) and cached across processes. The setting is per process: call it in each worker (e.g. in a ``setup`` hook) under
-    ``ddp_spawn`` (``GatekeeperClassifier(native_kernel=True)`` does). The Gatekeeper recipe's two-process
-    ``ddp_spawn`` test runs the kernel in both workers and matches the one-process run.
+    path's math and outputs (values and gradients agree to rounding; every Gatekeeper loss test runs on both). A
+    training step of a small classifier pays for the loss's Python: on the 460-parameter digits MLP the NumPy path
+    costs about 1.6x a cross-entropy step, the kernel about 1.0x (``python -m benchmarks.gatekeeper_step``); about
+    half of the NumPy path's cost is the rest of the step running slower around it, not the loss itself.
+
+    By default (``enabled=None``, the state a process starts in) the kernel is used when a build of its current
+    source for this torch is cached, and the NumPy path otherwise: nothing is compiled implicitly. Build it once
+    per machine with ``python -m lit_cascades.functional._native`` (about 40 s; needs a C++ compiler, ``ninja``
+    and the Python headers, see :mod:`lit_cascades.functional._native`). The setting is per process; spawned
+    workers start in the default state (``GatekeeperClassifier(native_kernel=...)`` sets it in each worker).
 
     Args:
-        enabled: True to use the kernel, False to go back to the NumPy path.
-        verbose: print the compiler's output.
+        enabled: True: build the kernel if needed and use it; False: always the NumPy path (bitwise the same
+            on every machine); None: the default, the cached kernel if there is one.
+        verbose: print the compiler's output (``enabled=True``).
 
     Raises:
-        RuntimeError: the kernel could not be built (what is missing is in the message).
+        RuntimeError: ``enabled=True`` and the kernel could not be built (what is missing is in the message).
     """
     global _NATIVE
-    if not enabled:
-        _NATIVE = None
+    if enabled is None or not enabled:
+        _NATIVE = _AUTO if enabled is None else None
         return
     from lit_cascades.functional._native import load_kernel
 
     _NATIVE = load_kernel("gatekeeper", verbose=verbose)
+
+
+def small_path_kernel() -> Any:
+    """The kernel the small path uses now (resolving the default state: the cached build or None)."""
+    global _NATIVE
+    if _NATIVE is _AUTO:
+        from lit_cascades.functional._native import cached_kernel
+
+        _NATIVE = cached_kernel("gatekeeper")
+    return _NATIVE
 
 
 #: CPU inputs with at most this many logits take the NumPy path (:class:`_SmallGatekeeper`); above it, and on
@@ -269,9 +285,10 @@ def gatekeeper_loss(
     num_classes = logits.shape[-1]
     if (logits.is_cpu and target.is_cpu and logits.numel() <= SMALL_MAX_ELEMENTS
             and logits.dtype in (torch.float32, torch.float64) and len(target)):
-        if _NATIVE is not None and target.dtype == torch.int64:
+        kernel = small_path_kernel()
+        if kernel is not None and target.dtype == torch.int64:
             try:
-                return GatekeeperLossOutput(*_NATIVE.gatekeeper(logits, target, ignore_index, alpha,
+                return GatekeeperLossOutput(*kernel.gatekeeper(logits, target, ignore_index, alpha,
                                                                 normalize == "subset"))
             except ValueError:  # a bad target or logit: the checked path below raises with the details
                 pass

@@ -133,11 +133,13 @@ class GatekeeperClassifier(Classifier):
         alpha: ``α ∈ [0, 1]``.
         normalize: ``"batch"`` (the paper's ``1/N``) or ``"subset"`` (per-subset means).
         lr, weight_decay, scheduler, confidence: as in :class:`Classifier` (fine-tuning uses a lower lr).
-        native_kernel: compute the loss of small CPU batches with the compiled C++ kernel
-            (:func:`~lit_cascades.functional.gatekeeper.use_native_kernel`: built once, about 40 s, needs a C++
-            compiler and ``ninja``; same values and gradients). It turns the kernel on for the process, and again
-            in :meth:`setup` of each worker process (``ddp_spawn`` workers included).
-            Worth it for small models, whose steps the loss dominates.
+        native_kernel: how the loss of small CPU batches is computed
+            (:func:`~lit_cascades.functional.gatekeeper.use_native_kernel`; same values and gradients to
+            rounding). None (default): the compiled C++ kernel where a build is cached (``python -m
+            lit_cascades.functional._native``, once per machine), else the NumPy path; True: build the kernel
+            if needed (about 40 s, needs a C++ compiler and ``ninja``) and use it; False: always the NumPy path.
+            Set for the process here and again in :meth:`setup` of each worker process (``ddp_spawn`` workers
+            included). The kernel matters for small models, whose steps the loss dominates.
     """
 
     def __init__(
@@ -150,19 +152,19 @@ class GatekeeperClassifier(Classifier):
         weight_decay: float = 0.0,
         scheduler: str = "cosine",
         confidence: ConfidenceKind = "max_prob",
-        native_kernel: bool = False,
+        native_kernel: bool | None = None,
     ) -> None:
         check_range("alpha", alpha, 0.0, 1.0)
         check_choice("normalize", normalize, ("batch", "subset"))
+        if not (native_kernel is None or isinstance(native_kernel, bool)):
+            raise ValueError(f"`native_kernel` must be None, True or False; got {native_kernel!r}")
         super().__init__(model, num_classes, lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                          confidence=confidence)
         self.save_hyperparameters(ignore=["model"])
-        if native_kernel:
-            use_native_kernel()  # fails here, before any training, when the kernel cannot be built
+        use_native_kernel(native_kernel)  # True fails here, before any training, when the kernel cannot be built
 
     def setup(self, stage: str) -> None:
-        if self.hparams.get("native_kernel"):
-            use_native_kernel()  # a spawned worker process starts with the setting off
+        use_native_kernel(self.hparams.get("native_kernel"))  # a spawned worker process starts in the default
 
     def compute_loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         out = gatekeeper_loss(logits, target, alpha=self.hparams.alpha, normalize=self.hparams.normalize)

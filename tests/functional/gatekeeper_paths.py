@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-#: the NumPy path (small CPU inputs), the fused torch path (large inputs, accelerators) and the compiled kernel
-#: (opt-in, ``use_native_kernel``; compiled once per machine, about 40 s, so in the slow lane)
+#: the NumPy path (small CPU inputs without a built kernel), the fused torch path (large inputs, accelerators) and
+#: the compiled kernel (small CPU inputs once built; compiled once per machine, about 40 s, so in the slow lane)
 LOSS_PATHS = ["numpy", "torch", pytest.param("native", marks=pytest.mark.slow)]
 
 
@@ -17,8 +17,7 @@ def select_loss_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import lit_cascades.functional.gatekeeper as gk
 
     monkeypatch.setattr(gk, "SMALL_MAX_ELEMENTS", 0 if name == "torch" else 1 << 30)
-    if name == "native":
-        monkeypatch.setattr(gk, "_NATIVE", native_kernel_or_skip())
+    monkeypatch.setattr(gk, "_NATIVE", native_kernel_or_skip() if name == "native" else None)
 
 
 def native_kernel_or_skip():

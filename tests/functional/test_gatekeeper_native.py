@@ -91,3 +91,64 @@ def test_kernel_equals_the_numpy_path_on_strided_inputs_and_without_grad():
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(grads[True], grads[False])
     assert grads[True][:, 1::2].abs().sum() == 0  # the skipped columns get no gradient
+
+
+def test_default_state_uses_the_cached_build_and_compiles_nothing(monkeypatch, tmp_path):
+    from lit_cascades.functional import _native
+
+    z = torch.randn(6, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    use_native_kernel(None)  # the state a process starts in
+    assert gk._NATIVE == "auto"
+    assert gk.gatekeeper_loss(z, y).loss.grad_fn.name().endswith("GatekeeperFunction>")  # built by the fixture
+    monkeypatch.setattr(_native, "_LOADED", {})  # a fresh process: the build is loaded from the disk cache
+    use_native_kernel(None)
+    assert gk.gatekeeper_loss(z, y).loss.grad_fn.name().endswith("GatekeeperFunction>")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine without a build
+    monkeypatch.setattr(_native, "_LOADED", {})
+    use_native_kernel(None)
+    assert gk.gatekeeper_loss(z, y).loss.grad_fn.name() == "_SmallGatekeeperBackward"
+    assert gk._NATIVE is None  # resolved once per process
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing was compiled
+
+
+def test_cached_kernel_ignores_missing_locked_and_broken_builds(monkeypatch, tmp_path):
+    from torch.utils.cpp_extension import LIB_EXT
+
+    from lit_cascades.functional import _native
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_LOADED", {})
+    name = _native.build_name("gatekeeper")
+    assert _native.cached_kernel("gatekeeper") is None  # no build
+    library = tmp_path / name / f"{name}{LIB_EXT}"
+    library.write_bytes(b"not a shared library")
+    (tmp_path / name / "lock").touch()
+    assert _native.cached_kernel("gatekeeper") is None  # a build in progress
+    (tmp_path / name / "lock").unlink()
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        assert _native.cached_kernel("gatekeeper") is None  # a broken build
+
+
+def test_build_name_changes_with_the_torch_version_and_the_source(monkeypatch, tmp_path):
+    from lit_cascades.functional import _native
+
+    name = _native.build_name("gatekeeper")
+    assert name.startswith("lit_cascades_gatekeeper_")
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert _native.build_name("gatekeeper") != name
+    monkeypatch.undo()
+    edited = tmp_path / "gatekeeper.cpp"
+    edited.write_text(_native._source("gatekeeper").read_text() + "\n// edited\n")
+    monkeypatch.setattr(_native, "_source", lambda kernel: edited)
+    assert _native.build_name("gatekeeper") != name
+
+
+def test_module_setting_none_true_false(monkeypatch):
+    GatekeeperClassifier(nn.Linear(4, 3), num_classes=3, native_kernel=False)
+    assert gk._NATIVE is None
+    GatekeeperClassifier(nn.Linear(4, 3), num_classes=3)
+    assert gk._NATIVE == "auto"
+    with pytest.raises(ValueError, match="native_kernel"):
+        GatekeeperClassifier(nn.Linear(4, 3), num_classes=3, native_kernel="yes")
