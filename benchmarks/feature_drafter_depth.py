@@ -64,12 +64,21 @@ def tables(raw: dict[str, Any]) -> dict[str, str]:
         "`docs/results/feature_drafter_depth/raw.json` (`python -m benchmarks.feature_drafter_depth`).\n")}
 
 
-def main(argv: list[str] | None = None) -> None:
+def corpus_test_blocks(corpus: dict[str, Any], n: int) -> list[torch.Tensor]:
+    """The first ``n`` test blocks (``input_ids`` ``[B, T]``) of a pair's corpus (``pair.json``'s ``"corpus"``)."""
     from omegaconf import OmegaConf
 
+    from lit_cascades.runner.config import build
+
+    dm = build(OmegaConf.create(corpus), "corpus")
+    dm.setup()
+    loader = iter(dm.test_dataloader())
+    return [next(loader)["input_ids"] for _ in range(n)]
+
+
+def main(argv: list[str] | None = None) -> None:
     from lit_cascades.lm_tasks import cached_pair_dir
     from lit_cascades.models.lm_pair import load_pair
-    from lit_cascades.runner.config import build
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
@@ -89,10 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             pair = load_pair(pair_dir)
             if blocks is None or meta["corpus"] != corpus:  # the same test blocks for every preset
                 corpus = meta["corpus"]
-                dm = build(OmegaConf.create(corpus), "corpus")
-                dm.setup()
-                loader = iter(dm.test_dataloader())
-                blocks = [next(loader)["input_ids"] for _ in range(args.blocks)]
+                blocks = corpus_test_blocks(corpus, args.blocks)
             agreement = depth_agreement(pair.drafter, pair.large.eval(), blocks)
             presets[preset] = {"steps": meta["results"]["drafter"]["steps"], "agreement": agreement}
             print(f"{preset}: {[round(a, 3) for a in agreement]}", flush=True)

@@ -26,43 +26,28 @@ from typing import Any
 import torch
 
 from benchmarks._common import RESULTS, Run, interleaved_ratios, write_tables
-from lit_cascades.models.speculative import speculative_generate
+from benchmarks.speculative import (
+    checked_decoding,
+    greedy_kwargs,
+    load_task_pair,
+    spec_decode_prompts,
+    verifier_greedy_prompts,
+)
 
 
 def sides(drafter, verifier, prompts: list[torch.Tensor], gammas: list[int],
-          max_new: int) -> tuple[dict[str, Callable[[], None]], dict[str, dict[str, float]]]:
+          max_new: int) -> tuple[dict[str, Callable[[], None]], dict[str, dict[str, Any]]]:
     """The timed functions (``verifier_greedy``, ``gamma_<g>``, ``adaptive``) and each speculative side's decoding
     statistics, after checking its tokens against the verifier's greedy ``generate``."""
-    kw = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0, eos_token_id=None)
+    kw = greedy_kwargs(max_new)
     settings = {f"gamma_{g}": (g, "constant") for g in gammas} | {"adaptive": (max(gammas), "heuristic")}
-    stats: dict[str, dict[str, float]] = {}
-    for name, (g, schedule) in settings.items():
-        tot = {"tokens": 0, "verifier_calls": 0, "accepted": 0, "drafted": 0}
-        for p in prompts:
-            ones = torch.ones_like(p)
-            out = speculative_generate(drafter, verifier, p, ones, max_new, gamma=g, gamma_schedule=schedule,
-                                       stop_counts=[])
-            ref = verifier.generate(p, attention_mask=ones, **kw)[0, p.shape[1]:]
-            if out.tokens[0].tolist() != ref.tolist():
-                raise AssertionError(f"spec_decode ({name}) differs from the verifier's greedy generate")
-            for k in tot:
-                tot[k] += int(getattr(out, "num_tokens" if k == "tokens" else k)[0])
-        stats[name] = {**tot, "gamma": g, "schedule": schedule,
-                       "tokens_per_verifier_call": tot["tokens"] / max(tot["verifier_calls"], 1),
-                       "acceptance_rate": tot["accepted"] / max(tot["drafted"], 1)}
-
-    def spec(g: int, schedule: str) -> Callable[[], None]:
-        def fn() -> None:
-            for p in prompts:
-                speculative_generate(drafter, verifier, p, torch.ones_like(p), max_new, gamma=g,
-                                     gamma_schedule=schedule, stop_counts=[])
-        return fn
-
-    def greedy() -> None:
-        for p in prompts:
-            verifier.generate(p, attention_mask=torch.ones_like(p), **kw)
-
-    return {"verifier_greedy": greedy, **{n: spec(*s) for n, s in settings.items()}}, stats
+    stats = {name: {**checked_decoding(drafter, verifier, prompts, g, schedule, max_new,
+                                       lambda p, mask: verifier.generate(p, attention_mask=mask, **kw),
+                                       "the verifier's greedy generate"), "gamma": g, "schedule": schedule}
+             for name, (g, schedule) in settings.items()}
+    fns = {name: spec_decode_prompts(drafter, verifier, prompts, g, schedule, max_new)
+           for name, (g, schedule) in settings.items()}
+    return {"verifier_greedy": verifier_greedy_prompts(verifier, prompts, max_new), **fns}, stats
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -86,8 +71,6 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.speculative import load_task_pair
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="smollm2_feature_drafter_xl")
     parser.add_argument("--gammas", default="1,2,3,4")

@@ -73,16 +73,11 @@ class Decoding:
 
     def test_blocks(self, pair_dir: Path) -> list[torch.Tensor]:
         """The first ``BLOCKS`` test blocks of the corpus the pair at ``pair_dir`` was trained on."""
-        from omegaconf import OmegaConf
-
-        from lit_cascades.runner.config import build
+        from benchmarks.feature_drafter_depth import corpus_test_blocks
 
         corpus = json.loads((pair_dir / "pair.json").read_text())["corpus"]
         if self.blocks is None or corpus != self.corpus:
-            dm = build(OmegaConf.create(corpus), "corpus")
-            dm.setup()
-            loader = iter(dm.test_dataloader())
-            self.blocks, self.corpus = [next(loader)["input_ids"] for _ in range(BLOCKS)], corpus
+            self.blocks, self.corpus = corpus_test_blocks(corpus, BLOCKS), corpus
         return self.blocks
 
     def __call__(self, pair_dir: Path) -> dict[str, Any]:

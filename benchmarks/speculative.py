@@ -59,6 +59,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,51 @@ def task_config(overrides: list[str]) -> DictConfig:
 # ------------------------------------------------------------------------------------------------ sections
 
 
+def greedy_kwargs(max_new: int) -> dict[str, Any]:
+    """``generate`` keywords of the batch-1 comparisons: exactly ``max_new`` greedy tokens, no stop token."""
+    return dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0, eos_token_id=None)
+
+
+def checked_decoding(drafter, verifier, prompts: list[torch.Tensor], gamma: int, schedule: str, max_new: int,
+                     reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str) -> dict[str, Any]:
+    """spec_decode of each prompt at batch 1 (no stop), its tokens checked equal to ``reference(prompt, mask)``
+    (``[1, prompt + new]``, e.g. a ``generate`` call; ``what`` names it in the error), and its counts summed over
+    the prompts: ``verifier_calls``, ``tokens``, ``accepted``, ``drafted``, ``tokens_per_verifier_call`` and
+    ``acceptance_rate``."""
+    s = {"verifier_calls": 0, "tokens": 0, "accepted": 0, "drafted": 0}
+    for p in prompts:
+        ones = torch.ones_like(p)
+        ours = speculative_generate(drafter, verifier, p, ones, max_new, gamma=gamma, gamma_schedule=schedule,
+                                    stop_counts=[])
+        if ours.tokens[0].tolist() != reference(p, ones)[0, p.shape[1]:].tolist():
+            raise AssertionError(f"spec_decode (γ {gamma}, {schedule}) differs from {what}")
+        for k, v in (("verifier_calls", ours.verifier_calls), ("tokens", ours.num_tokens),
+                     ("accepted", ours.accepted), ("drafted", ours.drafted)):
+            s[k] += int(v[0])
+    return {**s, "tokens_per_verifier_call": s["tokens"] / max(s["verifier_calls"], 1),
+            "acceptance_rate": s["accepted"] / max(s["drafted"], 1)}
+
+
+def spec_decode_prompts(drafter, verifier, prompts: list[torch.Tensor], gamma: int, schedule: str,
+                        max_new: int) -> Callable[[], None]:
+    """The timed side: spec_decode of every prompt at batch 1, no stop."""
+    def fn() -> None:
+        for p in prompts:
+            speculative_generate(drafter, verifier, p, torch.ones_like(p), max_new, gamma=gamma,
+                                 gamma_schedule=schedule, stop_counts=[])
+    return fn
+
+
+def verifier_greedy_prompts(verifier, prompts: list[torch.Tensor], max_new: int) -> Callable[[], None]:
+    """The timed baseline: the verifier's own greedy ``generate`` of every prompt at batch 1."""
+    kw = greedy_kwargs(max_new)
+
+    def fn() -> None:
+        for p in prompts:
+            verifier.generate(p, attention_mask=torch.ones_like(p), **kw)
+    return fn
+
+
 def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: int, alternations: int,
           schedules: tuple[str, ...] = ("constant", "heuristic"), assisted: bool = True) -> dict:
     """Batch-1 spec_decode vs HF assisted generation (same drafting policy), outputs checked equal first.
@@ -136,32 +182,19 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
     timed against the verifier's own greedy decoding only, its outputs checked equal to that.
     """
     schedules = ("constant", *[s for s in schedules if s != "constant"])
-    kw = dict(do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0, eos_token_id=None)
-    stats: dict[str, dict[str, int]] = {}
-    for schedule in schedules:
-        s = stats.setdefault(schedule, {"verifier_calls": 0, "tokens": 0, "accepted": 0, "drafted": 0})
-        for p in prompts:
-            ones = torch.ones_like(p)
-            ours = speculative_generate(drafter, verifier, p, ones, max_new, gamma=gamma, gamma_schedule=schedule,
-                                        stop_counts=[])
-            if assisted:
-                with hf_constant_drafting(drafter, gamma, schedule):
-                    hf = verifier.generate(p, attention_mask=ones, assistant_model=drafter, **kw)[0, p.shape[1]:]
-            else:
-                hf = verifier.generate(p, attention_mask=ones, **kw)[0, p.shape[1]:]
-            if ours.tokens[0].tolist() != hf.tolist():
-                raise AssertionError(f"spec_decode and HF {'assisted' if assisted else 'greedy'} generation "
-                                     f"({schedule}) disagree")
-            for k, v in (("verifier_calls", ours.verifier_calls), ("tokens", ours.num_tokens),
-                         ("accepted", ours.accepted), ("drafted", ours.drafted)):
-                s[k] += int(v[0])
+    kw = greedy_kwargs(max_new)
 
-    def ours(schedule: str):
-        def fn() -> None:
-            for p in prompts:
-                speculative_generate(drafter, verifier, p, torch.ones_like(p), max_new, gamma=gamma,
-                                     gamma_schedule=schedule, stop_counts=[])
+    def reference(schedule: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def fn(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            if not assisted:
+                return verifier.generate(p, attention_mask=mask, **kw)
+            with hf_constant_drafting(drafter, gamma, schedule):
+                return verifier.generate(p, attention_mask=mask, assistant_model=drafter, **kw)
         return fn
+
+    what = "HF assisted generation" if assisted else "the verifier's greedy generate"
+    stats = {schedule: checked_decoding(drafter, verifier, prompts, gamma, schedule, max_new, reference(schedule),
+                                        what) for schedule in schedules}
 
     def hf(schedule: str):
         def fn() -> None:
@@ -170,17 +203,13 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
                     verifier.generate(p, attention_mask=torch.ones_like(p), assistant_model=drafter, **kw)
         return fn
 
-    def plain() -> None:
-        for p in prompts:
-            verifier.generate(p, attention_mask=torch.ones_like(p), **kw)
-
-    fns = {"spec_decode": ours("constant")}
+    fns = {"spec_decode": spec_decode_prompts(drafter, verifier, prompts, gamma, "constant", max_new)}
     if "heuristic" in schedules:
-        fns["spec_decode_heuristic"] = ours("heuristic")
+        fns["spec_decode_heuristic"] = spec_decode_prompts(drafter, verifier, prompts, gamma, "heuristic", max_new)
     if assisted:
         fns.update(hf_assisted=hf("constant"), **({"hf_assisted_heuristic": hf("heuristic")}
                                                   if "heuristic" in schedules else {}))
-    timing = interleaved_ratios({**fns, "verifier_greedy": plain},
+    timing = interleaved_ratios({**fns, "verifier_greedy": verifier_greedy_prompts(verifier, prompts, max_new)},
                                 baseline="hf_assisted" if assisted else "verifier_greedy", alternations=alternations)
     per = timing["seconds"]
 
@@ -188,9 +217,7 @@ def vs_hf(drafter, verifier, prompts: list[torch.Tensor], gamma: int, max_new: i
         return _summary([x / y for x, y in zip(per[a], per[b], strict=True)])
 
     out = {"prompts": len(prompts), "gamma": gamma, "max_new_tokens": max_new, "timing": timing,
-           "spec_decode_over_verifier_greedy": ratio("spec_decode", "verifier_greedy"),
-           "decoding": {k: {**v, "tokens_per_verifier_call": v["tokens"] / max(v["verifier_calls"], 1),
-                            "acceptance_rate": v["accepted"] / max(v["drafted"], 1)} for k, v in stats.items()}}
+           "spec_decode_over_verifier_greedy": ratio("spec_decode", "verifier_greedy"), "decoding": stats}
     if assisted:
         out["spec_decode_over_hf_assisted"] = ratio("spec_decode", "hf_assisted")
     if "heuristic" in schedules:
