@@ -147,7 +147,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = Run("gatekeeper_step")
     kernel, why_not = native_kernel()  # built before timing starts (about 40 s the first time on a machine)
-    default = gk_impl.small_path_kernel()  # what the default dispatch resolved to: the kernel once it is built
+    default = gk_impl.cpu_kernel()  # what the default dispatch resolved to: the kernel once it is built
     default_path = "C++ kernel" if default is not None else f"NumPy path, the kernel could not be built: {why_not}"
     step_sides = ("ce", "gatekeeper", "gatekeeper_numpy")
     results, targets = {}, []

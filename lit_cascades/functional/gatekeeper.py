@@ -106,18 +106,22 @@ def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
 
 #: :func:`use_native_kernel`'s default: the kernel is used where a cached build exists (resolved at first use)
 _AUTO = "auto"
-#: The compiled kernel used instead of the NumPy path, None for the NumPy path, or ``_AUTO``.
+#: The compiled kernel used for CPU inputs, None for the Python paths, or ``_AUTO``.
 _NATIVE: Any = _AUTO
 
 
 def use_native_kernel(enabled: bool | None = True, verbose: bool = False) -> None:
-    """Compute the loss of small CPU inputs (the NumPy path's inputs) with the compiled C++ kernel, or not.
+    """Compute the loss of CPU inputs with the compiled C++ kernel, or with the Python paths.
 
-    The kernel (``lit_cascades/functional/_native/gatekeeper.cpp``) is one native autograd node with the NumPy
-    path's math and outputs (values and gradients agree to rounding; every Gatekeeper loss test runs on both). A
-    training step of a small classifier pays for the loss's Python: on the 460-parameter digits MLP the NumPy path
-    costs about 1.6x a cross-entropy step, the kernel about 1.0x (``python -m benchmarks.gatekeeper_step``); about
-    half of the NumPy path's cost is the rest of the step running slower around it, not the loss itself.
+    The kernel (``lit_cascades/functional/_native/gatekeeper.cpp``) is one native autograd node with the same math
+    and outputs as the NumPy and fused torch paths (values and gradients agree to rounding; every Gatekeeper loss
+    test runs on all three). It reads each row once forward (maximum, sum of exponentials, the KL term's sum, in
+    vector registers) and writes the gradient in one pass backward. A training step of a small classifier pays for
+    the NumPy path's Python: on the 460-parameter digits MLP it costs about 1.6x a cross-entropy step, the kernel
+    about 1.0x; about half of the NumPy path's cost is the rest of the step running slower around it. At LM
+    vocabulary sizes the kernel takes less time than ``F.cross_entropy`` (``python -m
+    benchmarks.gatekeeper_step``, ``loss_only_*``), where the fused torch path takes 2-3x. Without the kernel,
+    inputs up to :data:`SMALL_MAX_ELEMENTS` logits take the NumPy path and larger ones the torch path.
 
     By default (``enabled=None``, the state a process starts in) the kernel is used when a build of its current
     source for this torch is cached, and the NumPy path otherwise: nothing is compiled implicitly. Build it once
@@ -126,7 +130,7 @@ def use_native_kernel(enabled: bool | None = True, verbose: bool = False) -> Non
     workers start in the default state (``GatekeeperClassifier(native_kernel=...)`` sets it in each worker).
 
     Args:
-        enabled: True: build the kernel if needed and use it; False: always the NumPy path (bitwise the same
+        enabled: True: build the kernel if needed and use it; False: always the Python paths (bitwise the same
             on every machine); None: the default, the cached kernel if there is one.
         verbose: print the compiler's output (``enabled=True``).
 
@@ -142,8 +146,8 @@ def use_native_kernel(enabled: bool | None = True, verbose: bool = False) -> Non
     _NATIVE = load_kernel("gatekeeper", verbose=verbose)
 
 
-def small_path_kernel() -> Any:
-    """The kernel the small path uses now (resolving the default state: the cached build or None)."""
+def cpu_kernel() -> Any:
+    """The kernel CPU inputs use now (resolving the default state: the cached build or None)."""
     global _NATIVE
     if _NATIVE is _AUTO:
         from lit_cascades.functional._native import cached_kernel
@@ -152,11 +156,12 @@ def small_path_kernel() -> Any:
     return _NATIVE
 
 
-#: CPU inputs with at most this many logits take the NumPy path (:class:`_SmallGatekeeper`); above it, and on
-#: accelerators, the torch path (:class:`_CrossEntropyAndKL`). At classification sizes a step's cost is the
-#: per-op dispatch overhead, not arithmetic: the NumPy path is one autograd node around ~20 small array ops of
-#: ~1 µs each, where the torch composition dispatched ~50 ops and measured 4.6x ``F.cross_entropy`` (loss +
-#: backward, 64 x 10 logits). The crossover is measured by ``python -m benchmarks.gatekeeper_step`` (``loss_only_*``).
+#: Without the C++ kernel, CPU inputs with at most this many logits take the NumPy path (:class:`_SmallGatekeeper`);
+#: above it, and on accelerators, the torch path (:class:`_CrossEntropyAndKL`). At classification sizes a step's
+#: cost is the per-op dispatch overhead, not arithmetic: the NumPy path is one autograd node around ~20 small array
+#: ops of ~1 µs each, where the torch composition dispatched ~50 ops and measured 4.6x ``F.cross_entropy`` (loss +
+#: backward, 64 x 10 logits). The crossover is measured by ``python -m benchmarks.gatekeeper_step``
+#: (``loss_only_*``). With the kernel, every CPU input takes the kernel.
 SMALL_MAX_ELEMENTS = 1 << 16
 
 
@@ -283,16 +288,16 @@ def gatekeeper_loss(
     if target.is_floating_point():
         raise TypeError(f"`target` must hold integer class ids; got dtype {target.dtype}")
     num_classes = logits.shape[-1]
-    if (logits.is_cpu and target.is_cpu and logits.numel() <= SMALL_MAX_ELEMENTS
-            and logits.dtype in (torch.float32, torch.float64) and len(target)):
-        kernel = small_path_kernel()
-        if kernel is not None and target.dtype == torch.int64:
+    if logits.is_cpu and target.is_cpu and len(target):
+        kernel = cpu_kernel()
+        if kernel is not None and target.dtype == torch.int64 and logits.is_floating_point():
+            z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # fp32 at least
             try:
-                return GatekeeperLossOutput(*kernel.gatekeeper(logits, target, ignore_index, alpha,
-                                                                normalize == "subset"))
-            except ValueError:  # a bad target or logit: the checked path below raises with the details
+                return GatekeeperLossOutput(*kernel.gatekeeper(z, target, ignore_index, alpha, normalize == "subset"))
+            except ValueError:  # a bad target or logit: the checked paths below raise with the details
                 pass
-        return _small_path(logits, target, alpha, normalize, ignore_index)
+        if logits.numel() <= SMALL_MAX_ELEMENTS and logits.dtype in (torch.float32, torch.float64):
+            return _small_path(logits, target, alpha, normalize, ignore_index)
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
     safe_target = target.masked_fill(~valid | bad, 0)  # out-of-range targets are reported below

@@ -28,11 +28,17 @@ def test_use_native_kernel_switches_the_small_path_on_and_off():
     assert gk.gatekeeper_loss(z, y).loss.grad_fn.name() == "_SmallGatekeeperBackward"
     use_native_kernel()
     assert gk.gatekeeper_loss(z, y).loss.grad_fn.name().endswith("GatekeeperFunction>")
-    big = torch.randn(gk.SMALL_MAX_ELEMENTS // 4 + 1, 4, requires_grad=True)  # above the small-input bound
-    name = gk.gatekeeper_loss(big, torch.zeros(len(big), dtype=torch.long)).loss.grad_fn.name()
-    assert not name.endswith("GatekeeperFunction>")  # the fused torch path
+    big = torch.randn(gk.SMALL_MAX_ELEMENTS // 4 + 1, 4, requires_grad=True)  # above the NumPy path's bound
+    target = torch.zeros(len(big), dtype=torch.long)
+    assert gk.gatekeeper_loss(big, target).loss.grad_fn.name().endswith("GatekeeperFunction>")  # every CPU size
+    half = big.detach().bfloat16().requires_grad_(True)  # through float32, as the torch path
+    out = gk.gatekeeper_loss(half, target).loss
+    assert out.grad_fn.name().endswith("GatekeeperFunction>") and out.dtype == torch.float32
+    out.backward()
+    assert half.grad.dtype == torch.bfloat16
     use_native_kernel(False)
     assert gk._NATIVE is None
+    assert gk.gatekeeper_loss(big, target).loss.grad_fn.name() == "AddBackward0"  # the fused torch path
 
 
 def test_kernel_rejects_bad_input_with_the_checked_paths_messages():

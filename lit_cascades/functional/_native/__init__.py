@@ -2,8 +2,9 @@
 
 A build needs a C++ compiler (``g++`` or ``clang++``), ``ninja`` (``pip install ninja``) and the Python headers;
 it takes about 40 seconds once and is cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``) under a name that hashes the kernel's source, the torch version and the Python ABI,
-so an edited source or another torch never loads a stale build. Build every kernel ahead of time with::
+``~/.cache/torch_extensions``) under a name that hashes the kernel's source, the compiler flags (with the CPU's
+vector extensions), the torch version and the Python ABI, so an edited source, another torch or another CPU
+never loads a stale build. Build every kernel ahead of time with::
 
     python -m lit_cascades.functional._native
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import platform
 import sys
 import warnings
 from pathlib import Path
@@ -23,8 +25,20 @@ from types import ModuleType
 import torch
 
 _LOADED: dict[str, ModuleType] = {}
-#: compiler flags of every build (part of the build's name)
-_CFLAGS = ["-O3"]
+
+#: x86 vector extensions enabled per torch CPU capability (the vector code of a kernel is compiled for the CPU
+#: that builds it, as torch's own kernels are dispatched by it; the capability is part of the build's name)
+_ARCH_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
+               "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]}
+
+
+def _cflags() -> list[str]:
+    """Compiler flags of a build (part of its name): -O3 and the vector extensions of this CPU's torch
+    capability (``torch.backends.cpu.get_cpu_capability()``; none off x86)."""
+    arch: list[str] = []
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        arch = _ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+    return ["-O3", "-Wno-psabi", *arch]
 
 
 def _source(name: str) -> Path:
@@ -36,10 +50,11 @@ def _source(name: str) -> Path:
 
 def build_name(name: str) -> str:
     """``lit_cascades_<name>_<digest>``: the extension's name, which changes with the kernel's source, the
-    compiler flags, the torch version and the Python ABI (what a cached build must match to be loaded)."""
+    compiler flags (the CPU's vector extensions among them), the torch version and the Python ABI: what a cached
+    build must match to be loaded, so a cache shared by different machines never loads a foreign build."""
     digest = hashlib.sha256(_source(name).read_bytes())
     abi = f"{sys.version_info.major}.{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    digest.update(" ".join([*_CFLAGS, torch.__version__, str(torch.version.cuda), str(torch.version.hip), abi]).encode())
+    digest.update(" ".join([*_cflags(), torch.__version__, str(torch.version.cuda), str(torch.version.hip), abi]).encode())
     return f"lit_cascades_{name}_{digest.hexdigest()[:12]}"
 
 
@@ -63,7 +78,7 @@ def load_kernel(name: str, verbose: bool = False) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     try:
-        module = load(build_name(name), [str(source)], extra_cflags=_CFLAGS, verbose=verbose)
+        module = load(build_name(name), [str(source)], extra_cflags=_cflags(), verbose=verbose)
     except Exception as exc:  # the build's own errors: ninja missing, compiler errors, missing headers
         raise RuntimeError(
             f"could not build the native {name} kernel: {exc}. It needs a C++ compiler (g++ or clang++), ninja "
