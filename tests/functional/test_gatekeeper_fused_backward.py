@@ -168,3 +168,27 @@ def test_rowwise_dot_in_blocks_equals_the_product_sum():
     for shape in ((3, 5), (301, _DOT_BLOCK_ELEMENTS // 100), (2, _DOT_BLOCK_ELEMENTS + 3)):
         x, y = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
         torch.testing.assert_close(_rowwise_dot(x, y), (x.double() * y.double()).sum(-1).float())
+
+
+@pytest.mark.parametrize("classes", [7, 8, 9, 4099])
+def test_float32_rows_match_the_float64_formula(classes):
+    """float32 logits of widths around the kernel's 8-wide vectors and of a vocabulary, with a tie in the maximum,
+    an ignored row and a row spread over hundreds of nats (probabilities that underflow), against the formula in
+    float64."""
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.randn(40, classes, generator=g) * 4
+    target = torch.randint(0, classes, (40,), generator=g)
+    target[::2] = logits[::2].argmax(-1)
+    logits[1, 2] = logits[1, 5] = logits[1].max() + 1  # a tie: class 2 is the prediction, class 5 a mistake
+    target[1] = 5
+    logits[3] *= 60  # e^(z - max) below float32's smallest normal for most classes
+    target[7] = -100
+    a, b = logits.clone().requires_grad_(True), logits.double().requires_grad_(True)
+    ours = gatekeeper_loss(a, target, alpha=0.3)
+    ref = plain(b, target, 0.3, "batch")
+    for x, r in zip(ours[:3], ref, strict=True):
+        torch.testing.assert_close(x.double(), r, rtol=1e-5, atol=1e-6)
+    ours.loss.backward()
+    ref[0].backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)  # entries ~1/N; z up to ~300
+    assert float(a.grad[7].abs().sum()) == 0.0
