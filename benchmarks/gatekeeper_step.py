@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -47,21 +48,28 @@ def native_kernel() -> tuple[Any, str | None]:
         return None, str(exc)
 
 
-def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, path: str = "default", kernel: Any = None) -> torch.Tensor:
-    """The Gatekeeper loss (α = 0.5) through ``path``: ``"default"`` (the library's dispatch as a user gets it:
-    the C++ kernel for small CPU inputs where a build is cached, else the NumPy path), or one implementation forced:
-    ``"numpy"``, ``"torch"`` or ``"native"`` (through ``kernel``)."""
-    if path == "default":
-        return gatekeeper_loss(logits, y, alpha=0.5).loss
-    if path not in ("numpy", "torch", "native"):
+@contextmanager
+def loss_path(path: str, kernel: Any = None) -> Iterator[None]:
+    """Route ``gatekeeper_loss`` through ``path`` inside the block: ``"default"`` (the library's dispatch as a user
+    gets it: the C++ kernel for CPU inputs where a build is cached, else the NumPy path for small inputs and the
+    fused torch path for large ones), or one implementation forced: ``"numpy"``, ``"torch"`` or ``"native"``
+    (through ``kernel``). The dispatch is restored afterwards."""
+    if path not in ("default", "numpy", "torch", "native"):
         raise ValueError(f"unknown loss path {path!r}; expected default, numpy, torch or native")
     saved = gk_impl._NATIVE, gk_impl.SMALL_MAX_ELEMENTS
-    gk_impl._NATIVE = kernel if path == "native" else None
-    gk_impl.SMALL_MAX_ELEMENTS = 0 if path == "torch" else 1 << 62
+    if path != "default":
+        gk_impl._NATIVE = kernel if path == "native" else None
+        gk_impl.SMALL_MAX_ELEMENTS = 0 if path == "torch" else 1 << 62
     try:
-        return gatekeeper_loss(logits, y, alpha=0.5).loss
+        yield
     finally:
         gk_impl._NATIVE, gk_impl.SMALL_MAX_ELEMENTS = saved
+
+
+def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, path: str = "default", kernel: Any = None) -> torch.Tensor:
+    """The Gatekeeper loss (α = 0.5) through ``path`` (see :func:`loss_path`)."""
+    with loss_path(path, kernel):
+        return gatekeeper_loss(logits, y, alpha=0.5).loss
 
 
 def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str) -> Callable[[], None]:
