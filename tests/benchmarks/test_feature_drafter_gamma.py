@@ -31,14 +31,16 @@ def test_sides_refuse_outputs_that_differ_from_greedy(monkeypatch):
     """The equality check runs before any timing: a decoder that returns other tokens stops the benchmark."""
     _, verifier = make_pair("llama")
     drafter, _ = train_drafter(verifier, steps=5)
-    real = sweep.speculative_generate
+    import benchmarks.speculative as shared  # sides() decodes through benchmarks.speculative.checked_decoding
+
+    real = shared.speculative_generate
 
     def off_by_one(*args, **kwargs):
         out = real(*args, **kwargs)
         out.tokens[0, -1] = (out.tokens[0, -1] + 1) % 96
         return out
 
-    monkeypatch.setattr(sweep, "speculative_generate", off_by_one)
+    monkeypatch.setattr(shared, "speculative_generate", off_by_one)
     with pytest.raises(AssertionError, match="differs from the verifier's greedy generate"):
         sweep.sides(drafter, verifier, [torch.randint(6, 96, (1, 5))], [2], max_new=6)
 
