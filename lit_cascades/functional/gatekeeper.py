@@ -119,12 +119,12 @@ def use_native_kernel(enabled: bool | None = True, verbose: bool = False) -> Non
     vector registers) and writes the gradient in one pass backward. A training step of a small classifier pays for
     the NumPy path's Python: on the 460-parameter digits MLP it costs about 1.6x a cross-entropy step, the kernel
     about 1.0x; about half of the NumPy path's cost is the rest of the step running slower around it. At LM
-    vocabulary sizes the kernel takes less time than ``F.cross_entropy`` (``python -m
-    benchmarks.gatekeeper_step``, ``loss_only_*``), where the fused torch path takes 2-3x. Without the kernel,
-    inputs up to :data:`SMALL_MAX_ELEMENTS` logits take the NumPy path and larger ones the torch path.
+    vocabulary sizes the kernel takes less time than ``F.cross_entropy`` (``python -m benchmarks.gatekeeper_step``,
+    ``loss_only_1024x1000``: 0.8x), where the fused torch path takes about 2x. Without the kernel, inputs up to
+    :data:`SMALL_MAX_ELEMENTS` logits take the NumPy path and larger ones the torch path.
 
     By default (``enabled=None``, the state a process starts in) the kernel is used when a build of its current
-    source for this torch is cached, and the NumPy path otherwise: nothing is compiled implicitly. Build it once
+    source for this torch and CPU is cached, and the Python paths otherwise: nothing is compiled implicitly. Build it once
     per machine with ``python -m lit_cascades.functional._native`` (about 40 s; needs a C++ compiler, ``ninja``
     and the Python headers, see :mod:`lit_cascades.functional._native`). The setting is per process; spawned
     workers start in the default state (``GatekeeperClassifier(native_kernel=...)`` sets it in each worker).
