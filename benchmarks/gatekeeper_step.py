@@ -72,16 +72,22 @@ def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, path: str = "default
         return gatekeeper_loss(logits, y, alpha=0.5).loss
 
 
-def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str) -> Callable[[], None]:
-    """One training step (forward, loss, backward, AdamW) of a fresh seed-0 model on a fixed random batch:
-    ``"ce"``, ``"gatekeeper"`` (the default dispatch) or ``"gatekeeper_numpy"`` (the NumPy path forced: what a
-    machine without a kernel build runs)."""
+def step_setup(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str) -> tuple[Any, ...]:
+    """``(model, optimizer, x, y, path)`` of one side: a fresh seed-0 model, AdamW, a fixed random batch, and the
+    loss path for ``loss`` (None: cross-entropy; see :func:`make_step`)."""
     torch.manual_seed(0)
     model = build_classifier(arch, shape, 10, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    path = {"gatekeeper": "default", "gatekeeper_numpy": "numpy"}.get(loss)
+    return model, opt, x, y, {"gatekeeper": "default", "gatekeeper_numpy": "numpy"}.get(loss)
+
+
+def make_step(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str) -> Callable[[], None]:
+    """One training step (forward, loss, backward, AdamW) of a fresh seed-0 model on a fixed random batch:
+    ``"ce"``, ``"gatekeeper"`` (the default dispatch) or ``"gatekeeper_numpy"`` (the NumPy path forced: what a
+    machine without a kernel build runs)."""
+    model, opt, x, y, path = step_setup(arch, shape, batch, kwargs, loss)
 
     def step() -> None:
         logits = model(x)
@@ -101,15 +107,7 @@ def phase_times(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, sid
     """Median seconds of each phase of a step (:data:`PHASES`), per side, the sides alternating in blocks of
     ``inner`` steps (order reversed every other alternation): which phases a loss implementation slows, the loss
     itself or the model's forward, backward and update around it (the same ops on both sides)."""
-    runs = {}
-    for side in sides:
-        torch.manual_seed(0)
-        model = build_classifier(arch, shape, 10, **kwargs)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
-        path = {"gatekeeper": "default", "gatekeeper_numpy": "numpy"}.get(side)
-        runs[side] = (model, opt, x, y, path, {phase: [] for phase in PHASES})
+    runs = {side: (*step_setup(arch, shape, batch, kwargs, side), {phase: [] for phase in PHASES}) for side in sides}
     clock = time.perf_counter
     for a in range(alternations + 1):  # the first alternation warms up and is dropped
         for side in sides if a % 2 == 0 else sides[::-1]:
