@@ -124,9 +124,9 @@ def use_native_kernel(enabled: bool | None = True, verbose: bool = False) -> Non
     :data:`SMALL_MAX_ELEMENTS` logits take the NumPy path and larger ones the torch path.
 
     By default (``enabled=None``, the state a process starts in) the kernel is used when a build of its current
-    source for this torch and CPU is cached, and the Python paths otherwise: nothing is compiled implicitly. Build it once
-    per machine with ``python -m lit_cascades.functional._native`` (about 40 s; needs a C++ compiler, ``ninja``
-    and the Python headers, see :mod:`lit_cascades.functional._native`). The setting is per process; spawned
+    source for this torch and CPU is cached, and the Python paths otherwise: nothing is compiled implicitly. Build
+    it once per machine with ``python -m lit_cascades.functional._native`` (about 40 s; needs a C++ compiler,
+    ``ninja`` and the Python headers, see :mod:`lit_cascades.functional._native`). The setting is per process; spawned
     workers start in the default state (``GatekeeperClassifier(native_kernel=...)`` sets it in each worker).
 
     Args:

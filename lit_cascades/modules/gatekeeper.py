@@ -133,13 +133,14 @@ class GatekeeperClassifier(Classifier):
         alpha: ``α ∈ [0, 1]``.
         normalize: ``"batch"`` (the paper's ``1/N``) or ``"subset"`` (per-subset means).
         lr, weight_decay, scheduler, confidence: as in :class:`Classifier` (fine-tuning uses a lower lr).
-        native_kernel: how the loss of small CPU batches is computed
+        native_kernel: how the loss of CPU batches is computed
             (:func:`~lit_cascades.functional.gatekeeper.use_native_kernel`; same values and gradients to
-            rounding). None (default): the compiled C++ kernel where a build is cached (``python -m
-            lit_cascades.functional._native``, once per machine), else the NumPy path; True: build the kernel
-            if needed (about 40 s, needs a C++ compiler and ``ninja``) and use it; False: always the NumPy path.
-            Set for the process here and again in :meth:`setup` of each worker process (``ddp_spawn`` workers
-            included). The kernel matters for small models, whose steps the loss dominates.
+            rounding). None (default): the process's setting, by default the compiled C++ kernel where a build is
+            cached (``python -m lit_cascades.functional._native``, once per machine), else the Python paths; True:
+            build the kernel if needed (about 40 s, needs a C++ compiler and ``ninja``) and use it; False: always
+            the Python paths. True and False are set for the process here and again in :meth:`setup` of each
+            worker process (``ddp_spawn`` workers included). The kernel matters for small models, whose steps the
+            loss dominates.
     """
 
     def __init__(
@@ -161,10 +162,12 @@ class GatekeeperClassifier(Classifier):
         super().__init__(model, num_classes, lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                          confidence=confidence)
         self.save_hyperparameters(ignore=["model"])
-        use_native_kernel(native_kernel)  # True fails here, before any training, when the kernel cannot be built
+        if native_kernel is not None:
+            use_native_kernel(native_kernel)  # True fails here, before any training, when the kernel cannot be built
 
     def setup(self, stage: str) -> None:
-        use_native_kernel(self.hparams.get("native_kernel"))  # a spawned worker process starts in the default
+        if self.hparams.get("native_kernel") is not None:
+            use_native_kernel(self.hparams.native_kernel)  # a spawned worker process starts in the default state
 
     def compute_loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         out = gatekeeper_loss(logits, target, alpha=self.hparams.alpha, normalize=self.hparams.normalize)

@@ -157,7 +157,11 @@ def test_build_name_changes_with_the_torch_version_and_the_source(monkeypatch, t
 def test_module_setting_none_true_false(monkeypatch):
     GatekeeperClassifier(nn.Linear(4, 3), num_classes=3, native_kernel=False)
     assert gk._NATIVE is None
-    GatekeeperClassifier(nn.Linear(4, 3), num_classes=3)
+    module = GatekeeperClassifier(nn.Linear(4, 3), num_classes=3)  # None: the process's setting stays as it is
+    module.setup("fit")
+    assert gk._NATIVE is None
+    use_native_kernel(None)
+    GatekeeperClassifier(nn.Linear(4, 3), num_classes=3).setup("fit")
     assert gk._NATIVE == "auto"
     with pytest.raises(ValueError, match="native_kernel"):
         GatekeeperClassifier(nn.Linear(4, 3), num_classes=3, native_kernel="yes")
