@@ -265,11 +265,13 @@ def gatekeeper_loss(
         :class:`GatekeeperLossOutput` with the total loss and its components.
 
     Raises:
-        ValueError: on shape mismatch, targets outside ``[0, C)``, α outside ``[0, 1]``, non-finite
-            logits, an unknown ``normalize`` or when every position is ignored.
+        ValueError: on shape mismatch, no classes (``C = 0``), targets outside ``[0, C)``, α outside ``[0, 1]``,
+            non-finite logits, an unknown ``normalize`` or when every position is ignored.
     """
     check_range("alpha", alpha, 0.0, 1.0)
     check_choice("normalize", normalize, ("batch", "subset"))
+    if logits.ndim >= 2 and logits.shape[-1] == 0:
+        raise ValueError(f"`logits` must have at least one class; got shape {tuple(logits.shape)}")
     if logits.ndim != 2 or target.ndim != 1:  # [N, C] logits with [N] targets need no reshaping
         if logits.ndim < 2:
             raise ValueError(f"`logits` must have shape [N, C] or [B, T, V]; got shape {tuple(logits.shape)}")

@@ -109,6 +109,8 @@ def test_all_correct_and_all_wrong_extremes():
         ({"logits": torch.tensor([[float("nan"), 0.0]]), "target": torch.tensor([0])}, "finite"),
         ({"logits": torch.randn(2, 3), "target": torch.full((2,), -100)}, "ignore_index"),
         ({"logits": torch.randn(3), "target": torch.tensor(0)}, "shape"),
+        ({"logits": torch.zeros(3, 0), "target": torch.full((3,), -100)}, "at least one class"),
+        ({"logits": torch.zeros(2, 4, 0), "target": torch.zeros(2, 4, dtype=torch.long)}, "at least one class"),
         ({"logits": torch.randn(2, 3), "target": torch.zeros(2, dtype=torch.long), "normalize": "mean"},
          "normalize"),
     ],

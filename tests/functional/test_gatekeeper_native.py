@@ -53,6 +53,8 @@ def test_kernel_rejects_bad_input_with_the_checked_paths_messages():
         gk.gatekeeper_loss(z, torch.full((3,), -100))
     with pytest.raises(ValueError, match="finite"):
         gk.gatekeeper_loss(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError):  # called directly, no classes: an error, not a read past each row
+        gk.cpu_kernel().gatekeeper(torch.zeros(3, 0), torch.full((3,), -100), -100, 0.5, False)
 
 
 def test_gatekeeper_module_turns_the_kernel_on_in_init_and_setup():

@@ -15,8 +15,8 @@
 // through 8-wide vectors (GCC/Clang vector extensions) with a branch-free exp (Cody-Waite reduction and the
 // Cephes degree-6 polynomial, about 1e-7 relative error); float64 rows use std::exp. Rows run in parallel
 // (at::parallel_for); per-row sums are added in double.
-// Bad input (a non-finite logit, a target outside [0, C) that is not ignore_index, every target ignored) raises
-// ValueError without details: the caller's checked path then names what is wrong.
+// Bad input (no classes, a non-finite logit, a target outside [0, C) that is not ignore_index, every target
+// ignored) raises ValueError without details: the caller's checked path then names what is wrong.
 // Reference: Rabanser et al., "Gatekeeper: Improving Model Cascades Through Confidence Tuning", arXiv:2502.19335.
 #include <torch/extension.h>
 
@@ -168,6 +168,7 @@ struct GatekeeperFunction : public torch::autograd::Function<GatekeeperFunction>
     const Tensor z = logits.contiguous();
     const Tensor y = target.contiguous();
     const int64_t n = z.size(0), c = z.size(1);
+    if (c == 0) throw std::domain_error("no classes");  // every row's maximum would read past its end
     const int64_t* yp = y.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) {
       if (yp[i] != ignore_index && (yp[i] < 0 || yp[i] >= c)) throw std::domain_error("target out of range");
