@@ -22,6 +22,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -134,7 +135,7 @@ Row row_stats(const double* z, int64_t c) {
   return r;
 }
 
-// g = e^(z - m - log_se) (c0 + c1 (z - m)), then g_y += cy
+// g = e^(z - m - log_se) (c0 + c1 (z - m)); the caller subtracts a at the target of a correct row
 void row_grad(const float* z, int64_t c, float m, float log_se, float c0, float c1, float* g) {
   int64_t j = 0;
   const v8f mm = splat(m), ls = splat(log_se);
