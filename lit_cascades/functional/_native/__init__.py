@@ -15,7 +15,6 @@ library uses it where it is there and its pure-Python path where it is not. Noth
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import platform
 import sys
 import warnings
@@ -66,7 +65,7 @@ def _build_directory(module_name: str) -> Path:
 
 
 def load_kernel(name: str, verbose: bool = False) -> ModuleType:
-    """Compile (once per source and torch version) and load the kernel ``<name>.cpp`` of this package.
+    """Compile (once per :func:`build_name`) and load the kernel ``<name>.cpp`` of this package.
 
     Raises:
         FileNotFoundError: no such kernel.
@@ -97,17 +96,14 @@ def cached_kernel(name: str) -> ModuleType | None:
     if name in _LOADED:
         return _LOADED[name]
     module_name = build_name(name)
-    from torch.utils.cpp_extension import LIB_EXT
+    from torch.utils.cpp_extension import LIB_EXT, _import_module_from_library
 
     directory = _build_directory(module_name)
     library = directory / f"{module_name}{LIB_EXT}"
     if not library.is_file() or (directory / "lock").exists():
         return None
     try:
-        spec = importlib.util.spec_from_file_location(module_name, library)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _import_module_from_library(module_name, str(directory), True)  # what torch's load ends with
     except Exception as exc:  # a truncated or foreign build: the Python path runs instead
         warnings.warn(f"the cached native {name} kernel {library} could not be loaded ({exc}); using the Python "
                       f"path. Rebuild it with `python -m lit_cascades.functional._native`", stacklevel=2)
