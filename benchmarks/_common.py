@@ -136,6 +136,32 @@ def interleaved_ratios(
     return summarize_ratios(interleaved_times(fns, alternations, warmup, inner, clock), baseline)
 
 
+def flop_ratios(fns: dict[str, Callable[[], Any]], baseline: str) -> dict[str, Any]:
+    """Floating-point operations of one call of each function and their ratios to ``baseline``'s.
+
+    Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and their
+    backward passes; element-wise operations count 0, and so does CPU scaled-dot-product attention, which the
+    counter does not register). The count is exact and repeatable, so it separates what a time ratio owes to
+    the arithmetic from what it owes to the implementation: a time ratio equal to the FLOP ratio means the
+    extra work costs what its matrix products cost. Each function runs once (an optimiser step included).
+
+    Returns ``{"gflop": {name: float}, "ratios": {name: float}}`` (ratios for every name but ``baseline``).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if baseline not in fns:
+        raise ValueError(f"`baseline` must be one of {sorted(fns)}; got {baseline!r}")
+    flops = {}
+    for name, fn in fns.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[name] = counter.get_total_flops()
+    if flops[baseline] <= 0:
+        raise ValueError(f"the baseline {baseline!r} ran no counted operations")
+    return {"gflop": {name: f / 1e9 for name, f in flops.items()},
+            "ratios": {name: f / flops[baseline] for name, f in flops.items() if name != baseline}}
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 

@@ -6,7 +6,9 @@ auxiliary weights at 0, which removes the classifier and the caption decoder. St
 (``benchmarks._common.interleaved_ratios``: 120 alternations after warm-up, each timing a block of ``--inner`` 3
 steps, since single steps vary widely); the median per-alternation ratio is reported with its min-max. Also
 reported (``auxiliary_losses_over_full_step``): each auxiliary loss alone, forward and backward from the batch's
-embeddings, as a share of a full step (a quarter as many alternations).
+embeddings, as a share of a full step (a quarter as many alternations); and (``flops``) the FLOPs of one step of
+each model (``benchmarks._common.flop_ratios``), whose ratio is what the auxiliary losses add to the arithmetic:
+where the time ratio equals it, the overhead is the auxiliary heads' matrix products, not their implementation.
 
     python -m benchmarks.taskformer_step [--image-size 40 --batch 64 --alternations 120 --inner 3 --text-encoder tiny-bert]
 
@@ -20,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import Run, interleaved_ratios, target_row
+from benchmarks._common import Run, flop_ratios, interleaved_ratios, target_row
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.modules.taskformer import TaskFormer
 
@@ -83,15 +85,16 @@ def main() -> None:
                                 "caption_loss": part(lambda e: full.caption_loss(e, batch["caption"]))},
                                baseline="full_step", alternations=max(10, args.alternations // 4), warmup=args.warmup,
                                inner=args.inner)
+    flops = flop_ratios({name: _step(m, opt, batch) for name, (m, opt) in models.items()}, baseline="contrastive_only")
     result = {
         "image_size": args.image_size, "batch": args.batch, "image_encoder": args.image_encoder,
         "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "inner": args.inner, "timing": timing,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()},
-        "auxiliary_losses_over_full_step": parts,
+        "auxiliary_losses_over_full_step": parts, "flops": flops,
     }
     run.write(result, [target_row("TASK-former step (all losses) / contrastive-only step", 1.05, ratio)])
     print(f"full TASK-former step / contrastive-only step = {ratio['median']:.3f} "
-          f"[{ratio['min']:.3f}, {ratio['max']:.3f}] (target <= 1.05)")
+          f"[{ratio['min']:.3f}, {ratio['max']:.3f}] (target <= 1.05); FLOP ratio {flops['ratios']['full']:.4f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ architecture, same batch, 1 thread by default).
    baseline the joint model replaces: one step of a separate cross-encoder (``lambda_de=0``) plus one step of a
    separate dual encoder (``lambda_ce=0``) on the same batch, each with its own AdamW. Also reported: the
    in-module ``model="separate"`` step (two encoders, one optimiser) and the DE-only step (the price of the CE
-   path on top of a dual encoder alone).
+   path on top of a dual encoder alone). Beside the times: the FLOPs of each side (``flops``,
+   ``benchmarks._common.flop_ratios``: the joint step's matrix products equal the two separate steps') and the
+   time of the AdamW update of one encoder (``adamw_update_s``), the work the joint model does once and the
+   baseline twice; ``1 - adamw_update_s / baseline step`` is the ratio that work alone predicts.
 2. Asymmetric student step with the teacher's document embeddings cached / the same step embedding the
    documents with the frozen teacher tower every step (DE-score distillation + embedding matching).
 
@@ -20,11 +23,12 @@ Writes docs/results/benchmarks/ustad_step.json.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import Run, interleaved_ratios, target_row
+from benchmarks._common import Run, flop_ratios, interleaved_ratios, spread, target_row
 from lit_cascades.data.retrieval import RetrievalDataModule
 from lit_cascades.modules.ustad import USTAD, USTADStudent
 
@@ -41,12 +45,27 @@ def step_fn(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
     return step
 
 
+def adamw_update_seconds(module: torch.nn.Module, batch: dict, repeats: int = 10) -> dict:
+    """Median / min / max seconds of one AdamW update over ``module``'s trainable parameters, with the gradients
+    of one backward pass of ``batch`` (the update changes the weights; run it after the timing)."""
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    module.compute_losses(batch)["loss"].backward()
+    opt.step()  # warm-up: creates the optimiser state
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    opt.zero_grad(set_to_none=True)
+    return spread(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--negatives", type=int, default=1)
-    ap.add_argument("--alternations", type=int, default=10)
+    ap.add_argument("--alternations", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-student", action="store_true")
     args = ap.parse_args()
@@ -78,7 +97,12 @@ def main() -> None:
     timing = interleaved_ratios({"separate_ce_plus_de": separate_ce_plus_de, "ustad": steps["ustad"],
                                  "separate_module": steps["separate_module"], "de_only": steps["de_only"]},
                                 baseline="separate_ce_plus_de", alternations=args.alternations, warmup=1)
-    results = {"step": {**timing, "ce_candidates_per_query": 1 + args.negatives + 1}}
+    flops = flop_ratios({"separate_ce_plus_de": separate_ce_plus_de, "ustad": steps["ustad"]},
+                        baseline="separate_ce_plus_de")
+    update = adamw_update_seconds(ustad, batch)
+    results = {"step": {**timing, "ce_candidates_per_query": 1 + args.negatives + 1}, "flops": flops,
+               "adamw_update_s": update,
+               "ratio_predicted_by_one_adamw_update": 1 - update["median"] / timing["median_s"]["separate_ce_plus_de"]}
     targets = [target_row("USTAD step / (separate CE step + separate DE step)", 1.0, timing["ratios"]["ustad"])]
 
     if not args.skip_student:

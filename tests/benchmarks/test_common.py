@@ -74,6 +74,30 @@ def test_bad_arguments_raise():
         common.interleaved_times({})
 
 
+
+def test_flop_ratios_count_matrix_products_by_hand():
+    import torch
+
+    a, b, w = torch.randn(8, 16), torch.randn(16, 32), torch.randn(8, 16, requires_grad=True)
+
+    def one_mm() -> None:  # 2 * 8 * 16 * 32 flops
+        a @ b
+
+    def mm_forward_backward() -> None:  # forward + grad of w (the grad of b is not needed): 2 matmuls
+        (w @ b).sum().backward()
+
+    def elementwise() -> None:  # not counted
+        (a * 2).exp()
+
+    out = common.flop_ratios({"mm": one_mm, "fwd_bwd": mm_forward_backward, "ew": lambda: (elementwise(), one_mm())},
+                             baseline="mm")
+    assert out["gflop"]["mm"] == pytest.approx(2 * 8 * 16 * 32 / 1e9)
+    assert out["ratios"] == {"fwd_bwd": 2.0, "ew": 1.0}
+    with pytest.raises(ValueError, match="baseline"):
+        common.flop_ratios({"mm": one_mm}, baseline="other")
+    with pytest.raises(ValueError, match="no counted operations"):
+        common.flop_ratios({"ew": elementwise}, baseline="ew")
+
 def _alloc_100mib():
     import torch
 
