@@ -9,6 +9,9 @@ reported (``auxiliary_losses_over_full_step``): each auxiliary loss alone, forwa
 embeddings, as a share of a full step (a quarter as many alternations); and (``flops``) the FLOPs of one step of
 each model (``benchmarks._common.flop_ratios``), whose ratio is what the auxiliary losses add to the arithmetic:
 where the time ratio equals it, the overhead is the auxiliary heads' matrix products, not their implementation.
+``flops_paper_dims`` counts the same ratio at the paper's dimensions (:data:`PAPER_DIMS`: CLIP ViT-B/32 image and
+sketch towers at 224 px, CLIP's 12-layer 512-wide text tower, the released checkpoint's 6-layer 512-wide decoder
+over a 49,408-token vocabulary; random weights, 2 examples; forward and backward, not timed).
 
     python -m benchmarks.taskformer_step [--image-size 40 --batch 64 --alternations 120 --inner 3 --text-encoder tiny-bert]
 
@@ -24,7 +27,41 @@ import torch
 
 from benchmarks._common import Run, flop_ratios, interleaved_ratios, target_row
 from lit_cascades.data.scenes import SceneRetrievalDataModule
+from lit_cascades.data.text_sketch import WordVocab
 from lit_cascades.modules.taskformer import TaskFormer
+
+#: TaskFormer arguments of the paper's model sizes (Sangkloy et al., arXiv:2208.03354: CLIP ViT-B/32 towers; the
+#: released decoder is x-transformers' Decoder(dim=512, depth=6, heads=8) over CLIP's 49,408 tokens); the text
+#: tower keeps MiniLM's tokenizer (its embedding lookups are not FLOPs)
+PAPER_DIMS = {
+    "image_size": 224, "embed_dim": 512, "max_text_length": 77, "max_caption_length": 77,
+    "image_encoder": "tiny-clip", "image_encoder_kwargs": {"hidden_size": 768, "intermediate_size": 3072,
+                                                           "num_hidden_layers": 12, "num_attention_heads": 12,
+                                                           "patch_size": 32},
+    "text_encoder": "tiny-clip", "text_encoder_kwargs": {"hidden_size": 512, "intermediate_size": 2048,
+                                                         "num_hidden_layers": 12, "num_attention_heads": 8},
+    "decoder_kwargs": {"dim": 512, "layers": 6, "heads": 8},
+}
+PAPER_VOCAB = 49408
+
+
+def paper_dims_flops(batch_size: int = 2) -> dict:
+    """:func:`~benchmarks._common.flop_ratios` of one forward + backward of the full and the contrastive-only model
+    at :data:`PAPER_DIMS` on ``batch_size`` constructed scenes (the caption vocabulary padded with placeholder
+    words to the paper's size, so the decoder's output layer has its width)."""
+    size = PAPER_DIMS["image_size"]
+    dm = SceneRetrievalDataModule(num_train=batch_size, num_val=1, num_test=1, image_size=size,
+                                  object_size=(size * 3 // 10, size // 2), batch_size=batch_size)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    words = list(dm.vocab.words)
+    words += [f"<placeholder{i}>" for i in range(PAPER_VOCAB - len(WordVocab.SPECIALS) - len(words))]
+    fns = {}
+    for name, weights in (("full", {}), ("contrastive_only", {"w_classification": 0.0, "w_caption": 0.0})):
+        model = TaskFormer(**PAPER_DIMS, num_classes=dm.num_classes, caption_vocab=words, **weights).train()
+        fns[name] = lambda model=model: model.compute_losses(batch)["loss"].backward()
+    return {**flop_ratios(fns, baseline="contrastive_only"), "batch": batch_size, "dims": PAPER_DIMS,
+            "caption_vocab": PAPER_VOCAB}
 
 
 def _step(model: TaskFormer, opt: torch.optim.Optimizer, batch: dict):
@@ -45,6 +82,7 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=3, help="steps per timed block (single steps vary widely)")
     ap.add_argument("--image-encoder", default="cnn")
     ap.add_argument("--text-encoder", default="tiny-bert")
+    ap.add_argument("--skip-paper-dims", action="store_true", help="do not count FLOPs at the paper's dimensions")
     args = ap.parse_args()
     torch.set_num_threads(1)
     run = Run("taskformer_step")
@@ -92,6 +130,8 @@ def main() -> None:
         "params": {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()},
         "auxiliary_losses_over_full_step": parts, "flops": flops,
     }
+    if not args.skip_paper_dims:
+        result["flops_paper_dims"] = paper_dims_flops()
     run.write(result, [target_row("TASK-former step (all losses) / contrastive-only step", 1.05, ratio)])
     print(f"full TASK-former step / contrastive-only step = {ratio['median']:.3f} "
           f"[{ratio['min']:.3f}, {ratio['max']:.3f}] (target <= 1.05); FLOP ratio {flops['ratios']['full']:.4f}")
