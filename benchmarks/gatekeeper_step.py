@@ -67,7 +67,10 @@ def loss_path(path: str, kernel: Any = None) -> Iterator[None]:
 
 
 def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, path: str = "default", kernel: Any = None) -> torch.Tensor:
-    """The Gatekeeper loss (α = 0.5) through ``path`` (see :func:`loss_path`)."""
+    """The Gatekeeper loss (α = 0.5) through ``path`` (see :func:`loss_path`). The default path is a plain call, as
+    a user makes it: a context manager around every call costs about 3% of the digits-MLP step."""
+    if path == "default":
+        return gatekeeper_loss(logits, y, alpha=0.5).loss
     with loss_path(path, kernel):
         return gatekeeper_loss(logits, y, alpha=0.5).loss
 

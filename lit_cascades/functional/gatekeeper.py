@@ -106,6 +106,8 @@ def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
 
 #: :func:`use_native_kernel`'s default: the kernel is used where a cached build exists (resolved at first use)
 _AUTO = "auto"
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_NORMALIZE = ("batch", "subset")
 #: The compiled kernel used for CPU inputs, None for the Python paths, or ``_AUTO``.
 _NATIVE: Any = _AUTO
 
@@ -268,8 +270,19 @@ def gatekeeper_loss(
         ValueError: on shape mismatch, no classes (``C = 0``), targets outside ``[0, C)``, α outside ``[0, 1]``,
             non-finite logits, an unknown ``normalize`` or when every position is ignored.
     """
+    kernel = _NATIVE
+    if (kernel is not None and kernel is not _AUTO and logits.ndim == 2 and target.ndim == 1
+            and logits.dtype in _KERNEL_DTYPES and target.dtype == torch.int64 and 0.0 <= alpha <= 1.0
+            and normalize in _NORMALIZE and logits.is_cpu and target.is_cpu
+            and 0 < target.shape[0] == logits.shape[0] and logits.shape[1] > 0):
+        # the common case first, with the checks it needs inlined: at classification sizes the step is a few
+        # hundred microseconds and every Python call around the kernel shows (anything else takes the path below)
+        try:
+            return GatekeeperLossOutput(*kernel.gatekeeper(logits, target, ignore_index, alpha, normalize == "subset"))
+        except ValueError:  # a bad target or logit: the checked paths below raise with the details
+            pass
     check_range("alpha", alpha, 0.0, 1.0)
-    check_choice("normalize", normalize, ("batch", "subset"))
+    check_choice("normalize", normalize, _NORMALIZE)
     if logits.ndim >= 2 and logits.shape[-1] == 0:
         raise ValueError(f"`logits` must have at least one class; got shape {tuple(logits.shape)}")
     if logits.ndim != 2 or target.ndim != 1:  # [N, C] logits with [N] targets need no reshaping

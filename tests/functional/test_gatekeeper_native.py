@@ -57,6 +57,28 @@ def test_kernel_rejects_bad_input_with_the_checked_paths_messages():
         gk.cpu_kernel().gatekeeper(torch.zeros(3, 0), torch.full((3,), -100), -100, 0.5, False)
 
 
+
+def test_kernel_call_checks_every_argument_the_full_path_checks():
+    """The kernel's call comes first in ``gatekeeper_loss``, with its checks inlined: each bad argument still
+    raises the full path's error, and shapes it does not take (3-D, empty, no classes) still work or fail there."""
+    use_native_kernel()
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    for alpha in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            gk.gatekeeper_loss(z, y, alpha=alpha)
+    with pytest.raises(ValueError, match="normalize"):
+        gk.gatekeeper_loss(z, y, normalize="mean")
+    with pytest.raises(ValueError, match="at least one class"):
+        gk.gatekeeper_loss(torch.zeros(4, 0), y)
+    with pytest.raises(ValueError, match="shape"):
+        gk.gatekeeper_loss(z, y[:3])
+    with pytest.raises(TypeError, match="integer"):
+        gk.gatekeeper_loss(z, y.float())
+    out = gk.gatekeeper_loss(z[None], y[None], alpha=0.3, normalize="subset")  # [B, T, V]: reshaped, then the kernel
+    assert out.loss.grad_fn is None and torch.allclose(out.loss, gk.gatekeeper_loss(z, y, 0.3, "subset").loss)
+    narrow = torch.tensor([0, 1, 2, 0], dtype=torch.int32)  # not int64: the checked paths
+    assert torch.allclose(gk.gatekeeper_loss(z, narrow).loss, gk.gatekeeper_loss(z, y).loss)
+
 def test_gatekeeper_module_turns_the_kernel_on_in_init_and_setup():
     module = GatekeeperClassifier(nn.Linear(4, 3), num_classes=3, native_kernel=True)
     assert gk._NATIVE is not None
