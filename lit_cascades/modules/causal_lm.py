@@ -18,14 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_cascades.functional.gatekeeper import gatekeeper_loss
 from lit_cascades.models.generation import position_ids_from_mask
 from lit_cascades.models.lm_pair import context_length
-from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
+from lit_cascades.modules._optim import adamw, cosine_warmup_decay, per_step, total_steps
 
 
 def shifted_logits_and_labels(
@@ -147,8 +146,8 @@ class CausalLM(L.LightningModule):
     def configure_optimizers(self):
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        opt = adamw(
+            self, [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=(0.9, 0.95),
         )
         total = total_steps(self)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,7 +23,7 @@ from lit_cascades.callbacks.deferral import deferral_batch
 from lit_cascades.functional._checks import check_choice, check_range
 from lit_cascades.functional.confidence import CONFIDENCE_KINDS, ConfidenceKind, confidence_from_logits
 from lit_cascades.functional.gatekeeper import Normalize, gatekeeper_loss, use_native_kernel
-from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
+from lit_cascades.modules._optim import adamw, cosine_warmup_decay, per_step, total_steps
 
 
 class Classifier(pl.LightningModule):
@@ -114,7 +113,7 @@ class Classifier(pl.LightningModule):
                 "index": batch["index"]}
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = adamw(self, self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.scheduler == "none":
             return opt
         return per_step(opt, cosine_warmup_decay(opt, total_steps(self)))  # cosine annealing to 0, no warm-up

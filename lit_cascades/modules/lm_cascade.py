@@ -36,6 +36,7 @@ from lit_cascades.functional.sequence_scores import DEFAULT_QUANTILES, quantile_
 from lit_cascades.functional.text import QUALITY_FUNCTIONS, text_quality
 from lit_cascades.models.generation import greedy_generate, output_hidden_states
 from lit_cascades.models.lm_pair import check_same_vocab, model_vocab_size
+from lit_cascades.modules._optim import adamw
 
 FEATURE_SETS: tuple[str, ...] = ("quantile", "embed1", "embed1+2")
 LABELS: tuple[str, ...] = ("large_better", "gain")
@@ -373,7 +374,7 @@ class PostHocDeferral(L.LightningModule):
         return self._eval(batch, "test")
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return adamw(self, self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
 def post_hoc_dataset(records: Mapping[str, Tensor], features: str = "quantile",

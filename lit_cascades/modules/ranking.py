@@ -42,6 +42,7 @@ from lit_cascades.functional.ranking import (
     multipartite_pairwise_loss,
 )
 from lit_cascades.models.vision import MLP
+from lit_cascades.modules._optim import adamw
 
 AGGREGATIONS = ("loss", "label")
 
@@ -217,7 +218,7 @@ class MultiLabelRanker(pl.LightningModule):
         return out
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return adamw(self, self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     # -- diagnostics --------------------------------------------------------------------------------------
     def effective_label_weights(self, priors: Sequence[float] | Tensor) -> dict[str, float]:

@@ -56,7 +56,7 @@ from lit_cascades.functional.retrieval import Qrels, chunked_topk
 from lit_cascades.metrics.retrieval import RetrievalMetrics
 from lit_cascades.models.caption_decoder import CaptionDecoder
 from lit_cascades.models.towers import build_text_tower, build_vision_tower
-from lit_cascades.modules._optim import cosine_warmup_decay, per_step, total_steps
+from lit_cascades.modules._optim import adamw, cosine_warmup_decay, per_step, total_steps
 
 QUERY_TYPES = ("text+sketch", "text", "sketch")
 MODALITIES = ("image", "sketch", "text")
@@ -441,7 +441,7 @@ class TaskFormer(pl.LightningModule):
                 no_decay = p.ndim < 2 or "logit_scale" in name
                 groups.setdefault((id(p) in text_ids, no_decay), []).append(p)
         text_lr = hp.text_lr if hp.text_lr is not None else hp.lr
-        opt = torch.optim.AdamW([{"params": ps, "lr": text_lr if is_text else hp.lr,
+        opt = adamw(self, [{"params": ps, "lr": text_lr if is_text else hp.lr,
                                   "weight_decay": 0.0 if no_decay else hp.weight_decay}
                                  for (is_text, no_decay), ps in groups.items()], lr=hp.lr, betas=tuple(hp.betas),
                                 eps=hp.eps)

@@ -74,7 +74,7 @@ from lit_cascades.functional.score_distillation import (
 )
 from lit_cascades.metrics.retrieval import RetrievalMetrics
 from lit_cascades.models.towers import TextTower, build_text_tower, mean_pool
-from lit_cascades.modules._optim import linear_warmup_decay, per_step, total_steps
+from lit_cascades.modules._optim import adamw, linear_warmup_decay, per_step, total_steps
 
 CE_HEADS = ("cls_linear", "mean_linear", "dual_pool")
 
@@ -497,7 +497,7 @@ class USTAD(RetrievalModule):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 groups.setdefault((id(p) in head, p.ndim < 2 or "LayerNorm" in name), []).append(p)
-        opt = torch.optim.AdamW([{"params": ps, "lr": hp.head_lr if is_head else hp.lr,
+        opt = adamw(self, [{"params": ps, "lr": hp.head_lr if is_head else hp.lr,
                                   "weight_decay": 0.0 if no_decay else hp.weight_decay}
                                  for (is_head, no_decay), ps in groups.items()], lr=hp.lr)
         return per_step(opt, _lr_schedule(opt, total_steps(self), hp.warmup_steps))
@@ -720,7 +720,7 @@ class USTADStudent(RetrievalModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([
+        opt = adamw(self, [
             {"params": [p for n, p in params if not (p.ndim < 2 or "LayerNorm" in n)], "weight_decay": hp.weight_decay},
             {"params": [p for n, p in params if p.ndim < 2 or "LayerNorm" in n], "weight_decay": 0.0}], lr=hp.lr)
         return per_step(opt, _lr_schedule(opt, total_steps(self), hp.warmup_steps))
