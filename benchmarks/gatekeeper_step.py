@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 import lit_cascades.functional.gatekeeper as gk_impl
-from benchmarks._common import Run, interleaved_ratios, target_row
+from benchmarks._common import Run, fused_adamw_on_cpu, interleaved_ratios, target_row
 from lit_cascades.functional import gatekeeper_loss
 from lit_cascades.models import build_classifier
+from lit_cascades.modules._optim import adamw
 
 SETTINGS = {
     "cnn_fashion_mnist_b128": ("cnn", (1, 28, 28), 128, {"width": 32, "depth": 3}),
@@ -76,11 +77,12 @@ def gatekeeper_value(logits: torch.Tensor, y: torch.Tensor, path: str = "default
 
 
 def step_setup(arch: str, shape: tuple[int, ...], batch: int, kwargs: dict, loss: str) -> tuple[Any, ...]:
-    """``(model, optimizer, x, y, path)`` of one side: a fresh seed-0 model, AdamW, a fixed random batch, and the
+    """``(model, optimizer, x, y, path)`` of one side: a fresh seed-0 model, the modules' AdamW
+    (:func:`lit_cascades.modules._optim.adamw`), a fixed random batch, and the
     loss path for ``loss`` (None: cross-entropy; see :func:`make_step`)."""
     torch.manual_seed(0)
     model = build_classifier(arch, shape, 10, **kwargs)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = adamw(None, model.parameters(), lr=1e-3)  # the modules' AdamW (fused where torch has it)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)
     return model, opt, x, y, {"gatekeeper": "default", "gatekeeper_numpy": "numpy"}.get(loss)
@@ -181,7 +183,7 @@ def main() -> None:
         out = interleaved_ratios({side: make_loss(batch, classes, side, kernel) for side in loss_sides},
                                  baseline="ce", alternations=args.alternations, warmup=3, inner=50 if small else 2)
         results[f"loss_only_{batch}x{classes}"] = out
-    run.write({"torch_threads": args.threads, "native_kernel": "built" if kernel is not None else why_not,
+    run.write({"torch_threads": args.threads, "adamw_fused": fused_adamw_on_cpu(), "native_kernel": "built" if kernel is not None else why_not,
                "default_small_path": default_path, "results": results}, targets)
 
 

@@ -25,9 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import Run, flop_ratios, interleaved_ratios, target_row
+from benchmarks._common import Run, flop_ratios, fused_adamw_on_cpu, interleaved_ratios, target_row
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.data.text_sketch import WordVocab
+from lit_cascades.modules._optim import adamw
 from lit_cascades.modules.taskformer import TaskFormer
 
 #: TaskFormer arguments of the paper's model sizes (Sangkloy et al., arXiv:2208.03354: CLIP ViT-B/32 towers; the
@@ -98,7 +99,7 @@ def main() -> None:
     for name, weights in (("full", {}), ("contrastive_only", {"w_classification": 0.0, "w_caption": 0.0})):
         torch.manual_seed(0)
         model = TaskFormer(**kwargs, **weights).train()
-        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        models[name] = (model, adamw(None, model.parameters(), lr=1e-4))  # the modules' AdamW
     towers = [sum(p.numel() for n, p in m.named_parameters() if "tower" in n) for m, _ in models.values()]
     assert towers[0] == towers[1], "the two models must share the tower architecture"
     timing = interleaved_ratios({name: _step(m, opt, batch) for name, (m, opt) in models.items()},
@@ -126,7 +127,7 @@ def main() -> None:
     flops = flop_ratios({name: _step(m, opt, batch) for name, (m, opt) in models.items()}, baseline="contrastive_only")
     result = {
         "image_size": args.image_size, "batch": args.batch, "image_encoder": args.image_encoder,
-        "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "inner": args.inner, "timing": timing,
+        "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "adamw_fused": fused_adamw_on_cpu(), "inner": args.inner, "timing": timing,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()},
         "auxiliary_losses_over_full_step": parts, "flops": flops,
     }

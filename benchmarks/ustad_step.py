@@ -28,14 +28,16 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import Run, flop_ratios, interleaved_ratios, spread, target_row
+from benchmarks._common import Run, flop_ratios, fused_adamw_on_cpu, interleaved_ratios, spread, target_row
 from lit_cascades.data.retrieval import RetrievalDataModule
+from lit_cascades.modules._optim import adamw
 from lit_cascades.modules.ustad import USTAD, USTADStudent
 
 
 def step_fn(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
-    """One optimisation step of ``module`` on ``batch`` with a plain AdamW over its trainable parameters."""
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    """One optimisation step of ``module`` on ``batch`` with the modules' AdamW (:func:`lit_cascades.modules._optim.
+    adamw`, fused where torch has it) over its trainable parameters."""
+    opt = adamw(None, [p for p in module.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -48,7 +50,7 @@ def step_fn(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
 def adamw_update_seconds(module: torch.nn.Module, batch: dict, repeats: int = 10) -> dict:
     """Median / min / max seconds of one AdamW update over ``module``'s trainable parameters, with the gradients
     of one backward pass of ``batch`` (the update changes the weights; run it after the timing)."""
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    opt = adamw(None, [p for p in module.parameters() if p.requires_grad], lr=1e-5)
     module.compute_losses(batch)["loss"].backward()
     opt.step()  # warm-up: creates the optimiser state
     times = []
@@ -115,7 +117,7 @@ def main() -> None:
                                                       "live_docs": step_fn(live, batch)},
                                                      baseline="cached_docs", alternations=args.alternations,
                                                      warmup=1)
-    run.write({"encoder": args.encoder, "batch_size": args.batch_size, "negatives": args.negatives,
+    run.write({"encoder": args.encoder, "adamw_fused": fused_adamw_on_cpu(), "batch_size": args.batch_size, "negatives": args.negatives,
                "torch_threads": args.threads, **results}, targets)
 
 

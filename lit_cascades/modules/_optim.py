@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-
 #: Lightning precisions under which the fused AdamW is used: mixed precision unscales gradients for clipping
 #: before the step, which a fused optimizer does inside it, so Lightning refuses clipping with one there
 FUSED_PRECISIONS = ("32-true", "64-true", "32", "64")
