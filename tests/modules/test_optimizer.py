@@ -92,3 +92,21 @@ def test_mixed_precision_with_gradient_clipping_trains():
     assert trainer.global_step == 3
     assert not trainer.optimizers[0].param_groups[0]["fused"]
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_a_torch_without_the_fused_kernel_gets_the_default_implementation(monkeypatch):
+    """torch < 2.4 has no fused AdamW for CPU tensors (it raises RuntimeError): the default implementation is
+    built over the same parameters (a generator is not consumed by the failed attempt)."""
+
+    class NoFusedAdamW(torch.optim.AdamW):
+        def __init__(self, params, *args, fused=None, **kwargs):
+            super().__init__(params, *args, **kwargs)  # as torch: the parameters are read, then the check fails
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   "devices: ['cuda']")
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFusedAdamW)
+    module = Classifier(_net(), 10)
+    opt = adamw(module, module.parameters(), lr=1e-3)
+    assert not opt.param_groups[0]["fused"]
+    assert len(opt.param_groups[0]["params"]) == len(list(module.parameters())) > 0
