@@ -127,7 +127,8 @@ def main() -> None:
     flops = flop_ratios({name: _step(m, opt, batch) for name, (m, opt) in models.items()}, baseline="contrastive_only")
     result = {
         "image_size": args.image_size, "batch": args.batch, "image_encoder": args.image_encoder,
-        "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "adamw_fused": fused_adamw_on_cpu(), "inner": args.inner, "timing": timing,
+        "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "adamw_fused": fused_adamw_on_cpu(),
+        "inner": args.inner, "timing": timing,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()},
         "auxiliary_losses_over_full_step": parts, "flops": flops,
     }

@@ -117,8 +117,8 @@ def main() -> None:
                                                       "live_docs": step_fn(live, batch)},
                                                      baseline="cached_docs", alternations=args.alternations,
                                                      warmup=1)
-    run.write({"encoder": args.encoder, "adamw_fused": fused_adamw_on_cpu(), "batch_size": args.batch_size, "negatives": args.negatives,
-               "torch_threads": args.threads, **results}, targets)
+    run.write({"encoder": args.encoder, "adamw_fused": fused_adamw_on_cpu(), "batch_size": args.batch_size,
+               "negatives": args.negatives, "torch_threads": args.threads, **results}, targets)
 
 
 if __name__ == "__main__":
