@@ -162,16 +162,6 @@ def flop_ratios(fns: dict[str, Callable[[], Any]], baseline: str) -> dict[str, A
             "ratios": {name: f / flops[baseline] for name, f in flops.items() if name != baseline}}
 
 
-def fused_adamw_on_cpu() -> bool:
-    """Whether this torch has the fused AdamW for CPU tensors (torch >= 2.4): the modules' optimizer
-    (``lit_cascades.modules._optim.adamw``) is then fused, and so is every benchmark step that uses it."""
-    try:
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
-    except RuntimeError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------- memory
 
 

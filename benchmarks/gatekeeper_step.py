@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 import lit_cascades.functional.gatekeeper as gk_impl
-from benchmarks._common import Run, fused_adamw_on_cpu, interleaved_ratios, target_row
+from benchmarks._common import Run, interleaved_ratios, target_row
 from lit_cascades.functional import gatekeeper_loss
 from lit_cascades.models import build_classifier
-from lit_cascades.modules._optim import adamw
+from lit_cascades.modules._optim import adamw, fused_adamw_on_cpu
 
 SETTINGS = {
     "cnn_fashion_mnist_b128": ("cnn", (1, 28, 28), 128, {"width": 32, "depth": 3}),
@@ -183,8 +183,9 @@ def main() -> None:
         out = interleaved_ratios({side: make_loss(batch, classes, side, kernel) for side in loss_sides},
                                  baseline="ce", alternations=args.alternations, warmup=3, inner=50 if small else 2)
         results[f"loss_only_{batch}x{classes}"] = out
-    run.write({"torch_threads": args.threads, "adamw_fused": fused_adamw_on_cpu(), "native_kernel": "built" if kernel is not None else why_not,
-               "default_small_path": default_path, "results": results}, targets)
+    run.write({"torch_threads": args.threads, "adamw_fused": fused_adamw_on_cpu(),
+               "native_kernel": "built" if kernel is not None else why_not, "default_small_path": default_path,
+               "results": results}, targets)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import Run, fused_adamw_on_cpu, interleaved_ratios
+from benchmarks._common import Run, interleaved_ratios
 from lit_cascades.models import build_classifier
+from lit_cascades.modules._optim import fused_adamw_on_cpu
 
 
 def _step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:

@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import Run, flop_ratios, fused_adamw_on_cpu, interleaved_ratios, target_row
+from benchmarks._common import Run, flop_ratios, interleaved_ratios, target_row
 from lit_cascades.data.scenes import SceneRetrievalDataModule
 from lit_cascades.data.text_sketch import WordVocab
-from lit_cascades.modules._optim import adamw
+from lit_cascades.modules._optim import adamw, fused_adamw_on_cpu
 from lit_cascades.modules.taskformer import TaskFormer
 
 #: TaskFormer arguments of the paper's model sizes (Sangkloy et al., arXiv:2208.03354: CLIP ViT-B/32 towers; the
@@ -102,7 +102,8 @@ def main() -> None:
         models[name] = (model, adamw(None, model.parameters(), lr=1e-4))  # the modules' AdamW
     towers = [sum(p.numel() for n, p in m.named_parameters() if "tower" in n) for m, _ in models.values()]
     assert towers[0] == towers[1], "the two models must share the tower architecture"
-    timing = interleaved_ratios({name: _step(m, opt, batch) for name, (m, opt) in models.items()},
+    steps = {name: _step(m, opt, batch) for name, (m, opt) in models.items()}
+    timing = interleaved_ratios(steps,
                                 baseline="contrastive_only", alternations=args.alternations, warmup=args.warmup,
                                 inner=args.inner)
     ratio = timing["ratios"]["full"]
@@ -124,7 +125,7 @@ def main() -> None:
                                 "caption_loss": part(lambda e: full.caption_loss(e, batch["caption"]))},
                                baseline="full_step", alternations=max(10, args.alternations // 4), warmup=args.warmup,
                                inner=args.inner)
-    flops = flop_ratios({name: _step(m, opt, batch) for name, (m, opt) in models.items()}, baseline="contrastive_only")
+    flops = flop_ratios(steps, baseline="contrastive_only")
     result = {
         "image_size": args.image_size, "batch": args.batch, "image_encoder": args.image_encoder,
         "text_encoder": args.text_encoder, "threads": torch.get_num_threads(), "adamw_fused": fused_adamw_on_cpu(),

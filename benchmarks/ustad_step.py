@@ -28,16 +28,21 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import Run, flop_ratios, fused_adamw_on_cpu, interleaved_ratios, spread, target_row
+from benchmarks._common import Run, flop_ratios, interleaved_ratios, spread, target_row
 from lit_cascades.data.retrieval import RetrievalDataModule
-from lit_cascades.modules._optim import adamw
+from lit_cascades.modules._optim import adamw, fused_adamw_on_cpu
 from lit_cascades.modules.ustad import USTAD, USTADStudent
 
 
+def optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+    """The modules' AdamW (:func:`lit_cascades.modules._optim.adamw`, fused where torch has it) over ``module``'s
+    trainable parameters."""
+    return adamw(None, [p for p in module.parameters() if p.requires_grad], lr=1e-5)
+
+
 def step_fn(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
-    """One optimisation step of ``module`` on ``batch`` with the modules' AdamW (:func:`lit_cascades.modules._optim.
-    adamw`, fused where torch has it) over its trainable parameters."""
-    opt = adamw(None, [p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    """One optimisation step of ``module`` on ``batch`` with :func:`optimizer`."""
+    opt = optimizer(module)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -50,7 +55,7 @@ def step_fn(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
 def adamw_update_seconds(module: torch.nn.Module, batch: dict, repeats: int = 10) -> dict:
     """Median / min / max seconds of one AdamW update over ``module``'s trainable parameters, with the gradients
     of one backward pass of ``batch`` (the update changes the weights; run it after the timing)."""
-    opt = adamw(None, [p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    opt = optimizer(module)
     module.compute_losses(batch)["loss"].backward()
     opt.step()  # warm-up: creates the optimiser state
     times = []

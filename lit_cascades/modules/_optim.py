@@ -49,6 +49,16 @@ def adamw(module: Any, params: Any, **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, **kwargs)
 
 
+def fused_adamw_on_cpu() -> bool:
+    """Whether this torch has the fused AdamW for CPU tensors (torch >= 2.4), i.e. whether :func:`adamw` is fused
+    for a CPU run at full precision."""
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    except RuntimeError:
+        return False
+    return True
+
+
 def total_steps(module: Any) -> int:
     """Optimizer steps of the run (Lightning's ``estimated_stepping_batches``), at least 1."""
     return max(int(module.trainer.estimated_stepping_batches), 1)

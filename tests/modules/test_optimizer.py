@@ -13,20 +13,11 @@ import torch
 from lit_cascades.data import ImageClassificationDataModule
 from lit_cascades.models import build_classifier
 from lit_cascades.modules import Classifier
-from lit_cascades.modules._optim import adamw
+from lit_cascades.modules._optim import adamw, fused_adamw_on_cpu
 from lit_cascades.modules.taskformer import TaskFormer
 from lit_cascades.modules.ustad import USTAD
 
-
-def _fused_on_cpu() -> bool:
-    try:
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
-    except RuntimeError:
-        return False
-    return True
-
-
-FUSED_CPU = _fused_on_cpu()
+FUSED_CPU = fused_adamw_on_cpu()
 
 
 def _net() -> torch.nn.Module:
